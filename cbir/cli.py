@@ -1,0 +1,245 @@
+"""The ``cbir`` command line: thin wrappers over the package, one sub-command per capability.
+
+The root scripts (``add_images.py``, ``retrieve_images.py``, ...) call :func:`main` with their
+sub-command, so ``python add_images.py ...`` and ``cbir add ...`` are the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .connection import URL_ENV, connect, describe
+from .data import NPZ_SPLITS, load_items, one_per_class
+from .errors import CbirError
+from .store import DEFAULT_CHUNK_SIZE, VectorStore
+
+DEFAULT_EXTRACTOR = "efficientnet_lite0"
+
+
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db_name", required=True, help="database name (its keys live under cbir:<db_name>:)")
+    parser.add_argument("--redis-url", "--redis_url", dest="redis_url", default=None,
+                        help=f"Redis URL (redis://, rediss://, with password; a Cluster node works too). "
+                             f"Default: ${URL_ENV}, else an embedded Redis under $CBIR_HOME")
+
+
+def _source_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--path", required=True,
+                        help=f"{what}: a folder with one sub-folder per class, a MedMNIST-style .npz, or an image")
+    parser.add_argument("--split", default="train", choices=NPZ_SPLITS, help="split of a .npz (default: train)")
+
+
+def _open_store(args) -> VectorStore:
+    return VectorStore(connect(args.redis_url), args.db_name)
+
+
+def _extractor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--extractor", default=None,
+                        help=f"backbone (default: the database's model, else {DEFAULT_EXTRACTOR}, whose "
+                             "ImageNet weights ship in a package and work offline)")
+    parser.add_argument("--weights", default=None,
+                        help="a cbir checkpoint (.safetensors, describes itself) or backbone weights for "
+                             "--extractor (.pth/.pt/.safetensors, e.g. KimiaNet for densenet121)")
+    parser.add_argument("--input_size", type=int, default=None,
+                        help="image side in pixels fed to the model (default: the backbone's, 224 mostly)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+# ----------------------------------------------------------------------- add
+def _cmd_add(args) -> int:
+    from .indexing import extractor_for_store, index_images, register_model
+    from .models import create_extractor
+
+    items = load_items(args.path, split=args.split, project=args.project,
+                       projects_in_names=args.projects, label=args.label)
+    store = _open_store(args)
+    if args.rewrite and store.exists:
+        store.drop()
+        print(f"--rewrite: deleted database '{args.db_name}'")
+    if args.extractor or args.weights or args.input_size or not store.exists:
+        extractor = create_extractor(args.extractor or DEFAULT_EXTRACTOR, weights=args.weights,
+                                     input_size=args.input_size, device=args.device)
+    else:
+        extractor = extractor_for_store(store, device=args.device)
+    if args.num_features and args.num_features != extractor.spec.embedding_dim:
+        raise CbirError(f"--num_features {args.num_features}, but {extractor.spec.description} gives "
+                        f"{extractor.spec.embedding_dim}-d vectors (a checkpoint sets its own size)")
+    register_model(store, extractor, weights=args.weights, chunk_size=args.chunk_size)
+    print(f"{len(items)} images from {args.path} -> '{args.db_name}' on {describe(store.client)}, "
+          f"model {extractor.spec.description}, {extractor.spec.embedding_dim}-d")
+    report = index_images(store, items, extractor, batch_size=args.batch_size, workers=args.workers,
+                          progress=not args.quiet)
+    rate = (report.written / report.seconds) if report.seconds else 0.0
+    print(f"'{args.db_name}': {report.new} new, {report.updated} updated, {report.repaired} repaired, "
+          f"{report.unchanged} unchanged, {report.duplicates} duplicate names, {len(report.failures)} failed "
+          f"in {report.seconds:.1f} s ({rate:.1f} images/s embedded); {store.count()} images stored")
+    if report.failures:
+        print(f"{len(report.failures)} file(s) skipped:", file=sys.stderr)
+        for failure in report.failures:
+            print(f"  {failure}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------ retrieve
+def _cmd_retrieve(args) -> int:
+    from .indexing import extractor_for_store
+    from .retrieval import Retriever
+
+    store = _open_store(args)
+    extractor = extractor_for_store(store, weights=args.weights, device=args.device)
+    items = load_items(args.path, split=args.split)
+    folder = Path(args.path).is_dir() or Path(args.path).suffix == ".npz"
+    queries = one_per_class(items, seed=args.seed) if folder else items
+    retriever = Retriever(store, extractor)
+    retrievals, failures = retriever.query(queries, k=args.nrt_neigh, known_labels=folder)
+    for failure in failures:
+        print(f"skipped {failure}", file=sys.stderr)
+    for retrieval in retrievals:
+        label = f" (label: {retrieval.query_label})" if retrieval.query_label else ""
+        print(f"\nquery: {retrieval.query}{label}")
+        print(f"{'rank':>4}  {'similarity':>10}  {'label':<16} {'project':<12} name")
+        for n in retrieval.neighbours:
+            print(f"{n.rank:>4}  {n.score:>10.4f}  {n.label:<16} {n.project:<12} {n.name}")
+        votes = round(retrieval.vote_share * len(retrieval.neighbours))
+        print(f"vote: {retrieval.vote} ({votes}/{len(retrieval.neighbours)} neighbours)")
+    if not args.no_picture and retrievals:
+        from .viz import save_retrieval_grid
+
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        picture = save_retrieval_grid(retrievals, Path(args.results_dir) / f"retrieval_{args.db_name}_{stamp}.png")
+        print(f"\npicture: {picture}")
+    if args.json:
+        payload = [r.to_json() for r in retrievals]
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload[0] if len(payload) == 1 and not folder else payload, indent=2))
+        print(f"json: {args.json}")
+    return 0
+
+
+# -------------------------------------------------------------------- remove
+def _cmd_remove(args) -> int:
+    store = _open_store(args)
+    store.require()
+    if not args.name and not args.label:
+        raise CbirError("nothing to remove: give --name and/or --label")
+    with store.writing():
+        removed = store.remove_names(args.name) if args.name else []
+        removed += store.remove_labels(args.label) if args.label else []
+    print(f"removed {len(removed)} image(s) from '{args.db_name}'; {store.count()} remain")
+    return 0
+
+
+# ---------------------------------------------------------------------- info
+def _cmd_info(args) -> int:
+    from collections import Counter
+
+    store = _open_store(args)
+    info = store.describe()
+    labels = Counter(record.label for _, record in store.iter_records())
+    print(f"database '{info.name}' on {describe(store.client)}")
+    print(f"  images: {info.count}   dim: {info.dim}   version: {info.version}")
+    print(f"  model: {info.model_spec.get('description', '?')} (fingerprint {info.model})")
+    print(f"  created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.created))}")
+    for label, count in sorted(labels.items()):
+        print(f"  {label:<24} {count}")
+    return 0
+
+
+# ------------------------------------------------------------------ evaluate
+def _cmd_evaluate(args) -> int:
+    from .evaluation import leave_one_out
+
+    store = _open_store(args)
+    accuracy = leave_one_out(store)
+    print(f"leave-one-out over '{args.db_name}' ({accuracy.queries} queries): top-1 {accuracy.top1:.3f}  "
+          f"top-5 {accuracy.top5:.3f}  majority@5 {accuracy.majority5:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(accuracy.as_dict(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cbir", description="Content-based medical image retrieval.")
+    parser.add_argument("--version", action="version", version=f"cbir {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    add = commands.add_parser("add", help="index images into a database",
+                              description="Embed images and store their vectors and records in Redis. "
+                                          "Re-running is safe: stored images are skipped.")
+    _store_arguments(add)
+    _source_arguments(add, "images to index")
+    _extractor_arguments(add)
+    add.add_argument("--num_features", type=int, default=None,
+                     help="expected embedding size (checked against the model; a checkpoint sets its own)")
+    add.add_argument("--rewrite", action="store_true", help="delete this database (only this one) first")
+    add.add_argument("--project", default=None, help="project of every image (default: the folder's or file's name)")
+    add.add_argument("--projects", action="store_true",
+                     help="class folders are named <project>_<class>: take the project from the name")
+    add.add_argument("--label", default=None, help="label of a single image file (default: its folder's name)")
+    add.add_argument("--batch_size", type=int, default=32, help="images per model batch (default: 32)")
+    add.add_argument("--workers", type=int, default=None, help="decoding processes (default: min(4, cores))")
+    add.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE,
+                     help=f"vectors per Redis chunk key, for a new database (default: {DEFAULT_CHUNK_SIZE})")
+    add.add_argument("--quiet", action="store_true", help="no progress bar")
+    add.set_defaults(run=_cmd_add)
+
+    retrieve = commands.add_parser("retrieve", help="find the stored images most similar to a query",
+                                   description="Print the nearest stored images of a query image (or of one "
+                                               "random image per class of a folder/.npz), their kNN vote, and "
+                                               "save a picture.")
+    _store_arguments(retrieve)
+    _source_arguments(retrieve, "query")
+    retrieve.add_argument("--nrt_neigh", type=int, default=10, help="neighbours to return (default: 10)")
+    retrieve.add_argument("--results_dir", default="results", help="where the picture goes (default: results)")
+    retrieve.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    retrieve.add_argument("--seed", type=int, default=0, help="seed for picking one query per class")
+    retrieve.add_argument("--weights", default=None,
+                          help="the database's checkpoint, if it moved since the database was built")
+    retrieve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    retrieve.add_argument("--no_picture", action="store_true", help="do not save the picture")
+    retrieve.set_defaults(run=_cmd_retrieve)
+
+    remove = commands.add_parser("remove", help="delete images by name or label",
+                                 description="Delete images (record, name and vector) from a database; "
+                                             "they are never returned again.")
+    _store_arguments(remove)
+    remove.add_argument("--name", nargs="+", default=[], help="image names (as stored, e.g. benign/x.png)")
+    remove.add_argument("--label", nargs="+", default=[], help="remove every image of these labels")
+    remove.set_defaults(run=_cmd_remove)
+
+    info = commands.add_parser("info", help="describe a database")
+    _store_arguments(info)
+    info.set_defaults(run=_cmd_info)
+
+    evaluate = commands.add_parser("evaluate", help="retrieval accuracy of a database",
+                                   description="Leave-one-out kNN accuracy: every stored image queries the others.")
+    _store_arguments(evaluate)
+    evaluate.add_argument("--measure", default="loo", choices=["loo"], help="protocol (default: loo)")
+    evaluate.add_argument("--json", default=None, help="also write the numbers as JSON to this file")
+    evaluate.set_defaults(run=_cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CbirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: what was stored is kept; re-run the same command to continue", file=sys.stderr)
+        return 130
+
+
+def command(name: str) -> None:
+    """Entry of a root script: ``python add_images.py ARGS`` == ``cbir add ARGS``."""
+    sys.exit(main([name, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

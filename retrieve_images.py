@@ -1,0 +1,5 @@
+"""`python retrieve_images.py ...` is `cbir retrieve ...`; see `python retrieve_images.py --help`."""
+from cbir.cli import command
+
+if __name__ == "__main__":
+    command("retrieve")
