@@ -204,17 +204,18 @@ def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extr
 
 
 def embed_items(items: Sequence[ImageItem], extractor: Extractor, batch_size: int = DEFAULT_BATCH_SIZE,
-                workers: int | None = None, progress: bool = False) -> tuple[np.ndarray, list[int], list[str]]:
-    """Vectors of the decodable ``items``: (vectors, their positions in ``items``, failures)."""
-    vectors, positions, failures = [], [], []
+                workers: int | None = None, progress: bool = False) -> tuple[np.ndarray, DecodedBatch]:
+    """Vectors of the decodable ``items``, and one DecodedBatch (without pixels) saying which they are."""
+    vectors, decoded = [], DecodedBatch(positions=[], images=None, sha256=[], failures=[])
     bar = tqdm(total=len(items), unit="img", desc="embedding", disable=not progress)
     for batch in decode_batches(items, extractor.preprocess, batch_size, workers):
-        failures += batch.failures
+        decoded.failures += batch.failures
         if batch.positions:
             vectors.append(extractor.embed(batch.images))
-            positions += batch.positions
+            decoded.positions += batch.positions
+            decoded.sha256 += batch.sha256
         bar.update(len(batch.positions) + len(batch.failures))
     bar.close()
     if not vectors:
-        raise CbirError("no query image could be read:\n  " + "\n  ".join(failures))
-    return np.concatenate(vectors), positions, failures
+        raise CbirError("no query image could be read:\n  " + "\n  ".join(decoded.failures))
+    return np.concatenate(vectors), decoded

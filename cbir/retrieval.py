@@ -25,17 +25,22 @@ class Neighbour:
     project: str
     score: float
     source: str = ""
+    sha256: str = ""
 
 
 @dataclass
 class Retrieval:
-    """One query's answer: its neighbours (best first) and their majority label."""
+    """One query's answer: its neighbours (best first) and their majority label.
+
+    A stored copy of the query itself (same content hash) is listed but does not vote.
+    """
 
     query: str
     query_label: str | None
     neighbours: list[Neighbour]
     vote: str | None = None
     vote_share: float = 0.0
+    voters: int = 0
     location: str = ""
 
     def to_json(self) -> dict:
@@ -46,6 +51,7 @@ class Retrieval:
                         for n in self.neighbours],
             "vote": self.vote,
             "vote_share": self.vote_share,
+            "voters": self.voters,
         }
 
 
@@ -85,18 +91,21 @@ class Retriever:
                 if record is not None:  # removed since the index was built: never returned
                     row.append(Neighbour(rank=len(row) + 1, id=image_id, name=record.name,
                                          label=record.label, project=record.project,
-                                         score=round(score, 6), source=record.source))
+                                         score=round(score, 6), source=record.source,
+                                         sha256=record.sha256))
             rows.append(row)
         return rows
 
     def query(self, items: Sequence[ImageItem], k: int = DEFAULT_NEIGHBOURS,
               known_labels: bool = True) -> tuple[list[Retrieval], list[str]]:
         """Retrievals for the readable ``items`` and the failures (file: reason) of the others."""
-        vectors, positions, failures = embed_items(items, self.extractor)
+        vectors, decoded = embed_items(items, self.extractor)
         results = []
-        for position, row in zip(positions, self.neighbours(vectors, k)):
+        for position, sha, row in zip(decoded.positions, decoded.sha256, self.neighbours(vectors, k)):
             item = items[position]
-            vote, share = majority_vote([n.label for n in row], [n.score for n in row])
+            voters = [n for n in row if n.sha256 != sha]
+            vote, share = majority_vote([n.label for n in voters], [n.score for n in voters])
             results.append(Retrieval(query=item.name, query_label=item.label if known_labels else None,
-                                     neighbours=row, vote=vote, vote_share=share, location=item.location))
-        return results, failures
+                                     neighbours=row, vote=vote, vote_share=share, voters=len(voters),
+                                     location=item.location))
+        return results, decoded.failures

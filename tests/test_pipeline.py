@@ -40,6 +40,7 @@ def test_busi_indexes_and_every_image_retrieves_itself_first(store, busi, extrac
         assert retrieval.neighbours[0].name == item.name
         assert retrieval.neighbours[0].score == pytest.approx(1.0, abs=1e-4)
         assert retrieval.neighbours[0].label == item.label
+        assert retrieval.voters == 4, "the query's own stored copy must not vote"
     again = index_images(store, items, extractor, progress=False)
     assert again.unchanged == 780 and again.written == 0 and store.count() == 780
 

@@ -1,0 +1,24 @@
+# The two commands of the README: `make demo` and `make test`. Both install what they need.
+PYTHON ?= python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup redis-server demo test bench
+
+setup: redis-server
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+
+# Debian's redis-server: the standalone and cluster deployments of the integration tests.
+redis-server:
+	@if [ ! -x /usr/bin/redis-server ] || [ ! -x /usr/bin/redis-cli ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	fi
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(PYTHON) -m pytest -q --durations=10
+
+bench: setup
+	$(PYTHON) scripts/bench_ingest.py

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The main job end to end on real breast-ultrasound images (BUSI), with the embedded Redis:
+# index -> retrieve for one query per class (printed, picture + JSON saved) -> leave-one-out accuracy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${CBIR_DATA:-../shared/data}
+export CBIR_HOME=${CBIR_HOME:-$PWD/.cbir}   # the embedded Redis keeps the demo database here
+DB=busi_demo
+
+echo "== 1. index $DATA/busi (780 images, 3 classes) with the pretrained EfficientNet-Lite0"
+python add_images.py --db_name $DB --path "$DATA/busi"
+echo
+echo "== 2. what the database holds"
+python -m cbir info --db_name $DB
+echo
+echo "== 3. retrieve the 8 most similar images for one random image of each class"
+python retrieve_images.py --db_name $DB --path "$DATA/busi" --nrt_neigh 8 --results_dir results \
+    --json results/demo_retrieval.json
+echo
+echo "== 4. how often is the answer right? leave-one-out over the whole database"
+python test_accuracy.py --db_name $DB --measure loo --json results/demo_accuracy.json
