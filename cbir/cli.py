@@ -15,7 +15,7 @@ from . import __version__
 from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, load_items, one_per_class
 from .errors import CbirError
-from .store import DEFAULT_CHUNK_SIZE, VectorStore
+from .store import VectorStore
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
 
@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--label", default=None, help="label of a single image file (default: its folder's name)")
     add.add_argument("--batch_size", type=int, default=32, help="images per model batch (default: 32)")
     add.add_argument("--workers", type=int, default=None, help="decoding processes (default: min(4, cores))")
-    add.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE,
-                     help=f"vectors per Redis chunk key, for a new database (default: {DEFAULT_CHUNK_SIZE})")
+    add.add_argument("--chunk_size", type=int, default=None,
+                     help="vectors per Redis chunk key of a new database (default: what fits in 512 KiB)")
     add.add_argument("--quiet", action="store_true", help="no progress bar")
     add.set_defaults(run=_cmd_add)
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .data import ImageItem
 from .errors import CbirError, ImageError, ModelError, ModelMismatchError
 from .models import Extractor, ExtractorSpec, Preprocess, create_extractor
-from .store import DEFAULT_CHUNK_SIZE, ImageRecord, VectorStore, WritePlan
+from .store import ImageRecord, VectorStore, WritePlan
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -141,7 +141,7 @@ class BackgroundWriter:
 
 
 def register_model(store: VectorStore, extractor: Extractor, weights: str | Path | None = None,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+                   chunk_size: int | None = None) -> None:
     """Create the database for this extractor, or refuse if it holds another model's vectors."""
     spec = {"description": extractor.spec.description, "spec": extractor.spec.to_json()}
     if weights is not None:

@@ -46,7 +46,7 @@ from .errors import DatabaseBusyError, ModelMismatchError, StoreError
 
 SCHEMA_VERSION = "1"
 NAME_BUCKETS = 64
-DEFAULT_CHUNK_SIZE = 1024
+CHUNK_BYTES = 512 * 1024  # vector bytes per chunk key, at most
 LOCK_TTL_SECONDS = 120
 _DB_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _RECORD_HEADER = struct.Struct("<32sd")  # sha256 digest, added (unix time)
@@ -116,6 +116,7 @@ class WritePlan:
     ids: np.ndarray  # the id of each record to write
     positions: list[int]  # the index of each record to write in the input sequence
     name_keys: list[str] = field(default_factory=list)  # the name-map key of each record to write
+    fresh_from: int | None = None  # ids from here on were reserved by this plan: nothing stored there
     new: int = 0  # never stored before
     updated: int = 0  # same name, new content
     repaired: int = 0  # left half-written by an interrupted run
@@ -134,9 +135,18 @@ class DatabaseInfo:
     dim: int
     model: str
     model_spec: dict = field(default_factory=dict)
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int = 0
     version: int = 0
     created: float = 0.0
+
+
+def chunk_size_for(dim: int) -> int:
+    """Vectors per chunk: as many as fit, with Redis' string header, in CHUNK_BYTES.
+
+    Allocators round a block up to a size class; a chunk of exactly 512 KiB plus a header would
+    take the 640 KiB class (25 % waste), one just under it takes 512 KiB.
+    """
+    return max(1, (CHUNK_BYTES - 64) // (dim * 4))
 
 
 def check_db_name(name: str) -> str:
@@ -204,7 +214,7 @@ class VectorStore:
         raw = self._call("reading", self.client.hgetall, self.info_key)
         self._info = {_decode_str(k): _decode_str(v) for k, v in raw.items()}
         self.dim = int(self._info.get("dim", 0))
-        self.chunk_size = int(self._info.get("chunk_size", DEFAULT_CHUNK_SIZE))
+        self.chunk_size = int(self._info.get("chunk_size", 0)) or chunk_size_for(max(self.dim, 1))
 
     @property
     def exists(self) -> bool:
@@ -226,15 +236,18 @@ class VectorStore:
         if not self.exists:
             raise StoreError(f"database '{self.name}' does not exist (or is empty): add images first")
 
-    def ensure_model(self, fingerprint: str, spec: dict, dim: int,
-                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        """Create the database for this model, or check that it was built by the same one."""
+    def ensure_model(self, fingerprint: str, spec: dict, dim: int, chunk_size: int | None = None) -> None:
+        """Create the database for this model, or check that it was built by the same one.
+
+        ``chunk_size`` (vectors per chunk key) defaults to :func:`chunk_size_for` ``(dim)``.
+        """
         if not self.exists:
             created = self._call("creating", self.client.hsetnx, self.info_key, "model", fingerprint)
             if created:
                 self._call("creating", self.client.hset, self.info_key, mapping={
                     "schema": SCHEMA_VERSION, "model_spec": json.dumps(spec, sort_keys=True),
-                    "dim": dim, "chunk_size": chunk_size, "created": time.time(), "version": 0,
+                    "dim": dim, "chunk_size": chunk_size or chunk_size_for(dim), "created": time.time(),
+                    "version": 0,
                 })
             self.refresh()
         if self.model != fingerprint or self.dim != dim:
@@ -357,6 +370,7 @@ class VectorStore:
             end = int(self._call("reserving ids in", self.client.incrby, self.prefix + "next_id",
                                  len(fresh)))
             ids.update(zip(fresh, range(end - len(fresh), end)))
+            plan.fresh_from = end - len(fresh)
         plan.positions = sorted(ids)
         plan.records = [records[p] for p in plan.positions]
         plan.name_keys = [name_keys[p] for p in plan.positions]
@@ -379,7 +393,7 @@ class VectorStore:
             names_by_key[key] += (record.name.encode("utf-8"), b"%d" % image_id)
         for key, arguments in names_by_key.items():
             pipe.execute_command("HSET", key, *arguments)
-        self._queue_vectors(pipe, plan.ids, vectors)
+        self._queue_vectors(pipe, plan.ids, vectors, plan.fresh_from)
         self._execute("writing vectors to", pipe)
         # Meta last: its entry is what makes the image stored.
         meta_by_chunk: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
@@ -398,8 +412,13 @@ class VectorStore:
         self.write(plan, np.asarray(vectors)[plan.positions])
         return plan
 
-    def _queue_vectors(self, pipe, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """SETRANGE each run of consecutive ids within a chunk with one command."""
+    def _queue_vectors(self, pipe, ids: np.ndarray, vectors: np.ndarray, fresh_from: int | None = None) -> None:
+        """One command per run of consecutive ids within a chunk.
+
+        A run of fresh ids (>= ``fresh_from``) that starts a chunk creates it with one SET of the
+        whole chunk, zero-padded: Redis then allocates it at its exact size, where growing it by
+        SETRANGE would over-allocate (strings under 1 MB double their capacity as they grow).
+        """
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         chunks = sorted_ids // self.chunk_size
@@ -408,8 +427,11 @@ class VectorStore:
         for run in np.split(np.arange(len(sorted_ids)), breaks):
             first = int(sorted_ids[run[0]])
             chunk, offset = divmod(first, self.chunk_size)
-            rows = vectors[order[run[0]:run[-1] + 1]]
-            pipe.setrange(self._vec_key(chunk), offset * row_bytes, rows.tobytes())
+            rows = vectors[order[run[0]:run[-1] + 1]].tobytes()
+            if offset == 0 and fresh_from is not None and first >= fresh_from:
+                pipe.set(self._vec_key(chunk), rows.ljust(self.chunk_size * row_bytes, b"\0"))
+            else:
+                pipe.setrange(self._vec_key(chunk), offset * row_bytes, rows)
 
     def _queue_commit(self, pipe) -> None:
         pipe.hincrby(self.info_key, "version", 1)

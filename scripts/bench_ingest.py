@@ -1,0 +1,143 @@
+"""Ingest benchmark: model forward vs end-to-end indexing, Redis write/read rates, bytes per image.
+
+Everything is measured in this one run, on the same machine, with baselines beside the numbers:
+  1. pure model forward (pre-decoded images) vs end-to-end `add` (decode + model + Redis) on the
+     same real images;
+  2. Redis ingest of N 128-d vectors with their records through the store (the path `add` uses),
+     vs a naive redis-py pipeline of one HSET per image;
+  3. reading all N vectors back; memory per stored image (INFO used_memory delta and the vector
+     keys' MEMORY USAGE against the raw float32 bytes).
+Usage: python scripts/bench_ingest.py [--vectors 1000000] [--redis-url URL] [--images DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cbir.connection import connect, describe  # noqa: E402
+from cbir.data import load_items  # noqa: E402
+from cbir.indexing import BackgroundWriter, index_images, register_model  # noqa: E402
+from cbir.models import create_extractor  # noqa: E402
+from cbir.store import ImageRecord, VectorStore  # noqa: E402
+
+DIM = 128
+BATCH = 10_000
+
+
+def forward_vs_end_to_end(client, images: Path, batch_size: int, workers: int | None) -> dict:
+    extractor = create_extractor("efficientnet_lite0", device="cpu")
+    items = load_items(images)
+    decoded = torch.stack([extractor.preprocess(item.read()[0]) for item in items])
+    extractor.embed(decoded[:batch_size])  # warm-up: oneDNN builds its kernels on first use
+    started = time.perf_counter()
+    for first in range(0, len(decoded), batch_size):
+        extractor.embed(decoded[first:first + batch_size])
+    forward = len(decoded) / (time.perf_counter() - started)
+    store = VectorStore(client, "bench-e2e")
+    store.drop()
+    store = VectorStore(client, "bench-e2e")
+    register_model(store, extractor)
+    report = index_images(store, items, extractor, batch_size=batch_size, workers=workers, progress=False)
+    store.drop()
+    end_to_end = report.written / report.seconds
+    return {"images": len(items), "forward": forward, "end_to_end": end_to_end}
+
+
+def make_records(n: int) -> list[ImageRecord]:
+    return [ImageRecord(name=f"class{i % 10}/image_{i:07d}.png", label=f"class{i % 10}", project="bench",
+                        sha256=hashlib.sha256(i.to_bytes(8, "little")).hexdigest(),
+                        source=f"/data/bench/class{i % 10}/image_{i:07d}.png", added=1.7e9) for i in range(n)]
+
+
+def store_ingest(client, vectors: np.ndarray, records: list[ImageRecord]) -> dict:
+    store = VectorStore(client, "bench-ingest")
+    store.drop()
+    store = VectorStore(client, "bench-ingest")
+    store.ensure_model("bench", {"description": "random vectors"}, DIM)
+    memory_before = client.info("memory")["used_memory"]
+    started = time.perf_counter()
+    with store.writing():
+        writer = BackgroundWriter(store)
+        for first in range(0, len(records), BATCH):
+            plan = store.prepare(records[first:first + BATCH])
+            writer.submit(plan, vectors[first:first + BATCH][plan.positions])
+        writer.close()
+    write_rate = len(records) / (time.perf_counter() - started)
+    bytes_per_image = (client.info("memory")["used_memory"] - memory_before) / len(records)
+    chunks = -(-len(records) // store.chunk_size)
+    vector_bytes = sum(client.memory_usage(store._vec_key(c), samples=0) or 0 for c in range(chunks))
+    started = time.perf_counter()
+    ids, loaded = store.load_vectors()
+    read_seconds = time.perf_counter() - started
+    assert len(ids) == len(records) and np.array_equal(loaded, vectors)
+    store.drop()
+    return {"write": write_rate, "read_seconds": read_seconds, "bytes_per_image": bytes_per_image,
+            "vector_bytes_per_image": vector_bytes / len(records)}
+
+
+def naive_hset(client, vectors: np.ndarray, records: list[ImageRecord]) -> float:
+    """The baseline: a redis-py pipeline of one HSET (vector + fields) per image."""
+    started = time.perf_counter()
+    for first in range(0, len(records), BATCH):
+        pipe = client.pipeline(transaction=False)
+        for record, vector in zip(records[first:first + BATCH], vectors[first:first + BATCH]):
+            pipe.hset(f"naive:{record.name}", mapping={"vector": vector.tobytes(), "name": record.name,
+                                                      "label": record.label, "project": record.project,
+                                                      "sha256": record.sha256})
+        pipe.execute()
+    rate = len(records) / (time.perf_counter() - started)
+    pipe = client.pipeline(transaction=False)
+    for record in records:
+        pipe.unlink(f"naive:{record.name}")
+    pipe.execute()
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vectors", type=int, default=1_000_000, help="vectors for the Redis part")
+    parser.add_argument("--baseline_vectors", type=int, default=200_000, help="vectors for the naive baseline")
+    parser.add_argument("--redis-url", dest="redis_url", default=None, help="default: a fresh embedded Redis")
+    parser.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/busi")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--skip_model", action="store_true", help="only the Redis part")
+    args = parser.parse_args()
+    client = connect(args.redis_url, home=tempfile.mkdtemp(prefix="cbir-bench-"))
+    print(f"Redis: {describe(client)}, server {client.info('server')['redis_version']}; "
+          f"torch threads {torch.get_num_threads()}")
+    if not args.skip_model:
+        e2e = forward_vs_end_to_end(client, args.images, args.batch_size, args.workers)
+        print(f"\n[model] {e2e['images']} images of {args.images}, efficientnet_lite0 at 224 px")
+        print(f"  pure forward          {e2e['forward']:8.1f} images/s")
+        print(f"  end-to-end add        {e2e['end_to_end']:8.1f} images/s (decode + model + Redis)")
+        print(f"  ratio                 {e2e['end_to_end'] / e2e['forward']:8.3f}   (target >= 0.9)")
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((args.vectors, DIM), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    records = make_records(args.vectors)
+    ingest = store_ingest(client, vectors, records)
+    baseline = naive_hset(client, vectors[:args.baseline_vectors], records[:args.baseline_vectors])
+    raw = DIM * 4
+    print(f"\n[redis] {args.vectors:,} vectors of {DIM} dims with their records")
+    print(f"  cbir store ingest     {ingest['write']:10,.0f} vectors/s   (target >= 250,000)")
+    print(f"  naive HSET pipeline   {baseline:10,.0f} vectors/s   (baseline, {args.baseline_vectors:,} vectors)")
+    print(f"  speed-up              {ingest['write'] / baseline:10.2f} x")
+    print(f"  read all back         {ingest['read_seconds']:10.2f} s   (target <= 3 s for 1,000,000)")
+    print(f"  vector bytes/image    {ingest['vector_bytes_per_image']:10.1f}   = "
+          f"{ingest['vector_bytes_per_image'] / raw:.3f} x raw {raw} B   (target <= 1.25 x)")
+    print(f"  all bytes/image       {ingest['bytes_per_image']:10.1f}   = {ingest['bytes_per_image'] / raw:.3f} x raw "
+          "(vector + record + name map)")
+
+
+if __name__ == "__main__":
+    main()
