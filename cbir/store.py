@@ -445,13 +445,16 @@ class VectorStore:
         ids = set(int(i) for i in ids)
         chunks = self._meta_chunks(i // self.chunk_size for i in ids)
         found = sorted((i, ImageRecord.decode(entries[i]))
-                       for c, entries in chunks.items() for i in ids & entries.keys())
+                       for entries in chunks.values() for i in ids & entries.keys())
         if not found:
             return []
         pipe = self._pipeline()
         for chunk, entries in chunks.items():
             kept = [(i, raw) for i, raw in entries.items() if i not in ids]
-            pipe.set(self._meta_key(chunk), _pack_meta(kept)) if kept else pipe.unlink(self._meta_key(chunk))
+            if kept:
+                pipe.set(self._meta_key(chunk), _pack_meta(kept))
+            else:
+                pipe.unlink(self._meta_key(chunk))
         self._execute("removing images from", pipe)
         pipe = self._pipeline()
         zeros = np.zeros((len(found), self.dim), np.float32)

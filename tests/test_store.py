@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import redis
 
 from cbir.connection import connect, redact
 from cbir.errors import DatabaseBusyError, ModelMismatchError, StoreError
