@@ -263,12 +263,17 @@ class VectorStore:
         next_id = int(self._call("reading", self.client.get, self.prefix + "next_id") or 0)
         return -(-next_id // self.chunk_size)
 
+    def _chunk_batches(self) -> Iterator[range]:
+        """The database's chunk numbers, in groups read with one pipeline round trip each."""
+        chunks = self._num_chunks()
+        for first in range(0, chunks, _PIPELINE_CHUNKS):
+            yield range(first, min(first + _PIPELINE_CHUNKS, chunks))
+
     def count(self) -> int:
         if not self.exists:
             return 0
-        chunks = self._num_chunks()
-        return sum(len(entries) for first in range(0, chunks, _PIPELINE_CHUNKS)
-                   for entries in self._meta_chunks(range(first, min(first + _PIPELINE_CHUNKS, chunks))).values())
+        return sum(len(entries) for batch in self._chunk_batches()
+                   for entries in self._meta_chunks(batch).values())
 
     def describe(self) -> DatabaseInfo:
         self.require()
@@ -504,22 +509,18 @@ class VectorStore:
     def iter_records(self) -> Iterator[tuple[int, ImageRecord]]:
         """Every stored (id, record), in id order."""
         self.require()
-        chunks = self._num_chunks()
-        for first in range(0, chunks, _PIPELINE_CHUNKS):
-            batch = self._meta_chunks(range(first, min(first + _PIPELINE_CHUNKS, chunks)))
-            for entries in batch.values():
+        for batch in self._chunk_batches():
+            for entries in self._meta_chunks(batch).values():
                 for image_id in sorted(entries):
                     yield image_id, ImageRecord.decode(entries[image_id])
 
     def load_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All stored (ids, vectors), ids ascending; vectors float32 of shape (n, dim)."""
         self.require()
-        chunks = self._num_chunks()
         row_bytes = self.dim * 4
         id_parts: list[np.ndarray] = []
         vector_parts: list[np.ndarray] = []
-        for first in range(0, chunks, _PIPELINE_CHUNKS):
-            batch = range(first, min(first + _PIPELINE_CHUNKS, chunks))
+        for batch in self._chunk_batches():
             pipe = self._pipeline()
             for chunk in batch:
                 pipe.get(self._vec_key(chunk))

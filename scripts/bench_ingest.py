@@ -33,6 +33,12 @@ DIM = 128
 BATCH = 10_000
 
 
+def empty_store(client, name: str) -> VectorStore:
+    store = VectorStore(client, name)
+    store.drop()
+    return store
+
+
 def forward_vs_end_to_end(client, images: Path, batch_size: int, workers: int | None) -> dict:
     extractor = create_extractor("efficientnet_lite0", device="cpu")
     items = load_items(images)
@@ -42,9 +48,7 @@ def forward_vs_end_to_end(client, images: Path, batch_size: int, workers: int | 
     for first in range(0, len(decoded), batch_size):
         extractor.embed(decoded[first:first + batch_size])
     forward = len(decoded) / (time.perf_counter() - started)
-    store = VectorStore(client, "bench-e2e")
-    store.drop()
-    store = VectorStore(client, "bench-e2e")
+    store = empty_store(client, "bench-e2e")
     register_model(store, extractor)
     report = index_images(store, items, extractor, batch_size=batch_size, workers=workers, progress=False)
     store.drop()
@@ -59,9 +63,7 @@ def make_records(n: int) -> list[ImageRecord]:
 
 
 def store_ingest(client, vectors: np.ndarray, records: list[ImageRecord]) -> dict:
-    store = VectorStore(client, "bench-ingest")
-    store.drop()
-    store = VectorStore(client, "bench-ingest")
+    store = empty_store(client, "bench-ingest")
     store.ensure_model("bench", {"description": "random vectors"}, DIM)
     memory_before = client.info("memory")["used_memory"]
     started = time.perf_counter()
