@@ -9,12 +9,14 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
 from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, load_items, one_per_class
 from .errors import CbirError
+from .index import KINDS
 from .store import VectorStore
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
@@ -94,7 +96,7 @@ def _cmd_retrieve(args) -> int:
     items = load_items(args.path, split=args.split)
     folder = Path(args.path).is_dir() or Path(args.path).suffix == ".npz"
     queries = one_per_class(items, seed=args.seed) if folder else items
-    retriever = Retriever(store, extractor)
+    retriever = Retriever(store, extractor, exact=args.exact)
     retrievals, failures = retriever.query(queries, k=args.nrt_neigh, known_labels=folder)
     for failure in failures:
         print(f"skipped {failure}", file=sys.stderr)
@@ -134,9 +136,44 @@ def _cmd_remove(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------- train-index
+def _cmd_train_index(args) -> int:
+    from .trained_index import delete_index, train_index
+
+    store = _open_store(args)
+    store.require()
+    if args.delete:
+        deleted = delete_index(store)
+        print(f"'{args.db_name}': {'trained index deleted' if deleted else 'had no trained index'}; "
+              "searches are exact")
+        return 0
+    print(f"training a {args.index} index over '{args.db_name}' ({store.count()} images) on {describe(store.client)}")
+    report = train_index(store, kind=args.index, nlist=args.nlist, m=args.m, breadth=args.nprobe,
+                         target_recall=args.target_recall, seed=args.seed)
+    params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "exact"
+    print(f"  parameters: {params}")
+    print(f"  read {report.count} vectors from Redis in {report.load_seconds:.2f} s; built in "
+          f"{report.build_seconds:.2f} s; tuned in {report.tune_seconds:.2f} s")
+    print(f"  size: {report.bytes / 2**20:.1f} MiB ({report.bytes_per_vector:.1f} bytes/vector), saved in Redis")
+    if report.tuning and report.tuning.tried:
+        print(f"  {'breadth':>8} {'recall@1':>9} {'recall@10':>10} {'queries/s':>10}   (vs exact search)")
+        for point in report.tuning.tried:
+            mark = "  <- chosen" if point is report.tuning.chosen else ""
+            print(f"  {point.breadth:>8} {point.recall1:>9.3f} {point.recall10:>10.3f} "
+                  f"{point.queries_per_second:>10.0f}{mark}")
+        if not report.tuning.reached:
+            print(f"  recall@10 {report.tuning.chosen.recall10:.3f} stays under the target {args.target_recall}: "
+                  f"{'the PQ codes limit it (try a larger --m, or ivf)' if args.index == 'ivfpq' else 'try a larger --nlist or --m'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------------- info
 def _cmd_info(args) -> int:
     from collections import Counter
+
+    from .trained_index import index_info
 
     store = _open_store(args)
     info = store.describe()
@@ -145,6 +182,12 @@ def _cmd_info(args) -> int:
     print(f"  images: {info.count}   dim: {info.dim}   version: {info.version}")
     print(f"  model: {info.model_spec.get('description', '?')} (fingerprint {info.model})")
     print(f"  created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.created))}")
+    trained = index_info(store)
+    if trained:
+        print(f"  index: {trained['kind']} {trained['params']}, built at version {trained['version']}, "
+              f"{int(trained['bytes']) / 2**20:.1f} MiB, recall@10 {float(trained['recall10'] or 1):.3f}")
+    else:
+        print("  index: exact search (no trained index; see train_index.py)")
     for label, count in sorted(labels.items()):
         print(f"  {label:<24} {count}")
     return 0
@@ -202,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the database's checkpoint, if it moved since the database was built")
     retrieve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     retrieve.add_argument("--no_picture", action="store_true", help="do not save the picture")
+    retrieve.add_argument("--exact", action="store_true", help="exact search even if an index was trained")
     retrieve.set_defaults(run=_cmd_retrieve)
 
     remove = commands.add_parser("remove", help="delete images by name or label",
@@ -211,6 +255,27 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--name", nargs="+", default=[], help="image names (as stored, e.g. benign/x.png)")
     remove.add_argument("--label", nargs="+", default=[], help="remove every image of these labels")
     remove.set_defaults(run=_cmd_remove)
+
+    train = commands.add_parser("train-index", help="train a FAISS index for approximate search",
+                                description="Read the database's vectors, train a FAISS index (cosine "
+                                            "similarity), tune its search breadth against exact search "
+                                            "and store it in Redis; later searches use it, kept up to "
+                                            "date with later additions and removals.")
+    _store_arguments(train)
+    train.add_argument("--index", default="ivf", choices=KINDS,
+                       help="ivf (IVF-Flat, default), ivfpq (compressed 8-bit PQ codes), hnsw, or flat (exact)")
+    train.add_argument("--nlist", type=int, default=None, help="inverted lists of ivf/ivfpq (default: about 4·sqrt(N))")
+    train.add_argument("--nprobe", type=int, default=None,
+                       help="search breadth: lists visited (ivf/ivfpq) or efSearch (hnsw); "
+                            "default: the smallest that reaches --target_recall")
+    train.add_argument("--m", type=int, default=None,
+                       help="ivfpq: sub-quantisers (code bytes per vector; default up to 32); hnsw: links per node (32)")
+    train.add_argument("--target_recall", type=float, default=0.95,
+                       help="recall@10 against exact search that tuning aims for (default: 0.95)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the training and tuning samples")
+    train.add_argument("--delete", action="store_true", help="delete the trained index (searches become exact)")
+    train.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    train.set_defaults(run=_cmd_train_index)
 
     info = commands.add_parser("info", help="describe a database")
     _store_arguments(info)
@@ -225,8 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         return args.run(args)
     except CbirError as exc:

@@ -1,46 +1,171 @@
 """FAISS search over a store's vectors: cosine similarity as inner product of unit vectors.
 
-Ids are the store's ids (``IndexIDMap2``), so a search result names a stored image directly.
-Until an approximate index is trained, search is exact (``IndexFlatIP``).
+A :class:`SearchIndex` is a FAISS index plus the store id of each of its entries, and a mask
+of entries removed since it was built. Removal only clears the mask (a FAISS ``IDSelector``
+then skips those entries during the search itself, so a search never returns them and never
+returns fewer results because of them); an updated image is masked and added again. This
+works the same for every kind, HNSW included, which FAISS cannot remove from.
+
+Kinds: ``flat`` (exact), ``ivf`` (IVF-Flat), ``ivfpq`` (IVF with 8-bit product-quantiser
+codes) and ``hnsw``. :func:`tune` picks the search breadth (``nprobe`` / ``efSearch``) that
+reaches a recall target against exact search.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import math
+import time
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
-from .store import VectorStore
+from .errors import CbirError
+
+KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+MIN_POINTS_PER_CENTROID = 39  # below this FAISS's k-means warns that centroids are poorly trained
+TRAINING_POINTS_PER_CENTROID = 64
+HNSW_NEIGHBOURS = 32
+BREADTHS = {"ivf": (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048),
+            "hnsw": (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)}
+
+
+def default_nlist(count: int) -> int:
+    """About 4·sqrt(N) inverted lists, but no more than the vectors can train."""
+    return max(1, min(int(round(4 * math.sqrt(count))), count // MIN_POINTS_PER_CENTROID))
+
+
+def default_pq_m(dim: int) -> int:
+    """Sub-quantisers of IVF-PQ: the largest divisor of ``dim`` up to min(32, dim/8).
+
+    With 8-bit codes that is 16 code bytes for 128-d vectors, 32 for 1280-d, plus FAISS's 8-byte
+    id per vector.
+    """
+    return max(m for m in range(1, max(1, min(32, dim // 8)) + 1) if dim % m == 0)
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
 
 
 @dataclass
 class SearchIndex:
-    """A FAISS index over the store's vectors, built for one data version of the store."""
+    """A FAISS index over store vectors; ``ids[i]`` is the store id of FAISS entry ``i``."""
 
     index: faiss.Index
-    version: int
+    ids: np.ndarray
     kind: str = "flat"
+    params: dict = field(default_factory=dict)  # nlist, m, nprobe / ef_search
+    live: np.ndarray | None = None  # bool per entry; None while nothing was removed
+
+    # ------------------------------------------------------------- building
+    @classmethod
+    def exact(cls, ids: np.ndarray, vectors: np.ndarray) -> "SearchIndex":
+        vectors = _unit_rows(vectors)
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
+        return cls(index=index, ids=np.asarray(ids, np.int64).copy())
 
     @classmethod
-    def exact(cls, ids: np.ndarray, vectors: np.ndarray, version: int = 0) -> "SearchIndex":
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-        index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids.astype(np.int64))
-        return cls(index=index, version=version)
+    def from_store(cls, store) -> "SearchIndex":
+        return cls.exact(*store.load_vectors())
 
     @classmethod
-    def from_store(cls, store: VectorStore) -> "SearchIndex":
-        version = store.version()
-        ids, vectors = store.load_vectors()
-        return cls.exact(ids, vectors, version)
+    def build(cls, kind: str, ids: np.ndarray, vectors: np.ndarray, nlist: int | None = None,
+              m: int | None = None, seed: int = 0) -> "SearchIndex":
+        """Train (on a seeded sample) and fill an index of ``kind`` with all ``vectors``."""
+        if kind not in KINDS:
+            raise CbirError(f"unknown index kind '{kind}'; choose one of {', '.join(KINDS)}")
+        vectors = _unit_rows(vectors)
+        count, dim = vectors.shape
+        if kind == "flat":
+            return cls.exact(ids, vectors)
+        params: dict = {}
+        if kind == "hnsw":
+            params["m"] = m or HNSW_NEIGHBOURS
+            index = faiss.IndexHNSWFlat(dim, params["m"], faiss.METRIC_INNER_PRODUCT)
+        else:
+            params["nlist"] = nlist or default_nlist(count)
+            if count < params["nlist"] * MIN_POINTS_PER_CENTROID // 4 or params["nlist"] < 1:
+                raise CbirError(f"{count} vectors cannot train {params['nlist']} inverted lists; "
+                                f"use a smaller --nlist or the flat index")
+            if kind == "ivf":
+                factory = f"IVF{params['nlist']},Flat"
+            else:
+                params["m"] = m or default_pq_m(dim)
+                if dim % params["m"]:
+                    raise CbirError(f"--m {params['m']} must divide the vector size {dim}")
+                factory = f"IVF{params['nlist']},PQ{params['m']}x8"
+            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            if kind == "ivfpq":
+                index.do_polysemous_training = False  # only for Hamming-filtered search, unused here
+                # Fewer than 39·256 vectors still train usable codebooks; FAISS would warn per sub-quantiser.
+                index.pq.cp.min_points_per_centroid = 1
+            sample = min(count, max(params["nlist"] * TRAINING_POINTS_PER_CENTROID,
+                                    256 * MIN_POINTS_PER_CENTROID if kind == "ivfpq" else 0))
+            rows = np.random.default_rng(seed).choice(count, sample, replace=False) if sample < count else slice(None)
+            index.cp.seed = seed
+            index.train(vectors[rows])
+        index.add(vectors)
+        searcher = cls(index=index, ids=np.asarray(ids, np.int64).copy(), kind=kind, params=params)
+        searcher.set_breadth(BREADTHS["hnsw"][2] if kind == "hnsw" else min(8, params.get("nlist", 1)))
+        return searcher
 
+    # -------------------------------------------------------------- updates
     @property
     def size(self) -> int:
-        return self.index.ntotal
+        """Entries that can be returned (removed ones excluded)."""
+        return len(self.ids) if self.live is None else int(self.live.sum())
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Never return these store ids again."""
+        hit = np.isin(self.ids, np.asarray(ids, np.int64))
+        if hit.any():
+            if self.live is None:
+                self.live = np.ones(len(self.ids), bool)
+            self.live[hit] = False
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add (or replace, for ids already present) store vectors."""
+        ids = np.asarray(ids, np.int64)
+        if not len(ids):
+            return
+        self.remove(ids)
+        self.index.add(_unit_rows(vectors))
+        self.ids = np.concatenate([self.ids, ids])
+        if self.live is not None:
+            self.live = np.concatenate([self.live, np.ones(len(ids), bool)])
+
+    # --------------------------------------------------------------- search
+    @property
+    def breadth(self) -> int:
+        """How much of the index a search visits: nprobe (IVF), efSearch (HNSW); 0 for flat."""
+        return int(self.params.get("nprobe", self.params.get("ef_search", 0)))
+
+    def set_breadth(self, breadth: int) -> None:
+        if self.kind == "hnsw":
+            self.params["ef_search"] = int(breadth)
+        elif self.kind in ("ivf", "ivfpq"):
+            self.params["nprobe"] = int(min(breadth, self.params["nlist"]))
+
+    def _search_parameters(self, k: int):
+        selector = None
+        if self.live is not None:
+            self._bitmap = np.packbits(self.live, bitorder="little")  # kept alive during the search
+            selector = faiss.IDSelectorBitmap(len(self.live), faiss.swig_ptr(self._bitmap))
+        if self.kind == "hnsw":
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.breadth, k))
+        if self.kind in ("ivf", "ivfpq"):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=self.breadth)
+        return faiss.SearchParameters(sel=selector) if selector is not None else None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, ids), each (n, k); missing neighbours have id -1."""
-        queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
-        return self.index.search(queries, min(k, max(self.size, 1)))
+        """(similarities, store ids), each (n, k) best first; missing neighbours have id -1."""
+        queries = _unit_rows(queries)
+        k = max(1, min(k, self.size))
+        scores, positions = self.index.search(queries, k, params=self._search_parameters(k))
+        ids = np.where(positions >= 0, self.ids[np.maximum(positions, 0)], -1)
+        return scores, ids
 
     def search_excluding(self, queries: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`search`, with ``exclude[i]`` (e.g. the query's own id) never in row i."""
@@ -50,3 +175,76 @@ class SearchIndex:
         keep[keep.all(axis=1), -1] = False
         width = keep.shape[1] - 1
         return scores[keep].reshape(-1, width), ids[keep].reshape(-1, width)
+
+    # -------------------------------------------------------------- storage
+    def to_bytes(self) -> bytes:
+        """FAISS's serialisation of a freshly built index, and its ids as a bitmap (1 bit per id).
+
+        A fresh build holds the store's ids in ascending order with gaps where images were
+        removed; the bitmap costs 1/8 byte per id instead of 8.
+        """
+        if self.live is not None or (len(self.ids) > 1 and (np.diff(self.ids) <= 0).any()):
+            raise ValueError("only a freshly built index (ascending ids, nothing removed) is saved")
+        members = np.zeros(int(self.ids[-1]) + 1 if len(self.ids) else 0, bool)
+        members[self.ids] = True
+        buffer = io.BytesIO()
+        np.savez(buffer, index=faiss.serialize_index(self.index), ids=np.packbits(members), count=len(members))
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, kind: str, params: dict) -> "SearchIndex":
+        with np.load(io.BytesIO(blob)) as arrays:
+            index = faiss.deserialize_index(arrays["index"])
+            members = np.unpackbits(arrays["ids"], count=int(arrays["count"])).astype(bool)
+        return cls(index=index, ids=np.flatnonzero(members).astype(np.int64), kind=kind, params=dict(params))
+
+
+# --------------------------------------------------------------------- tuning
+@dataclass
+class RecallPoint:
+    breadth: int
+    recall1: float
+    recall10: float
+    queries_per_second: float
+
+
+@dataclass
+class Tuning:
+    chosen: RecallPoint
+    tried: list[RecallPoint]
+    reached: bool  # whether the chosen breadth meets the target
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean share of the true k nearest found among the first k results."""
+    hits = [len(np.intersect1d(f[:k], t[:k][t[:k] >= 0])) / max(1, int((t[:k] >= 0).sum()))
+            for f, t in zip(found, truth)]
+    return float(np.mean(hits))
+
+
+def tune(searcher: SearchIndex, exact: SearchIndex, query_ids: np.ndarray, queries: np.ndarray,
+         target_recall: float = 0.95, k: int = 10) -> Tuning:
+    """The smallest search breadth whose recall@k against ``exact`` reaches the target.
+
+    Queries are stored vectors whose own entry is excluded on both sides, so each acts as an
+    unseen image near the data. Without a breadth that reaches the target (IVF-PQ's codes
+    cap its recall) the best one tried is chosen.
+    """
+    _, truth = exact.search_excluding(queries, k, query_ids)
+    tried: list[RecallPoint] = []
+    if searcher.kind == "flat":
+        return Tuning(chosen=RecallPoint(0, 1.0, 1.0, 0.0), tried=[], reached=True)
+    limit = searcher.params.get("nlist", BREADTHS["hnsw"][-1])
+    for breadth in (b for b in BREADTHS["hnsw" if searcher.kind == "hnsw" else "ivf"] if b <= limit):
+        searcher.set_breadth(breadth)
+        started = time.perf_counter()
+        _, found = searcher.search_excluding(queries, k, query_ids)
+        rate = len(queries) / max(time.perf_counter() - started, 1e-9)
+        tried.append(RecallPoint(breadth, recall_at(found, truth, 1), recall_at(found, truth, k), rate))
+        if tried[-1].recall10 >= target_recall:
+            break
+        if len(tried) >= 3 and tried[-1].recall10 <= tried[-3].recall10 + 1e-3:
+            break  # saturated: more breadth buys nothing
+    best = next((p for p in tried if p.recall10 >= target_recall), max(tried, key=lambda p: p.recall10))
+    searcher.set_breadth(best.breadth)
+    return Tuning(chosen=best, tried=tried, reached=best.recall10 >= target_recall)

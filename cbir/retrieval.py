@@ -12,6 +12,7 @@ from .index import SearchIndex
 from .indexing import embed_items
 from .models import Extractor
 from .store import VectorStore
+from .trained_index import search_index
 
 DEFAULT_NEIGHBOURS = 10
 
@@ -70,14 +71,15 @@ def majority_vote(labels: Sequence[str], scores: Sequence[float]) -> tuple[str |
 
 @dataclass
 class Retriever:
-    """Searches one database with the extractor that built it."""
+    """Searches one database with the extractor that built it (and its trained index, if any)."""
 
     store: VectorStore
     extractor: Extractor
+    exact: bool = False  # ignore a trained index
     index: SearchIndex = field(init=False)
 
     def __post_init__(self) -> None:
-        self.index = SearchIndex.from_store(self.store)
+        self.index = search_index(self.store, exact=self.exact)
 
     def neighbours(self, vectors: np.ndarray, k: int = DEFAULT_NEIGHBOURS) -> list[list[Neighbour]]:
         scores, ids = self.index.search(vectors, k)

@@ -10,6 +10,9 @@ Key layout, with ``P = "cbir:<db>:"`` and ``C`` the database's chunk size::
                          the last entry of an id wins (an update appends)
     P name:<b>   hash    name -> id, with b = crc32(name) % NAME_BUCKETS
     P keys       set     further keys of this database (e.g. a trained index), for --rewrite
+    P journal    list     once an index is trained (info field ``journal``): one entry per
+                         committed change, b"+" or b"-" then the int64 ids added or removed,
+                         pushed with the version bump, so an index can be brought up to date
     P lock       string  the writer lock ("host:pid:token"), with a time-out
 
 An image is stored exactly when its id has an entry in its ``meta`` chunk. A write sets the
@@ -194,7 +197,8 @@ class VectorStore:
         return self.prefix + suffix
 
     # --------------------------------------------------------------- redis io
-    def _call(self, what: str, fn, *args, **kwargs):
+    def call(self, what: str, fn, *args, **kwargs):
+        """``fn(*args)``, with a Redis failure turned into a StoreError saying what was being done."""
         try:
             return fn(*args, **kwargs)
         except redis.RedisError as exc:
@@ -203,15 +207,16 @@ class VectorStore:
                 "Stored images are kept; re-run to continue."
             ) from exc
 
-    def _execute(self, what: str, pipe) -> list:
-        return self._call(what, pipe.execute)
+    def execute(self, what: str, pipe) -> list:
+        return self.call(what, pipe.execute)
 
-    def _pipeline(self):
+    def pipeline(self):
+        """A non-transactional pipeline: under Cluster, redis-py splits it by node."""
         return self.client.pipeline(transaction=False)
 
     # ------------------------------------------------------------------ info
     def refresh(self) -> None:
-        raw = self._call("reading", self.client.hgetall, self.info_key)
+        raw = self.call("reading", self.client.hgetall, self.info_key)
         self._info = {_decode_str(k): _decode_str(v) for k, v in raw.items()}
         self.dim = int(self._info.get("dim", 0))
         self.chunk_size = int(self._info.get("chunk_size", 0)) or chunk_size_for(max(self.dim, 1))
@@ -230,7 +235,7 @@ class VectorStore:
 
     def version(self) -> int:
         """The data version: it changes with every committed add or removal."""
-        return int(self._call("reading", self.client.hget, self.info_key, "version") or 0)
+        return int(self.call("reading", self.client.hget, self.info_key, "version") or 0)
 
     def require(self) -> None:
         if not self.exists:
@@ -242,9 +247,9 @@ class VectorStore:
         ``chunk_size`` (vectors per chunk key) defaults to :func:`chunk_size_for` ``(dim)``.
         """
         if not self.exists:
-            created = self._call("creating", self.client.hsetnx, self.info_key, "model", fingerprint)
+            created = self.call("creating", self.client.hsetnx, self.info_key, "model", fingerprint)
             if created:
-                self._call("creating", self.client.hset, self.info_key, mapping={
+                self.call("creating", self.client.hset, self.info_key, mapping={
                     "schema": SCHEMA_VERSION, "model_spec": json.dumps(spec, sort_keys=True),
                     "dim": dim, "chunk_size": chunk_size or chunk_size_for(dim), "created": time.time(),
                     "version": 0,
@@ -260,7 +265,7 @@ class VectorStore:
             )
 
     def _num_chunks(self) -> int:
-        next_id = int(self._call("reading", self.client.get, self.prefix + "next_id") or 0)
+        next_id = int(self.call("reading", self.client.get, self.prefix + "next_id") or 0)
         return -(-next_id // self.chunk_size)
 
     def _chunk_batches(self) -> Iterator[range]:
@@ -289,8 +294,8 @@ class VectorStore:
         """Hold the database's writer lock; a lock left by a dead process on this host is taken over."""
         key = self.prefix + "lock"
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        if not self._call("locking", self.client.set, key, token, nx=True, ex=LOCK_TTL_SECONDS):
-            holder = _decode_str(self._call("locking", self.client.get, key) or b"")
+        if not self.call("locking", self.client.set, key, token, nx=True, ex=LOCK_TTL_SECONDS):
+            holder = _decode_str(self.call("locking", self.client.get, key) or b"")
             host, _, rest = holder.partition(":")
             pid = rest.partition(":")[0]
             if holder and not (host == socket.gethostname() and pid.isdigit()
@@ -299,8 +304,9 @@ class VectorStore:
                     f"database '{self.name}' is being written by another process ({holder}); "
                     f"wait for it, or delete the key {key} if that process is gone"
                 )
-            self._call("locking", self.client.set, key, token, ex=LOCK_TTL_SECONDS)
+            self.call("locking", self.client.set, key, token, ex=LOCK_TTL_SECONDS)
         self._lock_token = token
+        self.refresh()  # another process may have changed the database (e.g. started its journal)
         try:
             yield self
         finally:
@@ -317,21 +323,21 @@ class VectorStore:
         by_bucket: dict[str, list[int]] = defaultdict(list)
         for position, key in enumerate(keys or [self._name_key(n) for n in names]):
             by_bucket[key].append(position)
-        pipe = self._pipeline()
+        pipe = self.pipeline()
         for key, positions in by_bucket.items():
             pipe.hmget(key, [names[p] for p in positions])
         ids: list[int | None] = [None] * len(names)
-        for positions, values in zip(by_bucket.values(), self._execute("reading", pipe)):
+        for positions, values in zip(by_bucket.values(), self.execute("reading", pipe)):
             for position, value in zip(positions, values):
                 ids[position] = None if value is None else int(value)
         return ids
 
     def _meta_chunks(self, chunks: Iterable[int]) -> dict[int, dict[int, bytes]]:
         chunks = sorted(set(chunks))
-        pipe = self._pipeline()
+        pipe = self.pipeline()
         for chunk in chunks:
             pipe.get(self._meta_key(chunk))
-        return {c: _parse_meta(blob) for c, blob in zip(chunks, self._execute("reading", pipe))}
+        return {c: _parse_meta(blob) for c, blob in zip(chunks, self.execute("reading", pipe))}
 
     def _raw_records(self, ids: Sequence[int]) -> list[bytes | None]:
         chunks = self._meta_chunks(i // self.chunk_size for i in ids)
@@ -372,7 +378,7 @@ class VectorStore:
                 plan.updated += 1
             ids[position] = image_id
         if fresh:
-            end = int(self._call("reserving ids in", self.client.incrby, self.prefix + "next_id",
+            end = int(self.call("reserving ids in", self.client.incrby, self.prefix + "next_id",
                                  len(fresh)))
             ids.update(zip(fresh, range(end - len(fresh), end)))
             plan.fresh_from = end - len(fresh)
@@ -391,7 +397,7 @@ class VectorStore:
             raise StoreError(f"expected {len(plan.records)} vectors of {self.dim} dims, got {vectors.shape}")
         if not np.isfinite(vectors).all():
             raise StoreError("refusing to store vectors with NaN or infinite values")
-        pipe = self._pipeline()
+        pipe = self.pipeline()
         # Arguments pre-encoded as bytes: redis-py's per-argument encoding dominates otherwise.
         names_by_key: dict[str, list[bytes]] = defaultdict(list)
         for record, key, image_id in zip(plan.records, plan.name_keys, plan.ids.tolist()):
@@ -399,17 +405,17 @@ class VectorStore:
         for key, arguments in names_by_key.items():
             pipe.execute_command("HSET", key, *arguments)
         self._queue_vectors(pipe, plan.ids, vectors, plan.fresh_from)
-        self._execute("writing vectors to", pipe)
+        self.execute("writing vectors to", pipe)
         # Meta last: its entry is what makes the image stored.
         meta_by_chunk: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
         chunk_size = self.chunk_size
         for record, image_id in zip(plan.records, plan.ids.tolist()):
             meta_by_chunk[image_id // chunk_size].append((image_id, record.encode()))
-        pipe = self._pipeline()
+        pipe = self.pipeline()
         for chunk, entries in meta_by_chunk.items():
             pipe.append(self._meta_key(chunk), _pack_meta(entries))
-        self._queue_commit(pipe)
-        self._execute("writing records to", pipe)
+        self._queue_commit(pipe, b"+" + plan.ids.astype("<i8").tobytes())
+        self.execute("writing records to", pipe)
 
     def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> WritePlan:
         """:meth:`prepare` then :meth:`write`; ``vectors`` has one row per input record."""
@@ -438,7 +444,10 @@ class VectorStore:
             else:
                 pipe.setrange(self._vec_key(chunk), offset * row_bytes, rows)
 
-    def _queue_commit(self, pipe) -> None:
+    def _queue_commit(self, pipe, change: bytes) -> None:
+        # The journal entry goes first: a reader that sees version v finds v's entry too.
+        if self._info.get("journal"):
+            pipe.rpush(self.journal_key, change)
         pipe.hincrby(self.info_key, "version", 1)
         if self._lock_token:
             pipe.expire(self.prefix + "lock", LOCK_TTL_SECONDS)
@@ -453,21 +462,22 @@ class VectorStore:
                        for entries in chunks.values() for i in ids & entries.keys())
         if not found:
             return []
-        pipe = self._pipeline()
+        pipe = self.pipeline()
         for chunk, entries in chunks.items():
             kept = [(i, raw) for i, raw in entries.items() if i not in ids]
             if kept:
                 pipe.set(self._meta_key(chunk), _pack_meta(kept))
             else:
                 pipe.unlink(self._meta_key(chunk))
-        self._execute("removing images from", pipe)
-        pipe = self._pipeline()
+        self.execute("removing images from", pipe)
+        pipe = self.pipeline()
         zeros = np.zeros((len(found), self.dim), np.float32)
         self._queue_vectors(pipe, np.array([i for i, _ in found], np.int64), zeros)
         for image_id, record in found:
             pipe.hdel(self._name_key(record.name), record.name)
-        self._queue_commit(pipe)
-        self._execute("removing images from", pipe)
+        removed_ids = np.array([i for i, _ in found], "<i8")
+        self._queue_commit(pipe, b"-" + removed_ids.tobytes())
+        self.execute("removing images from", pipe)
         return [record for _, record in found]
 
     def remove_names(self, names: Sequence[str]) -> list[ImageRecord]:
@@ -480,26 +490,53 @@ class VectorStore:
     def drop(self) -> int:
         """Delete every key of this database (and nothing else); returns how many existed."""
         chunks = self._num_chunks()
-        keys = [self.info_key, self.prefix + "next_id", self.prefix + "lock"]
+        keys = [self.info_key, self.prefix + "next_id", self.prefix + "lock", self.journal_key]
         keys += [self._vec_key(c) for c in range(chunks)] + [self._meta_key(c) for c in range(chunks)]
         keys += [f"{self.prefix}name:{b}" for b in range(NAME_BUCKETS)]
         keys += self._extra_keys()
-        pipe = self._pipeline()
+        pipe = self.pipeline()
         for key in keys:
             pipe.unlink(key)  # one key per command: keys of one database may live on many nodes
-        deleted = int(sum(self._execute("deleting", pipe)))
+        deleted = int(sum(self.execute("deleting", pipe)))
         self._info = {}
         return deleted
 
     def _extra_keys(self) -> list[str]:
         """Keys other modules keep under this database, listed in the ``keys`` set of the database."""
-        members = self._call("reading", self.client.smembers, self.prefix + "keys")
+        members = self.call("reading", self.client.smembers, self.prefix + "keys")
         return [self.prefix + "keys"] + [_decode_str(m) for m in members]
+
+    # --------------------------------------------------------------- journal
+    @property
+    def journal_key(self) -> str:
+        return self.prefix + "journal"
+
+    def start_journal(self) -> tuple[int, int]:
+        """Record every later change in the journal; returns (data version, journal length) now.
+
+        Call it holding :meth:`writing`, so that no change slips between the two numbers.
+        """
+        self.call("writing", self.client.hset, self.info_key, "journal", 1)
+        self._info["journal"] = "1"
+        return self.version(), int(self.call("reading", self.client.llen, self.journal_key))
+
+    def trim_journal(self, start: int) -> None:
+        """Forget the journal's entries before ``start`` (they are in a saved index)."""
+        self.call("writing", self.client.ltrim, self.journal_key, start, -1)
+
+    def changes(self, start: int) -> tuple[int, list[tuple[str, np.ndarray]]]:
+        """(data version, journal entries from ``start`` on as (``"+"`` or ``"-"``, ids))."""
+        pipe = self.pipeline()
+        pipe.hget(self.info_key, "version")
+        pipe.lrange(self.journal_key, start, -1)
+        version, entries = self.execute("reading", pipe)
+        return int(version or 0), [(e[:1].decode(), np.frombuffer(e[1:], "<i8").astype(np.int64))
+                                   for e in entries]
 
     def register_key(self, suffix: str) -> str:
         """Declare a key ``cbir:<db>:<suffix>`` owned by this database, so :meth:`drop` removes it."""
         key = self.key(suffix)
-        self._call("writing", self.client.sadd, self.prefix + "keys", key)
+        self.call("writing", self.client.sadd, self.prefix + "keys", key)
         return key
 
     # ----------------------------------------------------------------- reads
@@ -514,6 +551,23 @@ class VectorStore:
                 for image_id in sorted(entries):
                     yield image_id, ImageRecord.decode(entries[image_id])
 
+    def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of those of ``ids`` that are stored, ascending."""
+        wanted = np.unique(np.asarray(ids, np.int64))
+        chunk_of = wanted // self.chunk_size
+        chunks = np.unique(chunk_of).tolist()
+        metas = self._meta_chunks(chunks)
+        pipe = self.pipeline()
+        for chunk in chunks:
+            pipe.get(self._vec_key(chunk))
+        blobs = dict(zip(chunks, self.execute("reading vectors of", pipe)))
+        live = np.array([i for i in wanted.tolist() if i in metas[i // self.chunk_size]], np.int64)
+        rows = np.empty((len(live), self.dim), np.float32)
+        for position, image_id in enumerate(live.tolist()):
+            chunk, row = divmod(image_id, self.chunk_size)
+            rows[position] = np.frombuffer(blobs[chunk], np.float32, self.dim, row * self.dim * 4)
+        return live, rows
+
     def load_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All stored (ids, vectors), ids ascending; vectors float32 of shape (n, dim)."""
         self.require()
@@ -521,11 +575,11 @@ class VectorStore:
         id_parts: list[np.ndarray] = []
         vector_parts: list[np.ndarray] = []
         for batch in self._chunk_batches():
-            pipe = self._pipeline()
+            pipe = self.pipeline()
             for chunk in batch:
                 pipe.get(self._vec_key(chunk))
                 pipe.get(self._meta_key(chunk))
-            replies = self._execute("loading vectors from", pipe)
+            replies = self.execute("loading vectors from", pipe)
             for chunk, blob, meta in zip(batch, replies[0::2], replies[1::2]):
                 entries = _parse_meta(meta)
                 if not entries:

@@ -166,6 +166,13 @@ def store(deployment, db_name):
     VectorStore(client, db_name).drop()
 
 
+@pytest.fixture
+def cli_env(monkeypatch, standalone_url):
+    """Commands run without --redis-url reach the standalone test server."""
+    monkeypatch.setenv("CBIR_REDIS_URL", standalone_url)
+    return standalone_url
+
+
 @pytest.fixture(scope="session")
 def extractor():
     from cbir.models import create_extractor

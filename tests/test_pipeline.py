@@ -127,12 +127,6 @@ def cli(*args) -> int:
     return main([str(a) for a in args])
 
 
-@pytest.fixture
-def cli_env(monkeypatch, standalone_url):
-    monkeypatch.setenv("CBIR_REDIS_URL", standalone_url)
-    return standalone_url
-
-
 def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsys):
     try:
         assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val",

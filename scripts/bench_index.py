@@ -1,0 +1,139 @@
+"""Index benchmark: Flat (the exact baseline) vs IVF-Flat, IVF-PQ and HNSW, in one run.
+
+For each data set of synthetic clustered unit vectors (default 1,000,000 x 128 and
+100,000 x 1280) the vectors are stored in Redis through the store, then:
+  * load: the time to read every vector back from Redis into a FAISS flat index;
+  * per index kind, trained and tuned by ``train_index`` exactly as ``train_index.py`` does
+    (target recall@10 0.95) and saved in Redis: build time, bytes per vector, the time to load
+    the saved index from Redis, queries/s at batch 1 and batched, and recall@1/@10 of held-out
+    queries against exact search.
+Usage: python scripts/bench_index.py [--sets 1000000x128,100000x1280] [--kinds flat,ivf,ivfpq,hnsw]
+                                     [--redis-url URL] [--queries 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_ingest import empty_store, make_records  # noqa: E402
+from cbir.connection import connect, describe  # noqa: E402
+from cbir.index import SearchIndex, recall_at  # noqa: E402
+from cbir.indexing import BackgroundWriter  # noqa: E402
+from cbir.trained_index import _loaded, search_index, train_index  # noqa: E402
+
+BATCH = 10_000
+SINGLE_QUERIES = 300
+
+
+def clustered(count: int, dim: int, seed: int, clusters: int = 1000, spread_dims: int = 12) -> np.ndarray:
+    """Unit vectors around ``clusters`` fixed random centres, as embeddings of a labelled collection are.
+
+    Each cluster varies mostly along its own ``spread_dims`` directions (image embeddings have a
+    low intrinsic dimension), plus a little isotropic noise. The centres and directions depend
+    only on ``dim``; ``seed`` draws the points, so another seed gives unseen points of the same
+    collection.
+    """
+    layout = np.random.default_rng(dim)
+    centres = layout.standard_normal((clusters, dim), dtype=np.float32)
+    directions = layout.standard_normal((clusters, spread_dims, dim), dtype=np.float32) / np.sqrt(spread_dims)
+    rng = np.random.default_rng(seed)
+    members = rng.integers(0, clusters, count)
+    out = 0.1 * rng.standard_normal((count, dim), dtype=np.float32)
+    for cluster in range(clusters):
+        rows = np.flatnonzero(members == cluster)
+        out[rows] += centres[cluster] + rng.standard_normal((len(rows), spread_dims), dtype=np.float32) @ directions[cluster]
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def fill(client, count: int, dim: int) -> tuple:
+    store = empty_store(client, f"bench-index-{dim}")
+    store.ensure_model("bench", {"description": "synthetic clustered vectors"}, dim)
+    vectors = clustered(count, dim, seed=0)
+    records = make_records(count)
+    with store.writing():
+        writer = BackgroundWriter(store)
+        for first in range(0, count, BATCH):
+            plan = store.prepare(records[first:first + BATCH])
+            writer.submit(plan, vectors[first:first + BATCH][plan.positions])
+        writer.close()
+    return store, vectors
+
+
+def queries_per_second(searcher: SearchIndex, queries: np.ndarray, batched: bool) -> float:
+    started = time.perf_counter()
+    if batched:
+        searcher.search(queries, 10)
+        return len(queries) / (time.perf_counter() - started)
+    for row in queries[:SINGLE_QUERIES]:
+        searcher.search(row[None], 10)
+    return min(SINGLE_QUERIES, len(queries)) / (time.perf_counter() - started)
+
+
+def run_set(client, count: int, dim: int, kinds: list[str], num_queries: int) -> None:
+    print(f"\n== {count:,} x {dim} clustered unit vectors ==")
+    started = time.perf_counter()
+    store, _ = fill(client, count, dim)
+    print(f"stored in Redis in {time.perf_counter() - started:.1f} s")
+    started = time.perf_counter()
+    ids, vectors = store.load_vectors()
+    loaded = time.perf_counter() - started
+    exact = SearchIndex.exact(ids, vectors)
+    into_faiss = time.perf_counter() - started
+    print(f"load all vectors from Redis: {loaded:.2f} s; into a FAISS flat index: {into_faiss:.2f} s")
+    del vectors
+    queries = clustered(num_queries, dim, seed=1)
+    truth = exact.search(queries, 10)[1]
+    header = (f"{'index':<7} {'params':<28} {'build s':>8} {'bytes/vec':>10} {'load s':>7} "
+              f"{'q/s b=1':>9} {'q/s batch':>10} {'speed-up':>9} {'R@1':>6} {'R@10':>6}")
+    print(header)
+    baseline = None
+    for kind in kinds:
+        if kind == "flat":
+            searcher, build, size, load = exact, into_faiss, dim * 4 + 8, loaded
+            params = "exact"
+        else:
+            report = train_index(store, kind)
+            _loaded.clear()
+            started = time.perf_counter()
+            searcher = search_index(store)
+            load = time.perf_counter() - started
+            build, size = report.build_seconds, report.bytes_per_vector
+            params = ", ".join(f"{k}={v}" for k, v in report.params.items())
+        single = queries_per_second(searcher, queries, batched=False)
+        batched = queries_per_second(searcher, queries, batched=True)
+        found = searcher.search(queries, 10)[1]
+        baseline = baseline or single
+        print(f"{kind:<7} {params:<28} {build:>8.1f} {size:>10.1f} {load:>7.2f} {single:>9.0f} {batched:>10.0f} "
+              f"{single / baseline:>8.1f}x {recall_at(found, truth, 1):>6.3f} {recall_at(found, truth, 10):>6.3f}",
+              flush=True)
+    store.drop()
+    _loaded.clear()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", default="1000000x128,100000x1280", help="comma-separated COUNTxDIM")
+    parser.add_argument("--kinds", default="flat,ivf,ivfpq,hnsw")
+    parser.add_argument("--queries", type=int, default=1000, help="held-out queries (default: 1000)")
+    parser.add_argument("--redis-url", default=None, help="default: a fresh embedded Redis")
+    args = parser.parse_args()
+    client = connect(args.redis_url, home=None if args.redis_url else tempfile.mkdtemp(prefix="cbir-bench-"))
+    print(f"Redis: {describe(client)}")
+    kinds = args.kinds.split(",")
+    if kinds[0] != "flat":
+        kinds.insert(0, "flat")  # the exact baseline every speed-up is measured against
+    for spec in args.sets.split(","):
+        count, dim = (int(v) for v in spec.lower().split("x"))
+        run_set(client, count, dim, kinds, args.queries)
+
+
+if __name__ == "__main__":
+    main()

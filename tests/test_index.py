@@ -1,0 +1,171 @@
+"""FAISS indices: recall against exact search, persistence in Redis, changes after training."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cbir.cli import main
+from cbir.connection import connect
+from cbir.data import load_items
+from cbir.index import SearchIndex, default_nlist, default_pq_m, recall_at
+from cbir.indexing import embed_items, register_model
+from cbir.store import ImageRecord, VectorStore
+from cbir.trained_index import StaleIndexWarning, _loaded, index_info, search_index, train_index
+
+from .conftest import SHARED_DATA
+
+
+def clustered(count: int, dim: int, clusters: int = 50, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    vectors = centres[rng.integers(0, clusters, count)] + 0.6 * rng.standard_normal((count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="session")
+def mednist_embeddings(extractor):
+    """Real embeddings: the 2,400 MedNIST test images through the pretrained Lite0."""
+    items = load_items(SHARED_DATA / "mednist_12k.npz", split="test")
+    vectors, decoded = embed_items(items, extractor, workers=0)
+    assert not decoded.failures
+    return [items[p] for p in decoded.positions], decoded.sha256, vectors
+
+
+@pytest.fixture
+def mednist_store(store, mednist_embeddings, extractor):
+    items, shas, vectors = mednist_embeddings
+    register_model(store, extractor)
+    records = [ImageRecord(name=i.name, label=i.label, project=i.project, sha256=s) for i, s in zip(items, shas)]
+    with store.writing():
+        store.add(records, vectors)
+    yield store
+    _loaded.clear()
+
+
+def exact_truth(store, queries, k=10):
+    return SearchIndex.from_store(store).search(queries, k)[1]
+
+
+# ------------------------------------------------------------------ units
+def test_parameters_follow_the_data_size():
+    assert default_nlist(1_000_000) == 4000
+    assert default_nlist(2400) == 61  # bounded by 39 training points per list
+    assert default_pq_m(128) == 16 and default_pq_m(1280) == 32 and default_pq_m(100) == 10
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_tuned_index_reaches_the_recall_target(kind):
+    from cbir.index import tune
+
+    vectors = clustered(20_000, 32)
+    ids = np.arange(20_000) * 3  # store ids with gaps
+    searcher = SearchIndex.build(kind, ids, vectors)
+    exact = SearchIndex.exact(ids, vectors)
+    tuning = tune(searcher, exact, ids[:300], vectors[:300], target_recall=0.95)
+    assert tuning.reached and tuning.chosen.recall10 >= 0.95
+    assert tuning.chosen.breadth == min(p.breadth for p in tuning.tried if p.recall10 >= 0.95)
+
+
+def test_removed_entries_are_skipped_inside_the_search():
+    vectors = clustered(5000, 16)
+    ids = np.arange(5000)
+    for kind in ("flat", "ivf", "ivfpq", "hnsw"):
+        searcher = SearchIndex.build(kind, ids, vectors, m=4)
+        searcher.set_breadth(10_000)
+        gone = ids[:2500]
+        searcher.remove(gone)
+        _, found = searcher.search(vectors[:50], 10)
+        assert not np.isin(found, gone).any(), kind
+        assert (found >= 0).all(), f"{kind}: removal must not leave holes in the results"
+        searcher.add(ids[:1], -vectors[1:2])  # an update: same id, new vector
+        _, found = searcher.search(-vectors[1:2], 1)
+        assert found[0, 0] == 0, kind
+
+
+def test_serialised_index_answers_the_same():
+    vectors = clustered(4000, 24)
+    ids = np.arange(0, 8000, 2)
+    searcher = SearchIndex.build("ivf", ids, vectors)
+    again = SearchIndex.from_bytes(searcher.to_bytes(), "ivf", searcher.params)
+    np.testing.assert_array_equal(again.ids, ids)
+    np.testing.assert_array_equal(again.search(vectors[:20], 5)[1], searcher.search(vectors[:20], 5)[1])
+
+
+def test_recall_counts_shared_neighbours():
+    truth = np.array([[1, 2, 3], [4, 5, 6]])
+    assert recall_at(np.array([[3, 2, 9], [7, 8, 9]]), truth, 3) == pytest.approx(1 / 3)
+    assert recall_at(np.array([[1, 0, 0], [4, 0, 0]]), truth, 1) == 1.0
+
+
+# ------------------------------------------------- real embeddings, real Redis
+@pytest.mark.parametrize("kind,floor", [("ivf", 0.95), ("hnsw", 0.95), ("ivfpq", 0.4)])
+def test_trained_index_on_real_embeddings(mednist_store, mednist_embeddings, kind, floor):
+    _, _, vectors = mednist_embeddings
+    report = train_index(mednist_store, kind)
+    assert report.count == 2400 and report.tuning.chosen.recall10 >= floor
+    _loaded.clear()  # as a fresh process: load from Redis
+    searcher = search_index(mednist_store)
+    assert searcher.kind == kind and searcher.size == 2400
+    queries = vectors[::40] + 0.01  # near, not equal to, stored images
+    found = searcher.search(queries, 10)[1]
+    assert recall_at(found, exact_truth(mednist_store, queries), 10) >= floor - 0.1
+
+
+def test_index_follows_additions_and_removals(mednist_store, mednist_embeddings):
+    items, _, vectors = mednist_embeddings
+    train_index(mednist_store, "ivf")
+    ids, _ = mednist_store.load_vectors()
+    with mednist_store.writing():
+        mednist_store.remove(ids[:300])
+        new = mednist_store.add([ImageRecord(name=f"new/{i}", label="new") for i in range(5)], -vectors[:5])
+    searcher = search_index(mednist_store)
+    assert searcher.size == 2400 - 300 + 5
+    found = searcher.search(vectors[:300], 10)[1]
+    assert not np.isin(found, ids[:300]).any()
+    assert searcher.search(-vectors[:5], 1)[1][:, 0].tolist() == new.ids.tolist()
+    _loaded.clear()  # another process replays the same journal
+    assert search_index(mednist_store).size == 2400 - 300 + 5
+
+
+def test_an_index_that_cannot_catch_up_falls_back_to_exact(mednist_store, mednist_embeddings):
+    _, _, vectors = mednist_embeddings
+    train_index(mednist_store, "hnsw")
+    with mednist_store.writing():
+        mednist_store.remove(mednist_store.load_vectors()[0][:10])
+    mednist_store.client.delete(mednist_store.journal_key)  # a lost journal
+    _loaded.clear()
+    with pytest.warns(StaleIndexWarning, match="searching exactly"):
+        searcher = search_index(mednist_store)
+    assert searcher.kind == "flat" and searcher.size == 2390
+
+
+def test_retraining_replaces_the_old_index_and_drop_removes_it(mednist_store):
+    first = train_index(mednist_store, "ivf")
+    first_build = index_info(mednist_store)["build"]
+    train_index(mednist_store, "ivfpq")
+    info = index_info(mednist_store)
+    assert info["kind"] == "ivfpq" and info["build"] != first_build
+    assert not mednist_store.client.exists(mednist_store.key(f"index:{first_build}:0"))
+    assert first.bytes > int(info["bytes"])  # PQ codes are smaller than flat vectors
+    mednist_store.drop()
+    assert not mednist_store.client.exists(mednist_store.key(f"index:{info['build']}:0"))
+    assert not mednist_store.client.exists(mednist_store.key("index"))
+
+
+def test_cli_trains_and_reports(cli_env, db_name, mednist_embeddings, extractor, capsys, tmp_path):
+    store = VectorStore(connect(cli_env), db_name)
+    items, shas, vectors = mednist_embeddings
+    register_model(store, extractor)
+    with store.writing():
+        store.add([ImageRecord(name=i.name, label=i.label, sha256=s) for i, s in zip(items, shas)], vectors)
+    try:
+        assert main(["train-index", "--db_name", db_name, "--index", "ivf", "--json", str(tmp_path / "r.json")]) == 0
+        printed = capsys.readouterr().out
+        assert "nlist=61" in printed and "<- chosen" in printed and "bytes/vector" in printed
+        assert main(["info", "--db_name", db_name]) == 0
+        assert "index: ivf" in capsys.readouterr().out
+        assert main(["train-index", "--db_name", db_name, "--delete"]) == 0
+        assert not index_info(store)
+    finally:
+        store.drop()
+        _loaded.clear()
