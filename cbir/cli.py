@@ -10,12 +10,15 @@ import json
 import sys
 import time
 import warnings
+
+import numpy as np
 from pathlib import Path
 
 from . import __version__
 from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, load_items, one_per_class
 from .errors import CbirError
+from .evaluation import MEASURES, VOTES
 from .index import KINDS
 from .store import VectorStore
 
@@ -194,15 +197,81 @@ def _cmd_info(args) -> int:
 
 
 # ------------------------------------------------------------------ evaluate
+def _read_mapping(path: str | None, what: str) -> dict[str, str] | None:
+    """A two-column CSV (key,value; a header line is allowed) as a dict."""
+    import csv
+
+    if not path:
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle) if row]
+    except OSError as exc:
+        raise CbirError(f"{path}: cannot read the {what} CSV ({exc.strerror or exc})") from exc
+    if not rows or any(len(row) < 2 for row in rows):
+        raise CbirError(f"{path}: the {what} CSV needs two columns per line")
+    return {row[0]: row[1] for row in rows}
+
+
 def _cmd_evaluate(args) -> int:
-    from .evaluation import leave_one_out
+    import faiss
+    import torch
+
+    from .evaluation import ProtocolOptions, Queries, Support, SUPPORT_MEASURES, EvaluationSettings, run_protocols
+    from .indexing import embed_items, extractor_for_store
+    from .report import format_table, save_figures, write_json, write_workbook
+    from .trained_index import search_index
 
     store = _open_store(args)
-    accuracy = leave_one_out(store)
-    print(f"leave-one-out over '{args.db_name}' ({accuracy.queries} queries): top-1 {accuracy.top1:.3f}  "
-          f"top-5 {accuracy.top5:.3f}  majority@5 {accuracy.majority5:.3f}")
+    store.require()
+    measures = list(dict.fromkeys(args.measure))
+    groups = _read_mapping(args.groups, "groups")
+    support = Support.from_store(store, groups)
+    queries = None
+    if args.path:
+        items = load_items(args.path, split=args.split)
+        extractor = extractor_for_store(store, weights=args.weights, device=args.device)
+        started = time.perf_counter()
+        vectors, decoded = embed_items(items, extractor, progress=not args.quiet)
+        chosen = [items[p] for p in decoded.positions]
+        column = lambda values: np.array(values, dtype=object)  # noqa: E731
+        queries = Queries(names=column([i.name for i in chosen]), labels=column([i.label for i in chosen]),
+                          projects=column([i.project for i in chosen]), sha256=column(decoded.sha256),
+                          vectors=vectors, ids=np.full(len(chosen), -1, np.int64),
+                          groups=column([groups.get(i.name, i.name) for i in chosen]) if groups else None,
+                          model_seconds=time.perf_counter() - started)
+        for failure in decoded.failures:
+            print(f"skipped {failure}", file=sys.stderr)
+    elif set(measures) - set(SUPPORT_MEASURES):
+        raise CbirError(f"--measure {' '.join(measures)} needs --path with the query images "
+                        f"(only {', '.join(SUPPORT_MEASURES)} run on the stored images alone)")
+    index = search_index(store, exact=args.exact)
+    settings = EvaluationSettings(ks=args.k, vote=args.vote, temperature=args.temperature,
+                                  project_groups=_read_mapping(args.project_groups, "project groups"))
+    options = ProtocolOptions(n_queries=args.n_queries, repeats=args.repeats,
+                              exclude_classes=args.exclude_classes, seed=args.seed)
+    results = run_protocols(measures, support, queries, index, settings, options, store=store)
+    what = f"{len(queries)} queries from {args.path}" if queries is not None else "the stored images (leave-one-out)"
+    print(f"'{args.db_name}': {len(support)} stored images, {what}; "
+          f"{'exact search' if index.kind == 'flat' else index.kind + ' index'}, kNN vote {args.vote}")
+    for result in results:
+        print(f"\n{result.measure}")
+        print(format_table(result))
+    config = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "database": args.db_name,
+              "redis": describe(store.client), "model": store.model_spec.get("description", ""),
+              "fingerprint": store.model, "dataset": str(args.path or "(stored images)"),
+              "split": args.split if args.path else "", "index": index.kind, "k": " ".join(map(str, args.k)),
+              "vote": args.vote, "seed": args.seed, "cbir": __version__, "torch": torch.__version__,
+              "faiss": faiss.__version__, "numpy": np.__version__}
+    excel = Path(args.excel_path or Path(args.results_dir) / f"accuracy_{args.db_name}.xlsx")
+    sheets = write_workbook(excel, results, config, name=args.name)
+    print(f"\nexcel: {excel} (sheets {', '.join(sheets)})")
+    if not args.no_picture:
+        for path in save_figures(results, excel.parent, excel.stem + (f"_{args.name}" if args.name else "")):
+            print(f"picture: {path}")
     if args.json:
-        Path(args.json).write_text(json.dumps(accuracy.as_dict(), indent=2))
+        write_json(args.json, results, config)
+        print(f"json: {args.json}")
     return 0
 
 
@@ -281,11 +350,42 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arguments(info)
     info.set_defaults(run=_cmd_info)
 
-    evaluate = commands.add_parser("evaluate", help="retrieval accuracy of a database",
-                                   description="Leave-one-out kNN accuracy: every stored image queries the others.")
+    evaluate = commands.add_parser("evaluate", help="retrieval and kNN accuracy protocols, into Excel",
+                                   description="Search the database with labelled query images (or its own "
+                                               "images, leave-one-out) and report top-1/top-5/majority@5, "
+                                               "precision@k, mAP@R and kNN classification for each protocol; "
+                                               "a terminal table, an Excel workbook and pictures.")
     _store_arguments(evaluate)
-    evaluate.add_argument("--measure", default="loo", choices=["loo"], help="protocol (default: loo)")
+    evaluate.add_argument("--path", default=None,
+                          help="query images with labels: a class-per-folder directory or an .npz (see --split); "
+                               "not needed for loo, incremental and removal (the stored images query the others)")
+    evaluate.add_argument("--split", default="test", choices=NPZ_SPLITS, help="split of a .npz (default: test)")
+    evaluate.add_argument("--measure", nargs="+", default=["all"], choices=MEASURES,
+                          help="protocols: all, weighted (class-balanced), random (one per class in turn), stat "
+                               "(random repeated), separated (per class), remove (--exclude_classes left out), "
+                               "loo, incremental (continual learning), removal (data deletion); default: all")
+    evaluate.add_argument("--k", nargs="+", type=int, default=[1, 5, 11], help="kNN classification k (default: 1 5 11)")
+    evaluate.add_argument("--vote", default="majority", choices=VOTES,
+                          help="kNN vote: majority, distance (similarity-weighted) or softmax (temperature)")
+    evaluate.add_argument("--temperature", type=float, default=0.07, help="softmax vote temperature (default: 0.07)")
+    evaluate.add_argument("--n_queries", type=int, default=100, help="queries of random/stat (default: 100)")
+    evaluate.add_argument("--repeats", type=int, default=10, help="repeats of stat (default: 10)")
+    evaluate.add_argument("--exclude_classes", nargs="+", default=[], help="classes the remove protocol leaves out")
+    evaluate.add_argument("--groups", default=None,
+                          help="CSV name,group (patient or slide id): neighbours from a query's own group are skipped")
+    evaluate.add_argument("--project_groups", default=None,
+                          help="CSV project,group: 'similar project' hits count neighbours of the same group")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of random/stat/incremental/removal (default: 0)")
+    evaluate.add_argument("--exact", action="store_true", help="exact search even if an index was trained")
+    evaluate.add_argument("--excel_path", default=None,
+                          help="workbook to write or extend (default: <results_dir>/accuracy_<db_name>.xlsx)")
+    evaluate.add_argument("--name", default=None, help="sheet name of this run (default: the measure)")
+    evaluate.add_argument("--results_dir", default="results", help="where the workbook and pictures go")
     evaluate.add_argument("--json", default=None, help="also write the numbers as JSON to this file")
+    evaluate.add_argument("--no_picture", action="store_true", help="no confusion matrices or curves")
+    evaluate.add_argument("--weights", default=None, help="the database's checkpoint, if it moved")
+    evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_cmd_evaluate)
     return parser
 

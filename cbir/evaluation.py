@@ -1,42 +1,487 @@
-"""Accuracy of retrieval on a database: leave-one-out kNN protocols."""
+"""Accuracy of retrieval and kNN classification on a database: metrics and protocols.
+
+The stored images are the *support*; *queries* are embedded images with known labels (or the
+stored images themselves, leave-one-out). Searching gives each query a ranked list of support
+positions; every metric is computed from those lists:
+
+* top-1 / top-5 / majority@5: the first neighbour has the query's label / one of the first
+  five has / at least three of the first five have, at class level, project level and, given
+  project groups, "similar project" level;
+* precision@5/@10 and mAP@R (R = support images sharing the query's label);
+* kNN classification (k neighbours, majority / distance-weighted / softmax vote): accuracy,
+  balanced accuracy, macro F1.
+
+A query never counts itself: a neighbour with the query's id or content hash (its stored
+copy), or from the query's own group (patient, slide) when groups are given, is skipped.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
 from .errors import CbirError
 from .index import SearchIndex
 from .store import VectorStore
 
+VOTES = ("majority", "distance", "softmax")
+MAP_DEPTH_LIMIT = 2000  # mAP@R looks at most this deep (R is capped for huge classes)
+
+
+# ------------------------------------------------------------------- data
+@dataclass
+class Support:
+    """The stored images: ids ascending, with labels, projects, hashes, names and groups."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    projects: np.ndarray
+    sha256: np.ndarray
+    names: np.ndarray
+    groups: np.ndarray | None = None
+    vectors: np.ndarray | None = None
+
+    @classmethod
+    def from_store(cls, store: VectorStore, groups: dict[str, str] | None = None) -> "Support":
+        ids, vectors = store.load_vectors()
+        by_id = dict(store.iter_records())
+        records = [by_id[i] for i in ids.tolist()]
+        column = lambda attr: np.array([getattr(r, attr) for r in records], dtype=object)  # noqa: E731
+        names = column("name")
+        return cls(ids=ids, labels=column("label"), projects=column("project"), sha256=column("sha256"),
+                   names=names, vectors=vectors,
+                   groups=None if groups is None else np.array([groups.get(n, n) for n in names], dtype=object))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Position of each store id (-1 for -1 or an unknown id)."""
+        ids = np.asarray(ids, np.int64)
+        found = np.searchsorted(self.ids, ids).clip(0, max(len(self.ids) - 1, 0))
+        hit = (ids >= 0) & (self.ids[found] == ids) if len(self.ids) else np.zeros(ids.shape, bool)
+        return np.where(hit, found, -1)
+
+    def take(self, positions: np.ndarray) -> "Support":
+        positions = np.sort(np.asarray(positions, np.int64))
+        pick = lambda a: None if a is None else a[positions]  # noqa: E731
+        return Support(ids=self.ids[positions], labels=self.labels[positions], projects=self.projects[positions],
+                       sha256=self.sha256[positions], names=self.names[positions], groups=pick(self.groups),
+                       vectors=pick(self.vectors))
+
 
 @dataclass
-class Accuracy:
-    queries: int
-    top1: float  # the first neighbour has the query's label
-    top5: float  # one of the first five has it
-    majority5: float  # at least three of the first five have it
+class Queries:
+    """Query images with their labels; ``ids`` are store ids for leave-one-out, else -1."""
 
-    def as_dict(self) -> dict:
-        return {"queries": self.queries, "top1": self.top1, "top5": self.top5, "majority5": self.majority5}
+    names: np.ndarray
+    labels: np.ndarray
+    projects: np.ndarray
+    sha256: np.ndarray
+    vectors: np.ndarray
+    ids: np.ndarray
+    groups: np.ndarray | None = None
+    model_seconds: float = 0.0  # total embedding time of all queries
+
+    @classmethod
+    def of_support(cls, support: Support) -> "Queries":
+        return cls(names=support.names, labels=support.labels, projects=support.projects,
+                   sha256=support.sha256, vectors=support.vectors, ids=support.ids, groups=support.groups)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, rows: np.ndarray) -> "Queries":
+        rows = np.asarray(rows, np.int64)
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        share = len(rows) / max(len(self), 1)
+        return Queries(names=self.names[rows], labels=self.labels[rows], projects=self.projects[rows],
+                       sha256=self.sha256[rows], vectors=self.vectors[rows], ids=self.ids[rows],
+                       groups=pick(self.groups), model_seconds=self.model_seconds * share)
 
 
-def neighbour_hits(query_labels: np.ndarray, neighbour_labels: np.ndarray) -> Accuracy:
-    """Metrics from labels: ``neighbour_labels[i]`` are query i's neighbours, best first."""
-    hits = neighbour_labels[:, :5] == query_labels[:, None]
-    return Accuracy(queries=len(query_labels), top1=float(hits[:, 0].mean()),
-                    top5=float(hits.any(axis=1).mean()), majority5=float((hits.sum(axis=1) >= 3).mean()))
+@dataclass
+class Ranking:
+    """Each query's neighbours as support positions (-1: none), best first, and similarities."""
+
+    queries: Queries
+    support: Support
+    positions: np.ndarray
+    scores: np.ndarray
+    search_seconds: float = 0.0
+    transfer_seconds: float = 0.0
+
+    def take(self, rows: np.ndarray) -> "Ranking":
+        rows = np.asarray(rows, np.int64)
+        share = len(rows) / max(len(self.queries), 1)
+        return replace(self, queries=self.queries.take(rows), positions=self.positions[rows],
+                       scores=self.scores[rows], search_seconds=self.search_seconds * share,
+                       transfer_seconds=self.transfer_seconds * share)
+
+    def neighbour(self, column: np.ndarray) -> np.ndarray:
+        """A support column (labels, projects ...) per neighbour; None where there is none."""
+        out = np.full(self.positions.shape, None, dtype=object)
+        present = self.positions >= 0
+        out[present] = column[self.positions[present]]
+        return out
 
 
-def leave_one_out(store: VectorStore) -> Accuracy:
-    """Every stored image queries all the others (it never retrieves itself)."""
-    ids, vectors = store.load_vectors()
-    if len(ids) < 6:
-        raise CbirError(f"database '{store.name}' has {len(ids)} images; leave-one-out needs at least 6")
-    labels_by_id = {i: r.label for i, r in store.iter_records()}
-    labels = np.array([labels_by_id[i] for i in ids.tolist()], dtype=object)
-    index = SearchIndex.exact(ids, vectors)
-    _, neighbour_ids = index.search_excluding(vectors, 5, exclude=ids)
-    position = {image_id: p for p, image_id in enumerate(ids.tolist())}
-    neighbour_labels = labels[[[position[i] for i in row] for row in neighbour_ids.tolist()]]
-    return neighbour_hits(labels, neighbour_labels)
+def rank(index: SearchIndex, support: Support, queries: Queries, depth: int,
+         store: VectorStore | None = None) -> Ranking:
+    """Search ``depth`` neighbours per query, skipping the query itself, its copy and its group.
+
+    With ``store``, the neighbours' records are fetched from Redis as a client would (timed
+    as transfer); the labels used are the support's either way.
+    """
+    group_size = 0
+    if support.groups is not None and queries.groups is not None:
+        _, counts = np.unique(support.groups.astype(str), return_counts=True)
+        group_size = int(counts.max())
+    wanted = min(depth + 1 + group_size + 4, max(index.size, 1))
+    started = time.perf_counter()
+    scores, ids = index.search(queries.vectors, wanted)
+    search_seconds = time.perf_counter() - started
+    positions = support.positions(ids)
+    skip = positions < 0
+    skip |= ids == queries.ids[:, None]
+    safe = np.maximum(positions, 0)
+    skip |= (support.sha256[safe] == queries.sha256[:, None]) & (queries.sha256 != "")[:, None]
+    if group_size:
+        skip |= support.groups[safe] == queries.groups[:, None]
+    # Stable sort moves skipped entries to the end of each row, keeping the order of the rest.
+    order = np.argsort(skip, axis=1, kind="stable")[:, :depth]
+    kept_skip = np.take_along_axis(skip, order, axis=1)
+    positions = np.where(kept_skip, -1, np.take_along_axis(positions, order, axis=1))
+    scores = np.where(kept_skip, np.nan, np.take_along_axis(scores, order, axis=1))
+    transfer_seconds = 0.0
+    if store is not None:
+        started = time.perf_counter()
+        store.records(np.unique(support.ids[positions[positions >= 0]]).tolist())
+        transfer_seconds = time.perf_counter() - started
+    return Ranking(queries=queries, support=support, positions=positions, scores=scores,
+                   search_seconds=search_seconds, transfer_seconds=transfer_seconds)
+
+
+# ---------------------------------------------------------------- metrics
+def hit_rates(query_values: np.ndarray, neighbour_values: np.ndarray, prefix: str = "") -> dict[str, float]:
+    """top-1, top-5 and majority@5 (at least 3 of 5) of ``neighbour_values`` matching the query's."""
+    hits = neighbour_values[:, :5] == query_values[:, None]
+    return {f"{prefix}top1": float(hits[:, 0].mean()), f"{prefix}top5": float(hits.any(axis=1).mean()),
+            f"{prefix}majority5": float((hits.sum(axis=1) >= 3).mean())}
+
+
+def precision_at(query_labels: np.ndarray, neighbour_labels: np.ndarray, k: int) -> float:
+    return float((neighbour_labels[:, :k] == query_labels[:, None]).mean())
+
+
+def map_at_r(query_labels: np.ndarray, neighbour_labels: np.ndarray, relevant: np.ndarray) -> float:
+    """Mean average precision at R: (1/R) · sum over ranks i <= R of precision@i where rank i is relevant."""
+    relevant = np.minimum(relevant, neighbour_labels.shape[1])
+    scores = []
+    for labels, wanted, r in zip(neighbour_labels, query_labels, relevant.tolist()):
+        if r == 0:
+            continue
+        hits = labels[:r] == wanted
+        precision = np.cumsum(hits) / np.arange(1, r + 1)
+        scores.append(float((precision * hits).sum() / r))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def knn_predict(neighbour_labels: np.ndarray, scores: np.ndarray, k: int, vote: str = "majority",
+                temperature: float = 0.07) -> np.ndarray:
+    """The class each query's first ``k`` neighbours vote for.
+
+    majority: one vote each, ties to the larger summed similarity; distance: votes weighted by
+    similarity; softmax: by exp(similarity / temperature).
+    """
+    if vote not in VOTES:
+        raise CbirError(f"unknown vote '{vote}'; choose one of {', '.join(VOTES)}")
+    labels = neighbour_labels[:, :k]
+    similarity = np.nan_to_num(scores[:, :k].astype(np.float64), nan=0.0)
+    present = labels != None  # noqa: E711  (object array: elementwise comparison)
+    if vote == "majority":
+        weights = 1.0 + 1e-6 * similarity  # similarity only breaks ties
+    elif vote == "distance":
+        weights = np.maximum(similarity, 0.0) + 1e-12
+    else:
+        weights = np.exp((similarity - similarity.max(axis=1, keepdims=True)) / temperature)
+    weights = np.where(present, weights, 0.0)
+    classes = np.array(sorted({label for label in labels[present]}), dtype=object)
+    if not len(classes):
+        return np.full(len(labels), None, dtype=object)
+    tally = np.zeros((len(labels), len(classes)))
+    codes = np.searchsorted(classes, np.where(present, labels, classes[0]).astype(str).astype(object))
+    np.add.at(tally, (np.repeat(np.arange(len(labels)), labels.shape[1]), codes.ravel()), weights.ravel())
+    return classes[tally.argmax(axis=1)]
+
+
+@dataclass
+class EvaluationSettings:
+    ks: Sequence[int] = (1, 5, 11)  # kNN classification neighbours
+    vote: str = "majority"
+    temperature: float = 0.07
+    project_groups: dict[str, str] | None = None  # project -> group, for "similar project" hits
+
+
+def metrics(ranking: Ranking, settings: EvaluationSettings) -> dict[str, float]:
+    """Every metric of one set of queries (see the module docstring)."""
+    queries, support = ranking.queries, ranking.support
+    n = len(queries)
+    if n == 0:
+        raise CbirError("no queries to evaluate")
+    labels = ranking.neighbour(support.labels)
+    out: dict[str, float] = {"queries": n}
+    out.update(hit_rates(queries.labels, labels))
+    out.update(hit_rates(queries.projects, ranking.neighbour(support.projects), "project_"))
+    if settings.project_groups:
+        group = np.vectorize(lambda p: settings.project_groups.get(p, p), otypes=[object])
+        out.update(hit_rates(group(queries.projects), group(ranking.neighbour(support.projects)), "similar_"))
+    out["precision5"] = precision_at(queries.labels, labels, 5)
+    out["precision10"] = precision_at(queries.labels, labels, 10)
+    class_sizes = dict(zip(*np.unique(support.labels.astype(str), return_counts=True)))
+    own = (queries.ids >= 0).astype(int)  # a leave-one-out query is not relevant to itself
+    relevant = np.array([class_sizes.get(str(label), 0) for label in queries.labels]) - own
+    out["map_at_r"] = map_at_r(queries.labels, labels, relevant)
+    truth = queries.labels.astype(str)
+    for k in settings.ks:
+        predicted = knn_predict(labels, ranking.scores, k, settings.vote, settings.temperature).astype(str)
+        out[f"knn{k}_accuracy"] = float((predicted == truth).mean())
+        with warnings.catch_warnings():  # one class only (a per-class row) is fine: recall of that class
+            warnings.simplefilter("ignore", UserWarning)
+            out[f"knn{k}_balanced_accuracy"] = float(balanced_accuracy_score(truth, predicted))
+        out[f"knn{k}_macro_f1"] = float(f1_score(truth, predicted, labels=sorted(set(truth)), average="macro",
+                                                 zero_division=0))
+    out["model_ms"] = 1000 * queries.model_seconds / n
+    out["search_ms"] = 1000 * ranking.search_seconds / n
+    out["transfer_ms"] = 1000 * ranking.transfer_seconds / n
+    return out
+
+
+def confusion(ranking: Ranking, how: str = "top1") -> tuple[list[str], np.ndarray]:
+    """(classes, matrix) of true class (rows) against the first neighbour's or the 5-vote's class."""
+    labels = ranking.neighbour(ranking.support.labels)
+    if how == "top1":
+        predicted = labels[:, 0]
+    else:
+        predicted = knn_predict(labels, ranking.scores, 5)
+    truth = ranking.queries.labels.astype(str)
+    predicted = np.where(predicted == None, "(none)", predicted).astype(str)  # noqa: E711
+    classes = sorted(set(truth) | set(predicted))
+    return classes, confusion_matrix(truth, predicted, labels=classes)
+
+
+# -------------------------------------------------------------- protocols
+@dataclass
+class ProtocolResult:
+    """Rows of numbers (one per step, class or repeat) and the rankings pictures are drawn from."""
+
+    measure: str
+    rows: list[dict]
+    columns_first: list[str] = field(default_factory=list)  # the row-describing columns, e.g. class, step
+    ranking: Ranking | None = None
+    curve: tuple[str, str] | None = None  # (x column, y column) of a curve worth plotting
+
+    @property
+    def summary(self) -> dict:
+        """The row that sums the protocol up (the mean row of ``stat``, the last step of a curve)."""
+        for row in self.rows:
+            if row.get("statistic") == "mean":
+                return row
+        return self.rows[-1]
+
+
+def rank_all(index: SearchIndex, support: Support, queries: Queries, store=None) -> Ranking:
+    """:func:`rank` deep enough for every metric (mAP@R needs R, the largest class, capped)."""
+    depth = max(11, min(MAP_DEPTH_LIMIT, int(np.unique(support.labels.astype(str), return_counts=True)[1].max())))
+    return rank(index, support, queries, depth, store)
+
+
+def random_per_class(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of one random query per class in turn (classes in sorted order) until ``count``."""
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in sorted(set(labels.tolist()))}
+    rows: list[int] = []
+    while len(rows) < count and any(pools.values()):
+        for pool in pools.values():
+            if pool and len(rows) < count:
+                rows.append(int(pool.pop()))
+    return np.array(rows, np.int64)
+
+
+def _class_rows(ranking: Ranking, settings: EvaluationSettings) -> list[dict]:
+    labels = ranking.queries.labels
+    return [{"class": c, **metrics(ranking.take(np.flatnonzero(labels == c)), settings)}
+            for c in sorted(set(labels.tolist()))]
+
+
+def _mean_row(rows: list[dict], **describe) -> dict:
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float, np.floating)) and k != "queries"]
+    return {**describe, "queries": int(sum(r["queries"] for r in rows)),
+            **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
+
+
+def protocol_all(ranking: Ranking, settings: EvaluationSettings) -> ProtocolResult:
+    return ProtocolResult("all", [metrics(ranking, settings)], ranking=ranking)
+
+
+def protocol_weighted(ranking: Ranking, settings: EvaluationSettings) -> ProtocolResult:
+    """Class-balanced: the mean of the per-class metrics, so each class counts equally."""
+    return ProtocolResult("weighted", [_mean_row(_class_rows(ranking, settings))], ranking=ranking)
+
+
+def protocol_separated(ranking: Ranking, settings: EvaluationSettings) -> ProtocolResult:
+    return ProtocolResult("separated", _class_rows(ranking, settings), ["class"], ranking=ranking)
+
+
+def protocol_remove(ranking: Ranking, settings: EvaluationSettings, exclude_classes: Sequence[str]) -> ProtocolResult:
+    unknown = set(exclude_classes) - set(ranking.queries.labels.tolist())
+    if unknown:
+        raise CbirError(f"--exclude_classes: no query has class {', '.join(sorted(unknown))}")
+    kept = ranking.take(np.flatnonzero(~np.isin(ranking.queries.labels, list(exclude_classes))))
+    row = {"excluded": ", ".join(exclude_classes), **metrics(kept, settings)}
+    return ProtocolResult("remove", [row], ["excluded"], ranking=kept)
+
+
+def protocol_random(ranking: Ranking, settings: EvaluationSettings, n_queries: int, seed: int) -> ProtocolResult:
+    rows = random_per_class(ranking.queries.labels, n_queries, np.random.default_rng(seed))
+    picked = ranking.take(rows)
+    return ProtocolResult("random", [{"seed": seed, **metrics(picked, settings)}], ["seed"], ranking=picked)
+
+
+def protocol_stat(ranking: Ranking, settings: EvaluationSettings, n_queries: int, repeats: int,
+                  seed: int) -> ProtocolResult:
+    """``random`` repeated with seeds seed, seed+1, ...: each repeat, then mean and std."""
+    rows = [protocol_random(ranking, settings, n_queries, seed + r).rows[0] for r in range(repeats)]
+    keys = [k for k in rows[0] if k != "seed"]
+    mean = {"statistic": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}, "queries": n_queries}
+    std = {"statistic": "std", **{k: float(np.std([r[k] for r in rows])) for k in keys}}
+    return ProtocolResult("stat", [{"statistic": f"repeat {i + 1}", **r} for i, r in enumerate(rows)] + [mean, std],
+                          ["statistic", "seed"], ranking=ranking)
+
+
+def protocol_incremental(support: Support, queries: Queries, settings: EvaluationSettings, seed: int,
+                         steps: int = 10) -> list[ProtocolResult]:
+    """Continual learning without retraining.
+
+    class-incremental: classes join an empty database one at a time (seeded order); after each
+    step the queries of the classes seen so far are measured. sample-incremental: every class's
+    support grows in ``steps`` equal steps (seeded); all queries are measured after each step.
+    """
+    rng = np.random.default_rng(seed)
+    classes = [str(c) for c in rng.permutation(sorted(set(support.labels.astype(str).tolist())))]
+    index = SearchIndex.exact(np.empty(0, np.int64), np.empty((0, support.vectors.shape[1]), np.float32))
+    class_rows = []
+    for step, label in enumerate(classes, 1):
+        joining = np.flatnonzero(support.labels.astype(str) == label)
+        index.add(support.ids[joining], support.vectors[joining])
+        seen = support.take(np.flatnonzero(np.isin(support.labels.astype(str), classes[:step])))
+        asked = np.flatnonzero(np.isin(queries.labels.astype(str), classes[:step]))
+        if not len(asked):
+            continue
+        ranking = rank_all(index, seen, queries.take(asked))
+        class_rows.append({"step": step, "classes": step, "added_class": label, "support": len(seen),
+                           **metrics(ranking, settings)})
+    order = {label: rng.permutation(np.flatnonzero(support.labels.astype(str) == label)) for label in classes}
+    index = SearchIndex.exact(np.empty(0, np.int64), np.empty((0, support.vectors.shape[1]), np.float32))
+    sample_rows, present = [], []
+    for step in range(1, steps + 1):
+        fresh = np.concatenate([rows[len(rows) * (step - 1) // steps: len(rows) * step // steps]
+                                for rows in order.values()])
+        index.add(support.ids[fresh], support.vectors[fresh])
+        present.append(fresh)
+        seen = support.take(np.concatenate(present))
+        ranking = rank_all(index, seen, queries)
+        sample_rows.append({"step": step, "support_fraction": step / steps, "support": len(seen),
+                            **metrics(ranking, settings)})
+    return [ProtocolResult("incremental_class", class_rows, ["step", "classes", "added_class", "support"],
+                           curve=("classes", "top1")),
+            ProtocolResult("incremental_sample", sample_rows, ["step", "support_fraction", "support"],
+                           curve=("support_fraction", "top1"))]
+
+
+def protocol_removal(support: Support, queries: Queries, settings: EvaluationSettings, seed: int,
+                     fractions: Sequence[float] = tuple(i / 10 for i in range(10))) -> ProtocolResult:
+    """Delete a growing, seeded share of the support ("right to be forgotten"), measuring after each.
+
+    Deleted images must never come back: every ranking is checked against the deleted ids.
+    """
+    order = np.random.default_rng(seed).permutation(len(support))
+    index = SearchIndex.exact(support.ids, support.vectors)
+    rows = []
+    for fraction in fractions:
+        deleted = order[: int(round(fraction * len(support)))]
+        index.remove(support.ids[deleted])
+        kept = support.take(np.setdiff1d(np.arange(len(support)), deleted))
+        ranking = rank_all(index, kept, queries)
+        found = kept.ids[ranking.positions[ranking.positions >= 0]]
+        if np.isin(found, support.ids[deleted]).any():
+            raise CbirError("a deleted image was returned by the search")  # never: the index masks them
+        rows.append({"removed_fraction": fraction, "support": len(kept), **metrics(ranking, settings)})
+    return ProtocolResult("removal", rows, ["removed_fraction", "support"], curve=("removed_fraction", "top1"))
+
+
+MEASURES = ("all", "weighted", "random", "stat", "separated", "remove", "loo", "incremental", "removal")
+SUPPORT_MEASURES = ("loo", "incremental", "removal")  # need no query images of their own
+
+
+@dataclass
+class ProtocolOptions:
+    n_queries: int = 100
+    repeats: int = 10
+    exclude_classes: Sequence[str] = ()
+    seed: int = 0
+
+
+def run_protocols(measures: Sequence[str], support: Support, queries: Queries | None, index: SearchIndex,
+                  settings: EvaluationSettings, options: ProtocolOptions,
+                  store: VectorStore | None = None) -> list[ProtocolResult]:
+    """Run each measure; ``queries`` None means the stored images query the others (leave-one-out).
+
+    ``index`` answers the query-based protocols (a trained index, or exact); incremental and
+    removal build their own exact indices step by step.
+    """
+    unknown = set(measures) - set(MEASURES)
+    if unknown:
+        raise CbirError(f"unknown --measure {', '.join(sorted(unknown))}; choose from {', '.join(MEASURES)}")
+    if len(support) < 2:
+        raise CbirError(f"the database holds {len(support)} image(s); protocols need at least 2")
+    if queries is None and set(measures) - set(SUPPORT_MEASURES):
+        raise CbirError("--path (the query images) is needed for " + ", ".join(sorted(set(measures) - set(SUPPORT_MEASURES))))
+    own = Queries.of_support(support)
+    asked = queries if queries is not None else own
+    ranking = rank_all(index, support, asked, store) if set(measures) - set(SUPPORT_MEASURES) else None
+    results: list[ProtocolResult] = []
+    for measure in measures:
+        if measure == "all":
+            results.append(protocol_all(ranking, settings))
+        elif measure == "weighted":
+            results.append(protocol_weighted(ranking, settings))
+        elif measure == "separated":
+            results.append(protocol_separated(ranking, settings))
+        elif measure == "remove":
+            results.append(protocol_remove(ranking, settings, options.exclude_classes))
+        elif measure == "random":
+            results.append(protocol_random(ranking, settings, options.n_queries, options.seed))
+        elif measure == "stat":
+            results.append(protocol_stat(ranking, settings, options.n_queries, options.repeats, options.seed))
+        elif measure == "loo":
+            loo = rank_all(index, support, own, store)
+            results.append(ProtocolResult("loo", [metrics(loo, settings)], ranking=loo))
+        elif measure == "incremental":
+            results += protocol_incremental(support, asked, settings, options.seed)
+        else:
+            results.append(protocol_removal(support, asked, settings, options.seed))
+    return results
+
+
+def leave_one_out(store: VectorStore, settings: EvaluationSettings | None = None,
+                  groups: dict[str, str] | None = None) -> dict[str, float]:
+    """Every stored image queries all the others (never itself, nor its group); exact search."""
+    support = Support.from_store(store, groups)
+    if len(support) < 6:
+        raise CbirError(f"database '{store.name}' has {len(support)} images; leave-one-out needs at least 6")
+    ranking = rank_all(SearchIndex.exact(support.ids, support.vectors), support, Queries.of_support(support))
+    return metrics(ranking, settings or EvaluationSettings())

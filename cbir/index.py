@@ -26,6 +26,9 @@ KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS's k-means warns that centroids are poorly trained
 TRAINING_POINTS_PER_CENTROID = 64
 HNSW_NEIGHBOURS = 32
+# FAISS's default efConstruction (40) leaves clustered data poorly linked: 0.94 recall@10 at
+# efSearch 1024 on 1M clustered vectors; 100 reaches 1.0 at efSearch 64 for 2.3x the build time.
+HNSW_BUILD_BREADTH = 100
 BREADTHS = {"ivf": (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048),
             "hnsw": (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)}
 
@@ -84,6 +87,7 @@ class SearchIndex:
         if kind == "hnsw":
             params["m"] = m or HNSW_NEIGHBOURS
             index = faiss.IndexHNSWFlat(dim, params["m"], faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = HNSW_BUILD_BREADTH
         else:
             params["nlist"] = nlist or default_nlist(count)
             if count < params["nlist"] * MIN_POINTS_PER_CENTROID // 4 or params["nlist"] < 1:
@@ -163,7 +167,10 @@ class SearchIndex:
         """(similarities, store ids), each (n, k) best first; missing neighbours have id -1."""
         queries = _unit_rows(queries)
         k = max(1, min(k, self.size))
-        scores, positions = self.index.search(queries, k, params=self._search_parameters(k))
+        # pytorch-metric-learning imports faiss.contrib.torch_utils, whose search() drops
+        # ``params``; it keeps FAISS's own numpy search as search_numpy.
+        search = getattr(self.index, "search_numpy", self.index.search)
+        scores, positions = search(queries, k, params=self._search_parameters(k))
         ids = np.where(positions >= 0, self.ids[np.maximum(positions, 0)], -1)
         return scores, ids
 

@@ -1,0 +1,240 @@
+"""Accuracy metrics and protocols on hand-made cases with known answers, reports, and the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from openpyxl import load_workbook
+
+from cbir.cli import main
+from cbir.connection import connect
+from cbir.evaluation import (EvaluationSettings, ProtocolOptions, Queries, Support, hit_rates, knn_predict,
+                             leave_one_out, map_at_r, metrics, random_per_class, rank_all, run_protocols)
+from cbir.index import SearchIndex
+from cbir.report import write_json, write_workbook
+from cbir.store import ImageRecord, VectorStore
+
+from .conftest import BREASTMNIST, TEST_INPUT_SIZE
+
+O = lambda values: np.array(values, dtype=object)  # noqa: E731
+
+
+def unit(rows) -> np.ndarray:
+    rows = np.asarray(rows, np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def make_support(vectors, labels, projects=None, groups=None) -> Support:
+    n = len(labels)
+    return Support(ids=np.arange(n, dtype=np.int64) * 2, labels=O(labels), projects=O(projects or ["p"] * n),
+                   sha256=O([f"s{i}" for i in range(n)]), names=O([f"img{i}" for i in range(n)]),
+                   groups=None if groups is None else O(groups), vectors=unit(vectors))
+
+
+def make_queries(vectors, labels, projects=None) -> Queries:
+    n = len(labels)
+    return Queries(names=O([f"q{i}" for i in range(n)]), labels=O(labels), projects=O(projects or ["p"] * n),
+                   sha256=O([f"q{i}" for i in range(n)]), vectors=unit(vectors), ids=np.full(n, -1, np.int64))
+
+
+def ranked(support, queries):
+    return rank_all(SearchIndex.exact(support.ids, support.vectors), support, queries)
+
+
+# --------------------------------------------------------------- metrics
+def test_hit_rates_on_hand_made_neighbours():
+    queries = O(["a", "a", "b", "b"])
+    neighbours = O([["a", "b", "b", "b", "b"],   # top-1 hit, majority miss
+                    ["b", "a", "a", "a", "b"],   # top-1 miss, top-5 hit, majority hit
+                    ["a", "a", "a", "a", "a"],   # all miss
+                    ["b", "b", "b", "a", "a"]])  # all hit
+    assert hit_rates(queries, neighbours) == {"top1": 0.5, "top5": 0.75, "majority5": 0.5}
+
+
+def test_map_at_r_by_hand():
+    # R=2: relevant at rank 1 only -> (1/1)/2; R=3 with hits at ranks 2, 3 -> (1/2 + 2/3)/3
+    neighbours = O([["a", "b", "a"], ["x", "b", "b"]])
+    assert map_at_r(O(["a", "b"]), neighbours, np.array([2, 3])) == pytest.approx((0.5 + (0.5 + 2 / 3) / 3) / 2)
+
+
+def test_map_at_r_agrees_with_pytorch_metric_learning():
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((4, 16))
+    labels = rng.integers(0, 4, 200)
+    vectors = unit(centres[labels] + 1.2 * rng.standard_normal((200, 16)))
+    support = make_support(vectors[:150], [str(v) for v in labels[:150]])
+    queries = make_queries(vectors[150:], [str(v) for v in labels[150:]])
+    ours = metrics(ranked(support, queries), EvaluationSettings())
+    theirs = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"), k="max_bin_count",
+                                device=__import__("torch").device("cpu")).get_accuracy(
+        vectors[150:], labels[150:], vectors[:150], labels[:150], ref_includes_query=False)
+    assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-4)
+    assert ours["top1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
+
+
+def test_votes_differ_as_designed():
+    labels = O([["a", "b", "b"]])
+    scores = np.array([[0.95, 0.5, 0.4]])
+    assert knn_predict(labels, scores, 3, "majority")[0] == "b"
+    assert knn_predict(labels, scores, 3, "distance")[0] == "a"  # 0.95 > 0.5 + 0.4
+    assert knn_predict(labels, scores, 3, "softmax", temperature=0.07)[0] == "a"
+    assert knn_predict(labels, scores, 1)[0] == "a"
+    tie = knn_predict(O([["a", "b"]]), np.array([[0.7, 0.8]]), 2, "majority")
+    assert tie[0] == "b", "a majority tie goes to the larger similarity"
+
+
+def test_weighted_counts_each_class_equally():
+    # Class a: 3 queries, each next to an "a"; class b: 1 query next to an "a" only.
+    support = make_support([[1, 0], [1, 0.1], [0, 1]], ["a", "a", "b"])
+    queries = make_queries([[1, 0.01], [1, 0.02], [1, 0.03], [1, 0.05]], ["a", "a", "a", "b"])
+    results = run_protocols(["all", "weighted", "separated"], support, queries,
+                            SearchIndex.exact(support.ids, support.vectors), EvaluationSettings(ks=(1,)),
+                            ProtocolOptions())
+    assert results[0].rows[0]["top1"] == 0.75
+    assert results[1].rows[0]["top1"] == 0.5
+    assert [(r["class"], r["top1"], r["queries"]) for r in results[2].rows] == [("a", 1.0, 3), ("b", 0.0, 1)]
+    assert results[0].rows[0]["knn1_balanced_accuracy"] == 0.5
+
+
+def test_queries_never_count_themselves_their_copy_or_their_group():
+    vectors = [[1, 0, 0], [1, 0.05, 0], [0, 1, 0], [0, 1, 0.05], [0, 0, 1], [0.05, 0, 1]]
+    support = make_support(vectors, ["a", "b", "a", "b", "a", "b"], groups=["g1", "g1", "g2", "g2", "g3", "g3"])
+    own = Queries.of_support(support)
+    without_groups = ranked(make_support(vectors, ["a", "b", "a", "b", "a", "b"]), own)
+    assert not (without_groups.positions[:, 0] == np.arange(6)).any(), "a query retrieved itself"
+    assert metrics(without_groups, EvaluationSettings(ks=(1,)))["top1"] == 0.0  # its twin is the other class
+    with_groups = ranked(support, own)
+    first = support.groups[with_groups.positions[:, 0]]
+    assert (first != support.groups).all(), "a neighbour came from the query's own group"
+
+
+def test_random_per_class_takes_classes_in_turn():
+    labels = O(["a"] * 5 + ["b"] * 2 + ["c"] * 3)
+    rows = random_per_class(labels, 8, np.random.default_rng(0))
+    assert list(labels[rows]) == ["a", "b", "c", "a", "b", "c", "a", "c"]
+    assert len(set(rows.tolist())) == 8
+    assert rows.tolist() == random_per_class(labels, 8, np.random.default_rng(0)).tolist()
+
+
+def clustered_case(seed=0, per_class=30):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((3, 8))
+    labels = np.repeat(["a", "b", "c"], per_class)
+    vectors = centres[np.repeat(np.arange(3), per_class)] + 0.8 * rng.standard_normal((3 * per_class, 8))
+    return make_support(vectors, list(labels)), make_queries(vectors[::3] + 0.05, list(labels[::3]))
+
+
+def test_stat_repeats_and_is_reproducible():
+    support, queries = clustered_case()
+    run = lambda: run_protocols(["stat"], support, queries, SearchIndex.exact(support.ids, support.vectors),  # noqa: E731
+                                EvaluationSettings(ks=(1,)), ProtocolOptions(n_queries=9, repeats=4, seed=5))[0]
+    rows = run().rows
+    assert [r["statistic"] for r in rows] == ["repeat 1", "repeat 2", "repeat 3", "repeat 4", "mean", "std"]
+    assert rows[4]["top1"] == pytest.approx(np.mean([r["top1"] for r in rows[:4]]))
+    assert rows[5]["top1"] == pytest.approx(np.std([r["top1"] for r in rows[:4]]))
+    untimed = lambda rows: [{k: v for k, v in row.items() if not k.endswith("_ms")} for row in rows]  # noqa: E731
+    assert untimed(run().rows) == untimed(rows)
+
+
+def test_removal_and_incremental_curves():
+    support, queries = clustered_case()
+    results = run_protocols(["removal", "incremental", "all"], support, queries,
+                            SearchIndex.exact(support.ids, support.vectors), EvaluationSettings(ks=(1,)),
+                            ProtocolOptions(seed=1))
+    removal, by_class, by_sample, everything = results
+    assert [r["removed_fraction"] for r in removal.rows] == pytest.approx([i / 10 for i in range(10)])
+    assert [r["support"] for r in removal.rows] == [90 - round(9 * i) for i in range(10)]
+    assert removal.rows[0]["top1"] == everything.rows[0]["top1"]
+    assert [r["classes"] for r in by_class.rows] == [1, 2, 3]
+    assert by_class.rows[0]["top1"] == 1.0  # one class in the database: every answer is right
+    assert by_class.rows[-1]["top1"] == everything.rows[0]["top1"]
+    assert by_sample.rows[-1]["support"] == 90 and by_sample.rows[0]["support"] == 9
+    assert by_sample.rows[-1]["top1"] == everything.rows[0]["top1"]
+
+
+def test_unknown_excluded_class_is_a_clear_error():
+    support, queries = clustered_case()
+    with pytest.raises(Exception, match="no query has class zebra"):
+        run_protocols(["remove"], support, queries, SearchIndex.exact(support.ids, support.vectors),
+                      EvaluationSettings(), ProtocolOptions(exclude_classes=["zebra"]))
+
+
+# ---------------------------------------------------------------- reports
+def test_workbook_appends_runs_and_json_is_valid(tmp_path):
+    support, queries = clustered_case()
+    index = SearchIndex.exact(support.ids, support.vectors)
+    results = run_protocols(["all", "separated"], support, queries, index, EvaluationSettings(ks=(1, 5)),
+                            ProtocolOptions())
+    path = tmp_path / "results" / "acc.xlsx"
+    config = {"date": "2026-11-22", "database": "db", "seed": 0}
+    assert write_workbook(path, results, config, name="frozen") == ["frozen_all", "frozen_separated"]
+    assert write_workbook(path, results[:1], config, name="frozen_all") == ["frozen_all_2"]
+    book = load_workbook(path)
+    assert book.sheetnames == ["summary", "frozen_all", "frozen_separated", "config", "frozen_all_2"]
+    summary = list(book["summary"].values)
+    assert len(summary) == 4 and summary[1][1] == "frozen_all"
+    header = summary[0]
+    assert summary[1][header.index("top1")] == pytest.approx(results[0].rows[0]["top1"], abs=1e-6)
+    assert len(list(book["config"].values)) == 3
+    assert [row[0] for row in list(book["frozen_separated"].values)[1:]] == ["a", "b", "c"]
+    write_json(tmp_path / "acc.json", results, config)
+    payload = json.loads((tmp_path / "acc.json").read_text())
+    assert payload["results"]["all"]["queries"] == 30 and len(payload["results"]["separated"]) == 3
+
+
+# ------------------------------------------------- real data, real Redis, CLI
+def test_loo_on_the_store_excludes_groups(store):
+    vectors = unit([[1, 0, 0], [1, 0.01, 0], [0, 1, 0], [0, 1, 0.01], [0, 0, 1], [0.01, 0, 1]])
+    store.ensure_model("fp", {}, 3)
+    with store.writing():
+        store.add([ImageRecord(name=f"img{i}", label="ab"[i % 2]) for i in range(6)], vectors)
+    assert leave_one_out(store)["top1"] == 0.0  # each twin is the other class
+    groups = {f"img{i}": f"patient{i // 2}" for i in range(6)}
+    assert leave_one_out(store, groups=groups)["queries"] == 6
+
+
+def test_cli_protocols_into_excel_on_real_images(cli_env, db_name, tmp_path, capsys):
+    try:
+        assert main(["add", "--db_name", db_name, "--path", str(BREASTMNIST), "--split", "train",
+                     "--input_size", str(TEST_INPUT_SIZE), "--quiet"]) == 0
+        groups = tmp_path / "groups.csv"
+        groups.write_text("name,group\n" + "".join(f"train/{i:03d},{i // 4}\n" for i in range(546)))
+        excel = tmp_path / "out" / "accuracy.xlsx"
+        common = ["evaluate", "--db_name", db_name, "--path", str(BREASTMNIST), "--split", "test", "--quiet",
+                  "--excel_path", str(excel), "--json", str(tmp_path / "acc.json"), "--k", "1", "11"]
+        assert main(common + ["--measure", "all", "weighted", "random", "stat", "separated", "remove", "loo",
+                              "incremental", "removal", "--exclude_classes", "malignant", "--repeats", "3",
+                              "--n_queries", "20", "--groups", str(groups)]) == 0
+        printed = capsys.readouterr().out
+        assert "removed_fraction" in printed and "knn11_accuracy" in printed
+        payload = json.loads((tmp_path / "acc.json").read_text())["results"]
+        assert payload["all"]["queries"] == 156 and payload["loo"]["queries"] == 546
+        assert payload["remove"]["queries"] == 114
+        assert len(payload["removal"]) == 10 and len(payload["incremental_class"]) == 2
+        assert 0.6 < payload["all"]["knn1_accuracy"] <= 1
+        book = load_workbook(excel)
+        assert {"summary", "config", "all", "loo", "removal", "incremental_sample"} <= set(book.sheetnames)
+        pictures = sorted(p.name for p in excel.parent.glob("*.png"))
+        assert "accuracy_all_confusion.png" in pictures and "accuracy_removal_curve.png" in pictures
+        assert main(common + ["--measure", "all", "--name", "again"]) == 0
+        assert "again" in load_workbook(excel).sheetnames
+        again = json.loads((tmp_path / "acc.json").read_text())["results"]["all"]
+        untimed = lambda row: {k: v for k, v in row.items() if not k.endswith("_ms")}  # noqa: E731
+        assert untimed(again) == untimed(payload["all"]), "the same run must give the same numbers"
+    finally:
+        VectorStore(connect(cli_env), db_name).drop()
+
+
+def test_evaluate_needs_queries_for_query_protocols(cli_env, db_name, capsys):
+    store = VectorStore(connect(cli_env), db_name)
+    store.ensure_model("fp", {}, 2)
+    with store.writing():
+        store.add([ImageRecord(name=f"i{i}", label="ab"[i % 2]) for i in range(4)], unit([[1, i] for i in range(4)]))
+    try:
+        assert main(["evaluate", "--db_name", db_name, "--measure", "all"]) == 2
+        assert "needs --path" in capsys.readouterr().err
+    finally:
+        store.drop()
