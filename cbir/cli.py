@@ -98,7 +98,7 @@ def _cmd_retrieve(args) -> int:
     extractor = extractor_for_store(store, weights=args.weights, device=args.device)
     items = load_items(args.path, split=args.split)
     folder = Path(args.path).is_dir() or Path(args.path).suffix == ".npz"
-    queries = one_per_class(items, seed=args.seed) if folder else items
+    queries = one_per_class(items, seed=args.seed, count=args.n_queries) if folder else items
     retriever = Retriever(store, extractor, exact=args.exact)
     retrievals, failures = retriever.query(queries, k=args.nrt_neigh, known_labels=folder)
     for failure in failures:
@@ -118,6 +118,11 @@ def _cmd_retrieve(args) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         picture = save_retrieval_grid(retrievals, Path(args.results_dir) / f"retrieval_{args.db_name}_{stamp}.png")
         print(f"\npicture: {picture}")
+    if args.html and retrievals:
+        from .viz import save_retrieval_html
+
+        page = save_retrieval_html(retrievals, args.html, title=f"Retrieval from '{args.db_name}'")
+        print(f"html: {page}")
     if args.json:
         payload = [r.to_json() for r in retrievals]
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +174,37 @@ def _cmd_train_index(args) -> int:
                   f"{'the PQ codes limit it (try a larger --m, or ivf)' if args.index == 'ivfpq' else 'try a larger --nlist or --m'}")
     if args.json:
         Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------ pictures
+def _cmd_tsne(args) -> int:
+    from .overview import save_tsne
+
+    store = _open_store(args)
+    store.require()
+    out = args.out or Path(args.out_dir) / f"tsne_{args.db_name}.png"
+    picture = save_tsne(store, out, perplexity=args.perplexity, max_points=args.max_points,
+                        by_project=args.by_project, seed=args.seed)
+    print(f"t-SNE of {picture.points} images of '{args.db_name}': {picture.path}")
+    return 0
+
+
+def _cmd_dataset(args) -> int:
+    from .overview import dataset_stats, save_dataset_charts
+    from .viz import save_class_samples
+
+    items = load_items(args.path, split=args.split)
+    name = args.name or Path(args.path).stem + (f"_{args.split}" if str(args.path).endswith(".npz") else "")
+    stats = dataset_stats(items, progress=not args.quiet)
+    for failure in stats.failures:
+        print(f"skipped {failure}", file=sys.stderr)
+    pictures = [p.path for p in save_dataset_charts(stats, args.out_dir, name)]
+    pictures.append(save_class_samples(items, Path(args.out_dir) / f"{name}_samples.png", args.per_class, args.seed))
+    print(f"{len(stats.labels)} images, {len(set(stats.labels))} classes, sizes "
+          f"{stats.widths.min()}-{stats.widths.max()} x {stats.heights.min()}-{stats.heights.max()} px")
+    for picture in pictures:
+        print(f"picture: {picture}")
     return 0
 
 
@@ -309,7 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--nrt_neigh", type=int, default=10, help="neighbours to return (default: 10)")
     retrieve.add_argument("--results_dir", default="results", help="where the picture goes (default: results)")
     retrieve.add_argument("--json", default=None, help="also write the results as JSON to this file")
-    retrieve.add_argument("--seed", type=int, default=0, help="seed for picking one query per class")
+    retrieve.add_argument("--seed", type=int, default=0, help="seed for picking the queries of a folder/.npz")
+    retrieve.add_argument("--n_queries", type=int, default=None,
+                          help="queries of a folder/.npz, classes taking turns (default: one per class)")
+    retrieve.add_argument("--html", default=None, help="also write the rows as a self-contained HTML page here")
     retrieve.add_argument("--weights", default=None,
                           help="the database's checkpoint, if it moved since the database was built")
     retrieve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -346,6 +385,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", default=None, help="also write the report as JSON to this file")
     train.set_defaults(run=_cmd_train_index)
 
+    tsne = commands.add_parser("tsne", help="t-SNE picture of a database's vectors",
+                               description="2-D t-SNE (PCA to 50 dims first) of the stored vectors, coloured by "
+                                           "class; large databases are sampled (stratified, seeded).")
+    _store_arguments(tsne)
+    tsne.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (default: 30)")
+    tsne.add_argument("--max_points", type=int, default=5000, help="sample size for large databases (default: 5000)")
+    tsne.add_argument("--by_project", action="store_true", help="add a second panel coloured by project")
+    tsne.add_argument("--seed", type=int, default=0, help="seed of the sample and of t-SNE")
+    tsne.add_argument("--out", default=None, help="PNG to write (default: <out_dir>/tsne_<db_name>.png)")
+    tsne.add_argument("--out_dir", default="data_visualization", help="default folder of --out")
+    tsne.set_defaults(run=_cmd_tsne)
+
+    dataset = commands.add_parser("dataset", help="overview pictures of a folder or .npz of images",
+                                  description="Images per class, image sizes, mean intensities per class, and a "
+                                              "grid of sample images per class.")
+    _source_arguments(dataset, "the dataset")
+    dataset.add_argument("--out_dir", default="data_visualization", help="where pictures go (default: data_visualization)")
+    dataset.add_argument("--name", default=None, help="file name prefix (default: the source's name)")
+    dataset.add_argument("--per_class", type=int, default=6, help="sample images per class in the grid (default: 6)")
+    dataset.add_argument("--seed", type=int, default=0, help="seed of the sample images")
+    dataset.add_argument("--quiet", action="store_true", help="no progress bar")
+    dataset.set_defaults(run=_cmd_dataset)
+
     info = commands.add_parser("info", help="describe a database")
     _store_arguments(info)
     info.set_defaults(run=_cmd_info)
@@ -358,12 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arguments(evaluate)
     evaluate.add_argument("--path", default=None,
                           help="query images with labels: a class-per-folder directory or an .npz (see --split); "
-                               "not needed for loo, incremental and removal (the stored images query the others)")
+                               "not needed for loo, incremental, removal and interpolate (then the stored images "
+                               "query the others)")
     evaluate.add_argument("--split", default="test", choices=NPZ_SPLITS, help="split of a .npz (default: test)")
     evaluate.add_argument("--measure", nargs="+", default=["all"], choices=MEASURES,
                           help="protocols: all, weighted (class-balanced), random (one per class in turn), stat "
                                "(random repeated), separated (per class), remove (--exclude_classes left out), "
-                               "loo, incremental (continual learning), removal (data deletion); default: all")
+                               "loo, incremental (continual learning), removal (data deletion), interpolate "
+                               "(classifier head + kNN probabilities, λ chosen on validation); default: all")
     evaluate.add_argument("--k", nargs="+", type=int, default=[1, 5, 11], help="kNN classification k (default: 1 5 11)")
     evaluate.add_argument("--vote", default="majority", choices=VOTES,
                           help="kNN vote: majority, distance (similarity-weighted) or softmax (temperature)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import random
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -190,13 +189,26 @@ def load_items(path: str | os.PathLike, split: str = "train", project: str | Non
                       project=project or "", location=str(path.resolve()))]
 
 
-def one_per_class(items: Sequence[ImageItem], seed: int = 0) -> list[ImageItem]:
-    """One random item of each label (seeded), labels in sorted order: the thesis' query set."""
-    by_label: dict[str, list[ImageItem]] = {}
-    for item in items:
-        by_label.setdefault(item.label, []).append(item)
-    rng = random.Random(seed)
-    return [rng.choice(by_label[label]) for label in sorted(by_label)]
+def per_class_in_turn(labels: Sequence[str], count: int, seed: int = 0) -> np.ndarray:
+    """Positions of one random item per label in turn (labels sorted, seeded) until ``count``."""
+    labels = np.asarray(labels, dtype=object)
+    rng = np.random.default_rng(seed)
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in sorted(set(labels.tolist()))}
+    rows: list[int] = []
+    while len(rows) < count and any(pools.values()):
+        for pool in pools.values():
+            if pool and len(rows) < count:
+                rows.append(int(pool.pop()))
+    return np.array(rows, np.int64)
+
+
+def one_per_class(items: Sequence[ImageItem], seed: int = 0, count: int | None = None) -> list[ImageItem]:
+    """One random item of each label (seeded), labels in sorted order: the thesis' query set.
+
+    With ``count``, labels take turns until that many items are chosen.
+    """
+    labels = [item.label for item in items]
+    return [items[p] for p in per_class_in_turn(labels, count or len(set(labels)), seed)]
 
 
 def download_medmnist(flag: str, root: str | os.PathLike) -> Path:

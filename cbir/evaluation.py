@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
+from .data import per_class_in_turn
 from .errors import CbirError
 from .index import SearchIndex
 from .store import VectorStore
@@ -283,32 +284,18 @@ class ProtocolResult:
     rows: list[dict]
     columns_first: list[str] = field(default_factory=list)  # the row-describing columns, e.g. class, step
     ranking: Ranking | None = None
-    curve: tuple[str, str] | None = None  # (x column, y column) of a curve worth plotting
+    curve: tuple[str, tuple[str, ...]] | None = None  # (x column, y columns) of curves worth plotting
+    summary_row: int = -1  # the row that sums the protocol up: the mean of stat, the chosen λ ...
 
     @property
     def summary(self) -> dict:
-        """The row that sums the protocol up (the mean row of ``stat``, the last step of a curve)."""
-        for row in self.rows:
-            if row.get("statistic") == "mean":
-                return row
-        return self.rows[-1]
+        return self.rows[self.summary_row]
 
 
 def rank_all(index: SearchIndex, support: Support, queries: Queries, store=None) -> Ranking:
     """:func:`rank` deep enough for every metric (mAP@R needs R, the largest class, capped)."""
     depth = max(11, min(MAP_DEPTH_LIMIT, int(np.unique(support.labels.astype(str), return_counts=True)[1].max())))
     return rank(index, support, queries, depth, store)
-
-
-def random_per_class(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Rows of one random query per class in turn (classes in sorted order) until ``count``."""
-    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in sorted(set(labels.tolist()))}
-    rows: list[int] = []
-    while len(rows) < count and any(pools.values()):
-        for pool in pools.values():
-            if pool and len(rows) < count:
-                rows.append(int(pool.pop()))
-    return np.array(rows, np.int64)
 
 
 def _class_rows(ranking: Ranking, settings: EvaluationSettings) -> list[dict]:
@@ -346,7 +333,7 @@ def protocol_remove(ranking: Ranking, settings: EvaluationSettings, exclude_clas
 
 
 def protocol_random(ranking: Ranking, settings: EvaluationSettings, n_queries: int, seed: int) -> ProtocolResult:
-    rows = random_per_class(ranking.queries.labels, n_queries, np.random.default_rng(seed))
+    rows = per_class_in_turn(ranking.queries.labels, n_queries, seed)
     picked = ranking.take(rows)
     return ProtocolResult("random", [{"seed": seed, **metrics(picked, settings)}], ["seed"], ranking=picked)
 
@@ -359,7 +346,7 @@ def protocol_stat(ranking: Ranking, settings: EvaluationSettings, n_queries: int
     mean = {"statistic": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}, "queries": n_queries}
     std = {"statistic": "std", **{k: float(np.std([r[k] for r in rows])) for k in keys}}
     return ProtocolResult("stat", [{"statistic": f"repeat {i + 1}", **r} for i, r in enumerate(rows)] + [mean, std],
-                          ["statistic", "seed"], ranking=ranking)
+                          ["statistic", "seed"], ranking=ranking, summary_row=-2)
 
 
 def protocol_incremental(support: Support, queries: Queries, settings: EvaluationSettings, seed: int,
@@ -397,9 +384,9 @@ def protocol_incremental(support: Support, queries: Queries, settings: Evaluatio
         sample_rows.append({"step": step, "support_fraction": step / steps, "support": len(seen),
                             **metrics(ranking, settings)})
     return [ProtocolResult("incremental_class", class_rows, ["step", "classes", "added_class", "support"],
-                           curve=("classes", "top1")),
+                           curve=("classes", ("top1", "top5", "majority5", "map_at_r"))),
             ProtocolResult("incremental_sample", sample_rows, ["step", "support_fraction", "support"],
-                           curve=("support_fraction", "top1"))]
+                           curve=("support_fraction", ("top1", "top5", "majority5", "map_at_r")))]
 
 
 def protocol_removal(support: Support, queries: Queries, settings: EvaluationSettings, seed: int,
@@ -420,11 +407,77 @@ def protocol_removal(support: Support, queries: Queries, settings: EvaluationSet
         if np.isin(found, support.ids[deleted]).any():
             raise CbirError("a deleted image was returned by the search")  # never: the index masks them
         rows.append({"removed_fraction": fraction, "support": len(kept), **metrics(ranking, settings)})
-    return ProtocolResult("removal", rows, ["removed_fraction", "support"], curve=("removed_fraction", "top1"))
+    return ProtocolResult("removal", rows, ["removed_fraction", "support"],
+                          curve=("removed_fraction", ("top1", "top5", "majority5", "map_at_r")))
 
 
-MEASURES = ("all", "weighted", "random", "stat", "separated", "remove", "loo", "incremental", "removal")
-SUPPORT_MEASURES = ("loo", "incremental", "removal")  # need no query images of their own
+def knn_probabilities(neighbour_labels: np.ndarray, scores: np.ndarray, k: int, classes: Sequence[str],
+                      temperature: float) -> np.ndarray:
+    """(n, classes) class distribution of the first ``k`` neighbours, weighted by exp(similarity / T)."""
+    labels = neighbour_labels[:, :k]
+    similarity = np.nan_to_num(scores[:, :k].astype(np.float64), nan=-np.inf)
+    weights = np.exp((similarity - np.nanmax(np.where(np.isfinite(similarity), similarity, np.nan), axis=1,
+                                                 keepdims=True)) / temperature)
+    weights = np.nan_to_num(weights)
+    probabilities = np.zeros((len(labels), len(classes)))
+    for column, label in enumerate(classes):
+        probabilities[:, column] = (weights * (labels == label)).sum(axis=1)
+    return probabilities / np.maximum(probabilities.sum(axis=1, keepdims=True), 1e-12)
+
+
+def linear_probe(vectors: np.ndarray, labels: np.ndarray, classes: Sequence[str]):
+    """A logistic-regression classifier head on frozen vectors: vectors -> (n, classes) probabilities."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(max_iter=2000, C=1.0).fit(vectors, labels.astype(str))
+    order = [list(model.classes_).index(c) if c in model.classes_ else None for c in classes]
+
+    def probabilities(queries: np.ndarray) -> np.ndarray:
+        raw = model.predict_proba(queries)
+        return np.stack([raw[:, i] if i is not None else np.zeros(len(queries)) for i in order], axis=1)
+    return probabilities
+
+
+def protocol_interpolate(support: Support, queries: Queries, settings: EvaluationSettings, seed: int,
+                         head=None, validation_share: float = 0.2) -> ProtocolResult:
+    """Classifier head, kNN, and p = λ·p_head + (1-λ)·p_kNN for λ in 0, 0.1 ... 1.
+
+    λ is chosen on validation data: a stratified, seeded ``validation_share`` of the support
+    queried against the rest (the head, when it is a linear probe, fitted on the rest only).
+    ``head`` maps vectors to class probabilities (an extractor's classifier); without one a
+    linear probe is fitted on the stored vectors ("Rethinking Nearest Neighbors", Sec. 3).
+    """
+    classes = sorted(set(support.labels.astype(str).tolist()))
+    k = max(settings.ks)
+    rng = np.random.default_rng(seed)
+    held_out = np.concatenate([rng.permutation(np.flatnonzero(support.labels.astype(str) == c))
+                               [: max(1, int(round(validation_share * (support.labels.astype(str) == c).sum())))]
+                               for c in classes])
+    rest = support.take(np.setdiff1d(np.arange(len(support)), held_out))
+    validation = Queries.of_support(support.take(held_out))
+    lambdas = np.round(np.linspace(0, 1, 11), 2)
+
+    def accuracies(base: Support, asked: Queries, classify) -> np.ndarray:
+        ranking = rank(SearchIndex.exact(base.ids, base.vectors), base, asked, k)
+        p_knn = knn_probabilities(ranking.neighbour(base.labels), ranking.scores, k, classes, settings.temperature)
+        p_head = classify(asked.vectors)
+        truth = asked.labels.astype(str)
+        return np.array([(np.array(classes)[(lam * p_head + (1 - lam) * p_knn).argmax(axis=1)] == truth).mean()
+                         for lam in lambdas])
+
+    on_validation = accuracies(rest, validation, head or linear_probe(rest.vectors, rest.labels, classes))
+    on_queries = accuracies(support, queries, head or linear_probe(support.vectors, support.labels, classes))
+    chosen = int(np.argmax(on_validation))
+    rows = [{"lambda": float(lam), "method": "kNN" if lam == 0 else "head" if lam == 1 else "mixed",
+             "validation_accuracy": float(v), "accuracy": float(a), "chosen": i == chosen, "queries": len(queries)}
+            for i, (lam, v, a) in enumerate(zip(lambdas, on_validation, on_queries))]
+    return ProtocolResult("interpolate", rows, ["lambda", "method"],
+                          curve=("lambda", ("validation_accuracy", "accuracy")), summary_row=chosen)
+
+
+MEASURES = ("all", "weighted", "random", "stat", "separated", "remove", "loo", "incremental", "removal",
+            "interpolate")
+SUPPORT_MEASURES = ("loo", "incremental", "removal", "interpolate")  # need no query images of their own
 
 
 @dataclass
@@ -472,6 +525,8 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
             results.append(ProtocolResult("loo", [metrics(loo, settings)], ranking=loo))
         elif measure == "incremental":
             results += protocol_incremental(support, asked, settings, options.seed)
+        elif measure == "interpolate":
+            results.append(protocol_interpolate(support, asked, settings, options.seed))
         else:
             results.append(protocol_removal(support, asked, settings, options.seed))
     return results

@@ -63,6 +63,7 @@ class Backbone:
     std: tuple[float, float, float] = IMAGENET_STD
     offline_weights: Callable[[], dict[str, torch.Tensor]] | None = None
     fixed_input_size: bool = False  # ViT-style models need their input size at build time
+    interpolation: str = "bicubic"  # resampling of the pretrained weights' preprocessing (timm's cfg)
 
 
 BACKBONES: dict[str, Backbone] = {}
@@ -77,11 +78,12 @@ def register(backbone: Backbone) -> Backbone:
 
 
 for _backbone in (
-    Backbone("densenet121", "densenet121"),
+    Backbone("densenet121", "densenet121", interpolation="bilinear"),
     Backbone("resnet18", "resnet18"),
     Backbone("resnet50", "resnet50"),
-    Backbone("vgg19", "vgg19_bn"),
-    Backbone("inception_v3", "inception_v3", input_size=299, mean=(0.5,) * 3, std=(0.5,) * 3),
+    Backbone("vgg19", "vgg19_bn", interpolation="bilinear"),
+    Backbone("inception_v3", "inception_v3", input_size=299, mean=(0.5,) * 3, std=(0.5,) * 3,
+             interpolation="bilinear"),
     Backbone("efficientnet_b0", "efficientnet_b0"),
     Backbone("efficientnet_lite0", "tf_efficientnet_lite0", mean=(0.5,) * 3, std=(0.5,) * 3,
              offline_weights=_lite0_weights),
@@ -114,6 +116,7 @@ class ExtractorSpec:
     weights: str = "random"  # "imagenet", "random" or the file the weights came from
     class_names: tuple[str, ...] = ()
     training: dict = field(default_factory=dict)
+    interpolation: str = "bicubic"  # how images are resized to input_size
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -139,11 +142,13 @@ class Preprocess:
     """
 
     input_size: int
+    interpolation: str = "bicubic"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         size = (self.input_size, self.input_size)
         if image.size != size:
-            image = image.resize(size, Image.BILINEAR, reducing_gap=3.0)
+            resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
+            image = image.resize(size, resample, reducing_gap=3.0)
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
@@ -175,7 +180,7 @@ class Extractor(nn.Module):
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.spec.input_size)
+        return Preprocess(self.spec.input_size, self.spec.interpolation)
 
     @property
     def device(self) -> torch.device:
@@ -317,7 +322,7 @@ def create_extractor(name: str = "efficientnet_lite0", weights: str | Path | Non
     head = nn.Linear(feature_dim, embedding_dim) if embedding_dim and embedding_dim != feature_dim else None
     spec = ExtractorSpec(architecture=backbone.name, input_size=size, mean=backbone.mean,
                          std=backbone.std, embedding_dim=embedding_dim or feature_dim,
-                         head=head is not None, weights=source)
+                         head=head is not None, weights=source, interpolation=backbone.interpolation)
     return Extractor(spec, module, head).for_inference(device)
 
 

@@ -72,3 +72,58 @@ def bars(ax, names: Sequence[str], values: Sequence[float], title: str, ylabel: 
     ax.set_ylabel(ylabel)
     for position, value in zip(positions, values):
         ax.annotate(f"{value:g}", (position, value), ha="center", va="bottom", fontsize=7)
+
+
+def scatter(ax, points: np.ndarray, groups: np.ndarray, title: str) -> None:
+    """2-D points coloured by group, with a legend (outside the axes when there are many groups)."""
+    names = sorted(set(groups.astype(str).tolist()))
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    for number, name in enumerate(names):
+        mine = groups.astype(str) == name
+        ax.scatter(points[mine, 0], points[mine, 1], s=6, alpha=0.7, color=colours(number % colours.N),
+                   label=f"{name[:24]} ({int(mine.sum())})")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    ax.legend(markerscale=2, loc="best" if len(names) <= 8 else "upper left",
+              bbox_to_anchor=None if len(names) <= 8 else (1.0, 1.0), frameon=False)
+
+
+def histograms(ax, series: dict[str, np.ndarray], title: str, xlabel: str, bins: int = 30) -> None:
+    """Overlaid histograms of each series."""
+    values = np.concatenate([np.asarray(v, float) for v in series.values()])
+    edges = np.histogram_bin_edges(values, bins=bins) if values.min() < values.max() else bins
+    for name, data in series.items():
+        ax.hist(np.asarray(data, float), bins=edges, alpha=0.55, label=f"{str(name)[:20]} ({len(data)})")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("images")
+    ax.legend()
+
+
+def training_curves(csv_path: str | Path, path: str | Path) -> Path:
+    """Loss and validation metrics per epoch from an extractor's training log (CSV with an epoch column)."""
+    import csv
+
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "epoch" not in rows[0]:
+        raise ValueError(f"{csv_path}: a training log needs an 'epoch' column and at least one row")
+    epochs = [float(r["epoch"]) for r in rows]
+    numeric = [k for k in rows[0] if k != "epoch" and all(_is_number(r[k]) for r in rows)]
+    losses = [k for k in numeric if "loss" in k]
+    scores = [k for k in numeric if k not in losses and not k.endswith(("seconds", "lr"))]
+    with figure(path, columns=2, width=4.8) as axes:
+        curves(axes[0, 0], epochs, {k: [float(r[k]) for r in rows] for k in losses}, "training loss", "epoch", "loss")
+        curves(axes[0, 1], epochs, {k: [float(r[k]) for r in rows] for k in scores}, "validation", "epoch", "score")
+    return Path(path)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -44,7 +44,10 @@ def format_table(result: ProtocolResult) -> str:
     """The protocol's rows with the headline metrics (kNN accuracies included)."""
     rows = result.rows
     knn = [k for k in rows[0] if k.startswith("knn") and k.endswith("_accuracy") and "balanced" not in k]
-    columns = list(result.columns_first) + TABLE_COLUMNS + knn
+    if "top1" in rows[0]:
+        columns = list(result.columns_first) + TABLE_COLUMNS + knn
+    else:
+        columns = metric_columns(rows, result.columns_first)
     widths = [max(len(c), 8) for c in columns]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     for row in rows:
@@ -137,12 +140,12 @@ def save_figures(results: Sequence[ProtocolResult], directory: str | Path, stem:
     saved = []
     for result in results:
         if result.curve:
-            x, y = result.curve
+            x, ys = result.curve
             path = directory / f"{stem}_{result.measure}_curve.png"
-            series = {metric: [row[metric] for row in result.rows] for metric in (y, "top5", "majority5", "map_at_r")}
+            series = {metric: [row[metric] for row in result.rows] for metric in ys}
             with plots.figure(path, width=5.5) as axes:
                 plots.curves(axes[0, 0], [row[x] for row in result.rows], series,
-                             f"{result.measure}: accuracy by step", x.replace("_", " "), "accuracy")
+                             f"{result.measure}: accuracy by {x.replace('_', ' ')}", x.replace("_", " "), "accuracy")
             saved.append(path)
         elif result.ranking is not None and result.measure in ("all", "loo", "remove", "random"):
             path = directory / f"{stem}_{result.measure}_confusion.png"

@@ -10,7 +10,7 @@ from openpyxl import load_workbook
 from cbir.cli import main
 from cbir.connection import connect
 from cbir.evaluation import (EvaluationSettings, ProtocolOptions, Queries, Support, hit_rates, knn_predict,
-                             leave_one_out, map_at_r, metrics, random_per_class, rank_all, run_protocols)
+                             leave_one_out, map_at_r, metrics, rank_all, run_protocols)
 from cbir.index import SearchIndex
 from cbir.report import write_json, write_workbook
 from cbir.store import ImageRecord, VectorStore
@@ -111,12 +111,14 @@ def test_queries_never_count_themselves_their_copy_or_their_group():
     assert (first != support.groups).all(), "a neighbour came from the query's own group"
 
 
-def test_random_per_class_takes_classes_in_turn():
+def test_random_queries_take_classes_in_turn():
+    from cbir.data import per_class_in_turn
+
     labels = O(["a"] * 5 + ["b"] * 2 + ["c"] * 3)
-    rows = random_per_class(labels, 8, np.random.default_rng(0))
+    rows = per_class_in_turn(labels, 8, seed=0)
     assert list(labels[rows]) == ["a", "b", "c", "a", "b", "c", "a", "c"]
     assert len(set(rows.tolist())) == 8
-    assert rows.tolist() == random_per_class(labels, 8, np.random.default_rng(0)).tolist()
+    assert rows.tolist() == per_class_in_turn(labels, 8, seed=0).tolist()
 
 
 def clustered_case(seed=0, per_class=30):
@@ -153,6 +155,22 @@ def test_removal_and_incremental_curves():
     assert by_class.rows[-1]["top1"] == everything.rows[0]["top1"]
     assert by_sample.rows[-1]["support"] == 90 and by_sample.rows[0]["support"] == 9
     assert by_sample.rows[-1]["top1"] == everything.rows[0]["top1"]
+
+
+def test_interpolation_spans_knn_to_head_and_picks_lambda_on_validation():
+    from cbir.evaluation import linear_probe, protocol_interpolate
+
+    support, queries = clustered_case(seed=2)
+    result = protocol_interpolate(support, queries, EvaluationSettings(ks=(5,)), seed=0)
+    lambdas = [row["lambda"] for row in result.rows]
+    assert lambdas == pytest.approx([i / 10 for i in range(11)])
+    assert result.rows[0]["method"] == "kNN" and result.rows[-1]["method"] == "head"
+    best = max(row["validation_accuracy"] for row in result.rows)
+    assert result.summary["chosen"] and result.summary["validation_accuracy"] == best
+    assert sum(row["chosen"] for row in result.rows) == 1
+    probe = linear_probe(support.vectors, support.labels, ["a", "b", "c"])
+    head_only = (np.array(["a", "b", "c"])[probe(queries.vectors).argmax(axis=1)] == queries.labels).mean()
+    assert result.rows[-1]["accuracy"] == pytest.approx(head_only)
 
 
 def test_unknown_excluded_class_is_a_clear_error():
