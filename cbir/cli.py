@@ -20,6 +20,7 @@ from .data import NPZ_SPLITS, load_items, one_per_class
 from .errors import CbirError
 from .evaluation import MEASURES, VOTES
 from .index import KINDS
+from .training import LOSSES, SCHEDULERS
 from .store import VectorStore
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
@@ -177,6 +178,33 @@ def _cmd_train_index(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------- train
+def _cmd_train(args) -> int:
+    from .training import TrainConfig, train_extractor
+
+    config = TrainConfig(
+        training_data=args.training_data, out_dir=args.weights, validation_data=args.validation_data,
+        val_fraction=args.val_fraction, model=args.model, weights=args.backbone_weights,
+        pretrained=not args.no_pretrained, input_size=args.input_size, loss=args.loss,
+        num_features=args.num_features, num_epochs=args.num_epochs, batch_size=args.batch_size,
+        m_per_class=args.m_per_class, optimizer=args.optimizer, lr=args.lr, lr_proxies=args.lr_proxies,
+        beta_lr=args.beta_lr, decay=args.decay, scheduler=args.scheduler, step_size=args.step_size,
+        gamma=args.gamma, freeze=args.freeze, knn_weighting=args.knn_weighting, knn_boost=args.knn_boost,
+        generalise=args.generalise, train_classes=args.train_classes, seed=args.seed, workers=args.workers,
+        device=args.device, max_batches=args.max_batches, resume=args.load)
+    report = train_extractor(config, progress=not args.quiet)
+    best = report.best_metrics
+    mean_epoch = sum(report.epoch_seconds) / max(len(report.epoch_seconds), 1)
+    print(f"best epoch {report.best_epoch}: precision@1 {float(best.get('precision_at_1', 0)):.3f}, "
+          f"MAP@R {float(best.get('mean_average_precision_at_r', 0)):.3f} (validation vs training images)")
+    print(f"{len(report.epoch_seconds)} epoch(s) this run, {mean_epoch:.1f} s per epoch")
+    if report.unseen_classes:
+        print(f"unseen classes (not trained on): {', '.join(report.unseen_classes)}")
+    print(f"checkpoints: {report.best} (best), {report.last} (last); log {report.log}; curves {report.curves}")
+    print(f"index with it: python add_images.py --db_name DB --path DIR --weights {report.best}")
+    return 0
+
+
 # ------------------------------------------------------------------ pictures
 def _cmd_tsne(args) -> int:
     from .overview import save_tsne
@@ -263,10 +291,13 @@ def _cmd_evaluate(args) -> int:
     measures = list(dict.fromkeys(args.measure))
     groups = _read_mapping(args.groups, "groups")
     support = Support.from_store(store, groups)
-    queries = None
+    queries, head = None, None
+    if args.path or "interpolate" in measures:
+        extractor = extractor_for_store(store, weights=args.weights, device=args.device)
+        if extractor.classifier is not None:
+            head = (list(extractor.spec.class_names), extractor.class_probabilities)
     if args.path:
         items = load_items(args.path, split=args.split)
-        extractor = extractor_for_store(store, weights=args.weights, device=args.device)
         started = time.perf_counter()
         vectors, decoded = embed_items(items, extractor, progress=not args.quiet)
         chosen = [items[p] for p in decoded.positions]
@@ -285,11 +316,14 @@ def _cmd_evaluate(args) -> int:
     settings = EvaluationSettings(ks=args.k, vote=args.vote, temperature=args.temperature,
                                   project_groups=_read_mapping(args.project_groups, "project groups"))
     options = ProtocolOptions(n_queries=args.n_queries, repeats=args.repeats,
-                              exclude_classes=args.exclude_classes, seed=args.seed)
+                              exclude_classes=args.exclude_classes, seed=args.seed, head=head)
     results = run_protocols(measures, support, queries, index, settings, options, store=store)
     what = f"{len(queries)} queries from {args.path}" if queries is not None else "the stored images (leave-one-out)"
     print(f"'{args.db_name}': {len(support)} stored images, {what}; "
           f"{'exact search' if index.kind == 'flat' else index.kind + ' index'}, kNN vote {args.vote}")
+    if "interpolate" in measures:
+        print("interpolate: head = " + ("the extractor's trained classifier" if head else
+                                        "a logistic-regression probe fitted on the stored vectors"))
     for result in results:
         print(f"\n{result.measure}")
         print(format_table(result))
@@ -384,6 +418,51 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--delete", action="store_true", help="delete the trained index (searches become exact)")
     train.add_argument("--json", default=None, help="also write the report as JSON to this file")
     train.set_defaults(run=_cmd_train_index)
+
+    train = commands.add_parser("train", help="train a metric-learned feature extractor",
+                                description="Fine-tune a backbone with an embedding head so images of the same "
+                                            "class embed close together (pytorch-metric-learning losses, "
+                                            "class-balanced batches); validation every epoch; best and last "
+                                            "self-describing checkpoints in --weights.")
+    train.add_argument("--training_data", required=True, help="class-per-folder directory or MedMNIST-style .npz")
+    train.add_argument("--validation_data", default=None,
+                       help="validation folder (default: the .npz val split, else a stratified --val_fraction)")
+    train.add_argument("--val_fraction", type=float, default=0.15, help="hold-out share of a folder (default: 0.15)")
+    train.add_argument("--weights", required=True, help="output folder for checkpoints, log and curves")
+    train.add_argument("--model", default="densenet121",
+                       help="backbone (default densenet121; efficientnet_lite0 has offline ImageNet weights)")
+    train.add_argument("--backbone_weights", default=None, help="backbone weights file to start from (e.g. KimiaNet)")
+    train.add_argument("--no_pretrained", action="store_true", help="start from random weights")
+    train.add_argument("--input_size", type=int, default=None, help="image side in pixels (default: the backbone's)")
+    train.add_argument("--loss", default="margin", choices=LOSSES, help="metric-learning loss (default: margin)")
+    train.add_argument("--num_features", type=int, default=128, help="embedding size (default: 128)")
+    train.add_argument("--num_epochs", type=int, default=10, help="epochs (default: 10)")
+    train.add_argument("--batch_size", type=int, default=32, help="images per batch (default: 32)")
+    train.add_argument("--m_per_class", type=int, default=4, help="images per class in a batch (default: 4)")
+    train.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"], help="default: adamw")
+    train.add_argument("--lr", type=float, default=1e-4, help="learning rate of the model (default: 1e-4)")
+    train.add_argument("--lr_proxies", type=float, default=1e-2, help="learning rate of proxies/class weights")
+    train.add_argument("--beta_lr", type=float, default=1e-2, help="learning rate of the margin loss's beta")
+    train.add_argument("--decay", type=float, default=1e-4, help="weight decay (default: 1e-4)")
+    train.add_argument("--scheduler", default="cosine", choices=SCHEDULERS, help="learning-rate schedule")
+    train.add_argument("--step_size", type=int, default=5, help="epochs per step of the step scheduler")
+    train.add_argument("--gamma", type=float, default=0.5, help="decay factor of step/exponential schedulers")
+    train.add_argument("--freeze", action="store_true", help="freeze the backbone: train the head only")
+    train.add_argument("--knn_weighting", action="store_true",
+                       help="examples that kNN on the current embedding gets wrong weigh 1+--knn_boost")
+    train.add_argument("--knn_boost", type=float, default=1.0, help="extra weight of kNN-misclassified examples")
+    train.add_argument("--generalise", action="store_true",
+                       help="train on a subset of classes (--train_classes, default a seeded half); the rest "
+                            "stay unseen for testing")
+    train.add_argument("--train_classes", nargs="+", default=[], help="the classes --generalise trains on")
+    train.add_argument("--seed", type=int, default=0, help="seed of everything random (default: 0)")
+    train.add_argument("--workers", type=int, default=None, help="decoding processes (default: min(4, cores))")
+    train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    train.add_argument("--max_batches", type=int, default=None, help="batches per epoch at most (quick runs)")
+    train.add_argument("--load", "--resume", dest="load", action="store_true",
+                       help="resume the interrupted run in --weights from its last finished epoch")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(run=_cmd_train)
 
     tsne = commands.add_parser("tsne", help="t-SNE picture of a database's vectors",
                                description="2-D t-SNE (PCA to 50 dims first) of the stored vectors, coloured by "

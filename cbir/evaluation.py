@@ -438,14 +438,25 @@ def linear_probe(vectors: np.ndarray, labels: np.ndarray, classes: Sequence[str]
     return probabilities
 
 
+def classifier_head(class_names: Sequence[str], probabilities, classes: Sequence[str]):
+    """A head giving ``probabilities(vectors)`` (columns in ``class_names`` order) in ``classes`` order."""
+    column = {name: i for i, name in enumerate(class_names)}
+
+    def head(vectors: np.ndarray) -> np.ndarray:
+        raw = probabilities(vectors)
+        return np.stack([raw[:, column[c]] if c in column else np.zeros(len(raw)) for c in classes], axis=1)
+    return head
+
+
 def protocol_interpolate(support: Support, queries: Queries, settings: EvaluationSettings, seed: int,
                          head=None, validation_share: float = 0.2) -> ProtocolResult:
     """Classifier head, kNN, and p = λ·p_head + (1-λ)·p_kNN for λ in 0, 0.1 ... 1.
 
     λ is chosen on validation data: a stratified, seeded ``validation_share`` of the support
     queried against the rest (the head, when it is a linear probe, fitted on the rest only).
-    ``head`` maps vectors to class probabilities (an extractor's classifier); without one a
-    linear probe is fitted on the stored vectors ("Rethinking Nearest Neighbors", Sec. 3).
+    ``head`` is (class names, vectors -> probabilities in that order), e.g. a trained extractor's
+    classifier; without one a linear probe is fitted on the stored vectors ("Rethinking Nearest
+    Neighbors" interpolates a trained classifier's probabilities with kNN's).
     """
     classes = sorted(set(support.labels.astype(str).tolist()))
     k = max(settings.ks)
@@ -465,6 +476,8 @@ def protocol_interpolate(support: Support, queries: Queries, settings: Evaluatio
         return np.array([(np.array(classes)[(lam * p_head + (1 - lam) * p_knn).argmax(axis=1)] == truth).mean()
                          for lam in lambdas])
 
+    if head is not None:
+        head = classifier_head(*head, classes)
     on_validation = accuracies(rest, validation, head or linear_probe(rest.vectors, rest.labels, classes))
     on_queries = accuracies(support, queries, head or linear_probe(support.vectors, support.labels, classes))
     chosen = int(np.argmax(on_validation))
@@ -486,6 +499,7 @@ class ProtocolOptions:
     repeats: int = 10
     exclude_classes: Sequence[str] = ()
     seed: int = 0
+    head: tuple | None = None  # (class names, vectors -> probabilities): the interpolate protocol's classifier
 
 
 def run_protocols(measures: Sequence[str], support: Support, queries: Queries | None, index: SearchIndex,
@@ -526,7 +540,7 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
         elif measure == "incremental":
             results += protocol_incremental(support, asked, settings, options.seed)
         elif measure == "interpolate":
-            results.append(protocol_interpolate(support, asked, settings, options.seed))
+            results.append(protocol_interpolate(support, asked, settings, options.seed, head=options.head))
         else:
             results.append(protocol_removal(support, asked, settings, options.seed))
     return results

@@ -25,6 +25,7 @@ from .errors import ModelError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPEC_KEY = "cbir_spec"
+VECTOR_FIELDS = ("architecture", "input_size", "mean", "std", "embedding_dim", "head", "weights", "interpolation")
 
 
 def _lite0_weights() -> dict[str, torch.Tensor]:
@@ -117,6 +118,7 @@ class ExtractorSpec:
     class_names: tuple[str, ...] = ()
     training: dict = field(default_factory=dict)
     interpolation: str = "bicubic"  # how images are resized to input_size
+    classifier_scale: float = 0.0  # logit scale of the classifier head, when there is one
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -153,13 +155,20 @@ class Preprocess:
 
 
 class Extractor(nn.Module):
-    """Backbone (pooled features) -> optional linear head -> L2 normalisation."""
+    """Backbone (pooled features) -> optional linear head -> L2 normalisation.
 
-    def __init__(self, spec: ExtractorSpec, backbone: nn.Module, head: nn.Module | None = None):
+    A trained extractor may also carry a cosine classifier (one weight vector per class of
+    ``spec.class_names``): class probabilities for the kNN/classifier interpolation protocol.
+    It does not change the vectors, so it is not part of the fingerprint.
+    """
+
+    def __init__(self, spec: ExtractorSpec, backbone: nn.Module, head: nn.Module | None = None,
+                 classifier: torch.Tensor | None = None):
         super().__init__()
         self.spec = spec
         self.backbone = backbone
         self.head = head
+        self.classifier = None if classifier is None else nn.Parameter(classifier, requires_grad=False)
         # Not persistent: part of the spec, so neither in checkpoints nor in the fingerprint's tensors.
         self.register_buffer("_scale", 1.0 / (255.0 * torch.tensor(spec.std).view(1, 3, 1, 1)), persistent=False)
         self.register_buffer("_shift", torch.tensor(spec.mean).view(1, 3, 1, 1) / torch.tensor(spec.std).view(1, 3, 1, 1),
@@ -196,10 +205,30 @@ class Extractor(nn.Module):
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         return self(images).float().cpu().numpy()
 
+    def set_classifier(self, weights: torch.Tensor, scale: float) -> None:
+        """Attach class weights (classes x embedding size) in ``spec.class_names`` order."""
+        if weights.shape != (len(self.spec.class_names), self.spec.embedding_dim):
+            raise ModelError(f"classifier of shape {tuple(weights.shape)} does not fit "
+                             f"{len(self.spec.class_names)} classes x {self.spec.embedding_dim} dims")
+        self.classifier = nn.Parameter(weights.detach().float().clone(), requires_grad=False)
+        self.spec = replace(self.spec, classifier_scale=float(scale))
+
+    def class_probabilities(self, vectors: np.ndarray) -> np.ndarray:
+        """softmax(scale · cosine(vector, class weight)) over ``spec.class_names``."""
+        if self.classifier is None:
+            raise ModelError(f"{self.spec.description} has no classifier head")
+        weights = F.normalize(self.classifier.detach().float().cpu(), dim=1)
+        logits = self.spec.classifier_scale * torch.from_numpy(np.ascontiguousarray(vectors, np.float32)) @ weights.T
+        return torch.softmax(logits, dim=1).numpy()
+
     def fingerprint(self) -> str:
         """Hash of the spec (without training notes) and every weight: equal iff same vectors."""
-        digest = hashlib.sha256(replace(self.spec, training={}, class_names=()).to_json().encode())
+        # Only what shapes the vectors: notes, class names or a classifier added later do not.
+        shaping = {k: v for k, v in asdict(self.spec).items() if k in VECTOR_FIELDS}
+        digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
         for name, tensor in self.state_dict().items():
+            if name == "classifier":
+                continue
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
@@ -254,7 +283,7 @@ def load_checkpoint(path: str | Path) -> Extractor:
         raise ModelError(f"{path}: not a cbir checkpoint (no {SPEC_KEY} metadata); "
                          "pass it with --extractor NAME to load it as backbone weights")
     extractor = Extractor(spec, _build_backbone(resolve_backbone(spec.architecture), spec.input_size),
-                          _head(state))
+                          _head(state), state.get("classifier"))
     try:
         extractor.load_state_dict(state)
     except RuntimeError as exc:

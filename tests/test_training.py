@@ -1,0 +1,139 @@
+"""Training extractors: losses learn their own parameters, runs resume, checkpoints serve indexing."""
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cbir.errors import CbirError
+from cbir.models import load_checkpoint
+from cbir.training import (LOSSES, TrainConfig, _make_optimizer, _set_weights, build_loss, class_weights,
+                           knn_wrong, split_training_data, train_extractor)
+
+from .conftest import BREASTMNIST, SHARED_DATA
+
+PARAMETRIC = ("margin", "proxy_nca", "proxy_anchor", "softtriple", "normsoftmax", "arcface", "cross_entropy")
+
+
+def batch(classes=4, per_class=4, dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    centres = torch.randn(classes, dim, generator=generator)
+    inputs = centres[labels] + 0.5 * torch.randn(len(labels), dim, generator=generator)
+    return inputs, labels
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_loss_trains_and_learns_its_own_parameters(name):
+    torch.manual_seed(0)
+    inputs, labels = batch()
+    model = nn.Linear(16, 8)
+    loss, miner = build_loss(name, num_classes=4, dim=8, weighted=False)
+    config = TrainConfig(training_data="", out_dir="", loss=name, lr=1e-3, lr_proxies=1e-1, beta_lr=1e-1)
+    optimizer = _make_optimizer(config, model, loss)
+    before = [p.detach().clone() for p in loss.parameters()]
+    embeddings = nn.functional.normalize(model(inputs), dim=1)
+    value = loss(embeddings, labels, miner(embeddings, labels) if miner else None)
+    assert torch.isfinite(value) and value.item() > 0
+    optimizer.zero_grad()
+    value.backward()
+    optimizer.step()
+    if name in PARAMETRIC:
+        assert before, f"{name} should learn proxies / class weights / beta"
+        assert any(not torch.equal(b, p) for b, p in zip(before, loss.parameters())), f"{name}: parameters unchanged"
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(0.1)
+    else:
+        assert not before
+
+
+def test_anchor_weights_change_the_loss_and_uniform_weights_do_not():
+    inputs, labels = batch(seed=1)
+    embeddings = nn.functional.normalize(inputs[:, :8], dim=1)
+    plain, _ = build_loss("triplet", 4, 8, weighted=False)
+    weighted, _ = build_loss("triplet", 4, 8, weighted=True)
+    _set_weights(weighted, torch.ones(len(labels)))
+    assert weighted(embeddings, labels).item() == pytest.approx(plain(embeddings, labels).item(), rel=1e-5)
+    _set_weights(weighted, torch.linspace(1, 10, len(labels)))
+    assert weighted(embeddings, labels).item() != pytest.approx(plain(embeddings, labels).item(), rel=1e-3)
+
+
+def test_knn_wrong_by_hand():
+    vectors = nn.functional.normalize(torch.tensor([[1.0, 0], [1, 0.1], [1, 0.2], [0, 1], [0.1, 1], [1, 0.15]]), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    # the last one sits among class 0: its 3 nearest are class 0, so kNN gets it wrong
+    assert knn_wrong(vectors, labels, k=3).tolist() == [False, False, False, False, False, True]
+
+
+def test_classifier_weights_come_from_the_loss():
+    arcface, _ = build_loss("arcface", 3, 8, weighted=False)
+    weights, scale = class_weights(arcface)
+    assert weights.shape == (3, 8) and scale == 64
+    assert class_weights(build_loss("triplet", 3, 8, weighted=False)[0]) is None
+
+
+def test_bad_training_data_is_refused(tmp_path):
+    folder = tmp_path / "data"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+    source = next((SHARED_DATA / "busi" / "benign").iterdir())
+    shutil.copy(source, folder / "a" / "x.png")
+    with pytest.raises(CbirError, match="without images: b"):
+        split_training_data(TrainConfig(training_data=str(folder), out_dir=""))
+    shutil.copy(source, folder / "b" / "y.png")
+    (folder / "b" / "broken.png").write_bytes(source.read_bytes()[:100])
+    with pytest.raises(CbirError, match="1 training image.*broken.png"):
+        split_training_data(TrainConfig(training_data=str(folder), out_dir=""))
+    (folder / "b").rename(tmp_path / "gone")
+    with pytest.raises(CbirError, match="at least two classes"):
+        split_training_data(TrainConfig(training_data=str(folder), out_dir=""))
+    with pytest.raises(CbirError, match="unknown --loss"):
+        TrainConfig(training_data="", out_dir="", loss="magic").check()
+
+
+def test_generalise_keeps_classes_unseen():
+    config = TrainConfig(training_data=str(SHARED_DATA / "mednist_12k.npz"), out_dir="", generalise=True, seed=3)
+    train, validation, unseen = split_training_data(config)
+    trained = {item.label for item in train}
+    assert len(trained) == 3 and len(unseen) == 3 and not trained & set(unseen)
+    assert {item.label for item in validation} <= trained
+    explicit = TrainConfig(training_data=str(SHARED_DATA / "mednist_12k.npz"), out_dir="", generalise=True,
+                           train_classes=["Hand", "CXR"])
+    assert split_training_data(explicit)[2] == ["AbdomenCT", "BreastMRI", "ChestCT", "HeadCT"]
+
+
+def quick_config(out_dir, **changes) -> TrainConfig:
+    settings = dict(training_data=str(BREASTMNIST), out_dir=str(out_dir), model="efficientnet_lite0",
+                    input_size=32, loss="arcface", num_features=16, num_epochs=2, batch_size=8,
+                    max_batches=2, workers=0, device="cpu")
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def test_training_writes_log_curves_and_loadable_checkpoints(tmp_path):
+    report = train_extractor(quick_config(tmp_path / "run", knn_weighting=True), progress=False)
+    rows = list(csv.DictReader(open(report.log)))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"loss", "precision_at_1", "mean_average_precision_at_r", "knn_wrong_share", "lr", "seconds"} <= set(rows[0])
+    assert Image.open(report.curves).size[0] > 800
+    extractor = load_checkpoint(report.best).for_inference("cpu")
+    assert extractor.spec.embedding_dim == 16 and extractor.spec.class_names == ("malignant", "normal, benign")
+    assert extractor.spec.training["loss"] == "arcface" and extractor.spec.input_size == 32
+    image = np.load(BREASTMNIST)["test_images"][:4]
+    vectors = extractor.embed(torch.stack([extractor.preprocess(Image.fromarray(a).convert("RGB")) for a in image]))
+    assert vectors.shape == (4, 16) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    probabilities = extractor.class_probabilities(vectors)
+    assert probabilities.shape == (4, 2) and np.allclose(probabilities.sum(axis=1), 1)
+
+
+def test_an_interrupted_run_resumes(tmp_path):
+    first = train_extractor(quick_config(tmp_path / "run", num_epochs=1, loss="margin"), progress=False)
+    assert len(first.epoch_seconds) == 1
+    resumed = train_extractor(quick_config(tmp_path / "run", num_epochs=3, loss="margin", resume=True), progress=False)
+    assert len(resumed.epoch_seconds) == 2  # epochs 2 and 3 only
+    assert [r["epoch"] for r in csv.DictReader(open(resumed.log))] == ["1", "2", "3"]
+    assert load_checkpoint(resumed.last).spec.training["epoch"] == 3
