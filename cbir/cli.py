@@ -189,7 +189,7 @@ def _cmd_train(args) -> int:
         num_features=args.num_features, num_epochs=args.num_epochs, batch_size=args.batch_size,
         m_per_class=args.m_per_class, optimizer=args.optimizer, lr=args.lr, lr_proxies=args.lr_proxies,
         beta_lr=args.beta_lr, decay=args.decay, scheduler=args.scheduler, step_size=args.step_size,
-        gamma=args.gamma, freeze=args.freeze, knn_weighting=args.knn_weighting, knn_boost=args.knn_boost,
+        gamma=args.gamma, freeze=args.freeze, dr_model=args.dr_model, head_init=args.head_init, knn_weighting=args.knn_weighting, knn_boost=args.knn_boost,
         generalise=args.generalise, train_classes=args.train_classes, seed=args.seed, workers=args.workers,
         device=args.device, max_batches=args.max_batches, resume=args.load)
     report = train_extractor(config, progress=not args.quiet)
@@ -448,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--step_size", type=int, default=5, help="epochs per step of the step scheduler")
     train.add_argument("--gamma", type=float, default=0.5, help="decay factor of step/exponential schedulers")
     train.add_argument("--freeze", action="store_true", help="freeze the backbone: train the head only")
+    train.add_argument("--head_init", default="pca", choices=["pca", "random"],
+                       help="pca (default): the head starts as a projection onto the training features' principal "
+                            "components and class weights at class means, so training starts from the pretrained "
+                            "geometry; random: from scratch")
+    train.add_argument("--dr_model", action="store_true",
+                       help="Deep Ranking multi-scale model: backbone + two shallow branches on 4:1 and 8:1 "
+                            "sub-sampled images, concatenated and projected")
     train.add_argument("--knn_weighting", action="store_true",
                        help="examples that kNN on the current embedding gets wrong weigh 1+--knn_boost")
     train.add_argument("--knn_boost", type=float, default=1.0, help="extra weight of kNN-misclassified examples")

@@ -25,7 +25,8 @@ from .errors import ModelError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPEC_KEY = "cbir_spec"
-VECTOR_FIELDS = ("architecture", "input_size", "mean", "std", "embedding_dim", "head", "weights", "interpolation")
+VECTOR_FIELDS = ("architecture", "input_size", "mean", "std", "embedding_dim", "head", "weights", "interpolation",
+                 "multiscale")
 
 
 def _lite0_weights() -> dict[str, torch.Tensor]:
@@ -119,6 +120,7 @@ class ExtractorSpec:
     training: dict = field(default_factory=dict)
     interpolation: str = "bicubic"  # how images are resized to input_size
     classifier_scale: float = 0.0  # logit scale of the classifier head, when there is one
+    multiscale: bool = False  # Deep Ranking: backbone + two shallow branches on sub-sampled images
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -244,6 +246,34 @@ class Extractor(nn.Module):
         return path
 
 
+class MultiScaleBackbone(nn.Module):
+    """Deep Ranking's multi-scale network (Wang et al., CVPR 2014).
+
+    The backbone's pooled features next to two shallow convolutional branches that see the
+    image sub-sampled 4:1 and 8:1 (coarse shape and intensity layout), each part L2-normalised,
+    concatenated; the extractor's head then projects them to the embedding.
+    """
+
+    FACTORS = (4, 8)
+    BRANCH_CHANNELS = 96
+    BRANCH_GRID = 2
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(3, self.BRANCH_CHANNELS, kernel_size=8, stride=4, padding=4), nn.ReLU(inplace=True),
+                          nn.AdaptiveMaxPool2d(self.BRANCH_GRID))
+            for _ in self.FACTORS)
+        self.num_features = backbone.num_features + len(self.FACTORS) * self.BRANCH_CHANNELS * self.BRANCH_GRID ** 2
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        parts = [F.normalize(self.backbone(images), dim=1)]
+        for factor, branch in zip(self.FACTORS, self.branches):
+            parts.append(F.normalize(branch(F.avg_pool2d(images, factor)).flatten(1), dim=1))
+        return torch.cat(parts, dim=1)
+
+
 def _build_backbone(backbone: Backbone, input_size: int) -> nn.Module:
     kwargs = {"img_size": input_size} if backbone.fixed_input_size else {}
     return timm.create_model(backbone.timm_name, pretrained=False, num_classes=0, **kwargs)
@@ -282,7 +312,8 @@ def load_checkpoint(path: str | Path) -> Extractor:
     if spec is None:
         raise ModelError(f"{path}: not a cbir checkpoint (no {SPEC_KEY} metadata); "
                          "pass it with --extractor NAME to load it as backbone weights")
-    extractor = Extractor(spec, _build_backbone(resolve_backbone(spec.architecture), spec.input_size),
+    module = _build_backbone(resolve_backbone(spec.architecture), spec.input_size)
+    extractor = Extractor(spec, MultiScaleBackbone(module) if spec.multiscale else module,
                           _head(state), state.get("classifier"))
     try:
         extractor.load_state_dict(state)
@@ -308,15 +339,19 @@ def _strip_prefixes(state: dict[str, torch.Tensor], reference: dict[str, torch.T
 
 def create_extractor(name: str = "efficientnet_lite0", weights: str | Path | None = None,
                      input_size: int | None = None, pretrained: bool = True,
-                     embedding_dim: int | None = None, device: str | None = None) -> Extractor:
+                     embedding_dim: int | None = None, device: str | None = None,
+                     multiscale: bool = False) -> Extractor:
     """An extractor ready for indexing.
 
     ``weights`` may be a cbir checkpoint (it then describes itself and ``name`` is ignored) or a
     backbone state dict (``.pth``/``.pt``/``.safetensors``) for ``name``, e.g. KimiaNet for
     densenet121. With neither, ImageNet weights come from a local package where one exists
     (efficientnet_lite0) or are downloaded by timm (needs internet); ``pretrained=False`` keeps
-    random weights. ``embedding_dim`` adds a (to be trained) linear head of that size.
+    random weights. ``embedding_dim`` adds a (to be trained) linear head of that size;
+    ``multiscale`` wraps the backbone in :class:`MultiScaleBackbone` (needs ``embedding_dim``).
     """
+    if multiscale and not embedding_dim:
+        raise ModelError("the multi-scale (Deep Ranking) model needs an embedding size to project to")
     if weights is not None:
         state, spec = _read_state(Path(weights))
         if spec is not None:
@@ -347,11 +382,14 @@ def create_extractor(name: str = "efficientnet_lite0", weights: str | Path | Non
         source = "imagenet"
     else:
         source = "random"
+    if multiscale:
+        module = MultiScaleBackbone(module)
     feature_dim = module.num_features
     head = nn.Linear(feature_dim, embedding_dim) if embedding_dim and embedding_dim != feature_dim else None
     spec = ExtractorSpec(architecture=backbone.name, input_size=size, mean=backbone.mean,
                          std=backbone.std, embedding_dim=embedding_dim or feature_dim,
-                         head=head is not None, weights=source, interpolation=backbone.interpolation)
+                         head=head is not None, weights=source, interpolation=backbone.interpolation,
+                         multiscale=multiscale)
     return Extractor(spec, module, head).for_inference(device)
 
 

@@ -60,7 +60,7 @@ def curves(ax, x: Sequence[float], series: dict[str, Sequence[float]], title: st
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if len(series) > 1:
-        ax.legend()
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)  # never over the curves
 
 
 def bars(ax, names: Sequence[str], values: Sequence[float], title: str, ylabel: str) -> None:

@@ -62,7 +62,9 @@ class TrainConfig:
     scheduler: str = "cosine"
     step_size: int = 5
     gamma: float = 0.5
-    freeze: bool = False  # train the head only
+    freeze: bool = False  # train the head only (and the multi-scale branches)
+    head_init: str = "pca"  # "pca": start from the pretrained features' principal components; "random"
+    dr_model: bool = False  # Deep Ranking multi-scale model
     knn_weighting: bool = False  # examples that kNN on the current embedding gets wrong weigh more
     knn_boost: float = 1.0  # their weight is 1 + boost
     generalise: bool = False  # train on a subset of classes; the rest stay unseen
@@ -356,13 +358,15 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
     class_names = sorted({item.label for item in train_items})
     class_index = {name: i for i, name in enumerate(class_names)}
     extractor = create_extractor(config.model, weights=config.weights, input_size=config.input_size,
-                                 pretrained=config.pretrained, embedding_dim=config.num_features, device=config.device)
+                                 pretrained=config.pretrained, embedding_dim=config.num_features, device=config.device,
+                                 multiscale=config.dr_model)
     if extractor.head is None:
         raise CbirError(f"--num_features {config.num_features} equals the backbone's feature size; "
                         "choose another size so there is an embedding head to train")
     extractor = extractor.to(memory_format=torch.channels_last)
+    pretrained_part = extractor.backbone.backbone if config.dr_model else extractor.backbone
     if config.freeze:
-        for parameter in extractor.backbone.parameters():
+        for parameter in pretrained_part.parameters():
             parameter.requires_grad_(False)
     input_size = extractor.spec.input_size
     labels = [class_index[item.label] for item in train_items]
@@ -406,11 +410,50 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
     report = TrainReport(best=out / "best.safetensors", last=out / "last.safetensors", log=log_path,
                          curves=out / "curves.png", best_epoch=best_epoch, best_metrics=best_metrics,
                          unseen_classes=unseen)
+
+    def validate(epoch: int, mean_loss: float, learning_rate: float, started: float) -> torch.Tensor | None:
+        """Validation metrics, log line, checkpoints and resumable state after ``epoch``."""
+        nonlocal best_score, best_epoch, best_metrics
+        reference, reference_labels = _embed(extractor, reference_loader)
+        queries, query_labels = _embed(extractor, validation_loader)
+        seen = query_labels >= 0
+        metrics = calculator.get_accuracy(queries[seen], query_labels[seen], reference, reference_labels,
+                                          ref_includes_query=False)
+        knn_weights = None
+        if config.knn_weighting:
+            knn_weights = 1.0 + config.knn_boost * knn_wrong(reference, reference_labels).float()
+            metrics["knn_wrong_share"] = float((knn_weights > 1).float().mean())
+        seconds = time.perf_counter() - started
+        if epoch:
+            report.epoch_seconds.append(seconds)
+        row = {"epoch": epoch, "loss": mean_loss, **{k: float(v) for k, v in metrics.items()},
+               "lr": learning_rate, "seconds": round(seconds, 2)}
+        _append_log(log_path, row)
+        spec = replace(extractor.spec, class_names=tuple(class_names), training={**training_notes, "epoch": epoch})
+        trained = _export(extractor, spec, class_weights(loss))
+        trained.save(report.last)
+        # precision@1 on a small validation set ties often; MAP@R breaks the ties.
+        score = float(metrics["precision_at_1"]) + 1e-6 * float(metrics["mean_average_precision_at_r"])
+        if score > best_score:
+            best_score, best_epoch, best_metrics = score, epoch, row
+            trained.save(report.best)
+        torch.save({"extractor": extractor.state_dict(), "loss": loss.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+                    "best_score": best_score, "best_epoch": best_epoch,
+                    **({"knn_weights": knn_weights} if knn_weights is not None else {})}, state_path)
+        plots.training_curves(log_path, report.curves)
+        return knn_weights
+
+    if start_epoch == 1:
+        started = time.perf_counter()
+        if config.head_init == "pca":
+            initialise_from_data(extractor, loss, reference_loader)
+        weights = validate(0, float("nan"), optimizer.param_groups[0]["lr"], started)  # the starting point
     for epoch in range(start_epoch, config.num_epochs + 1):
         started = time.perf_counter()
         extractor.train()
         if config.freeze:
-            extractor.backbone.eval()  # frozen batch-norm statistics too
+            pretrained_part.eval()  # frozen batch-norm statistics too
         _set_weights(loss, weights)
         total, batches = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.num_epochs}", unit="batch", disable=not progress,
@@ -433,34 +476,46 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
         bar.close()
         learning_rate = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        reference, reference_labels = _embed(extractor, reference_loader)
-        queries, query_labels = _embed(extractor, validation_loader)
-        seen = query_labels >= 0
-        metrics = calculator.get_accuracy(queries[seen], query_labels[seen], reference, reference_labels,
-                                          ref_includes_query=False)
-        if config.knn_weighting:
-            weights = 1.0 + config.knn_boost * knn_wrong(reference, reference_labels).float()
-            metrics["knn_wrong_share"] = float((weights > 1).float().mean())
-        seconds = time.perf_counter() - started
-        report.epoch_seconds.append(seconds)
-        row = {"epoch": epoch, "loss": total / max(batches, 1), **{k: float(v) for k, v in metrics.items()},
-               "lr": learning_rate, "seconds": round(seconds, 2)}
-        _append_log(log_path, row)
-        spec = replace(extractor.spec, class_names=tuple(class_names), training={**training_notes, "epoch": epoch})
-        trained = _export(extractor, spec, class_weights(loss))
-        trained.save(report.last)
-        # precision@1 on a small validation set ties often; MAP@R breaks the ties.
-        score = float(metrics["precision_at_1"]) + 1e-6 * float(metrics["mean_average_precision_at_r"])
-        if score > best_score:
-            best_score, best_epoch, best_metrics = score, epoch, row
-            trained.save(report.best)
-        torch.save({"extractor": extractor.state_dict(), "loss": loss.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
-                    "best_score": best_score, "best_epoch": best_epoch,
-                    **({"knn_weights": weights} if weights is not None else {})}, state_path)
-        plots.training_curves(log_path, report.curves)
+        weights = validate(epoch, total / max(batches, 1), learning_rate, started)
     report.best_epoch, report.best_metrics = best_epoch, best_metrics or _best_row(log_path)
     return report
+
+
+def _backbone_features(extractor: Extractor, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    extractor.eval()
+    features, labels = [], []
+    with torch.inference_mode():
+        for images, classes, _ in loader:
+            images = images.to(extractor.device).contiguous(memory_format=torch.channels_last)
+            features.append(extractor.backbone(extractor.normalise(images)).float().cpu())
+            labels.append(classes)
+    return torch.cat(features), torch.cat(labels)
+
+
+def initialise_from_data(extractor: Extractor, loss, loader: DataLoader) -> None:
+    """Start from the pretrained geometry: the head projects onto the training features' principal
+    components (so epoch 0 is about as good as kNN on the frozen features), and class weights or
+    proxies of the loss start at the class means of those first embeddings."""
+    features, labels = _backbone_features(extractor, loader)
+    mean = features.mean(dim=0)
+    _, _, components = torch.linalg.svd(features - mean, full_matrices=False)
+    size = extractor.head.out_features
+    weight = torch.randn(size, features.shape[1]) * 1e-3
+    weight[: min(size, len(components))] = components[:size]
+    with torch.no_grad():
+        extractor.head.weight.copy_(weight)
+        extractor.head.bias.copy_(-(weight @ mean))
+        embeddings = F.normalize(extractor.head(features.to(extractor.device)).cpu(), dim=1)
+        means = torch.stack([F.normalize(embeddings[labels == c].mean(dim=0), dim=0)
+                             for c in range(int(labels.max()) + 1)])
+        from pytorch_metric_learning import losses
+
+        if isinstance(loss, (losses.ArcFaceLoss, losses.NormalizedSoftmaxLoss)):
+            loss.W.copy_(means.T)
+        elif isinstance(loss, (losses.ProxyAnchorLoss, losses.ProxyNCALoss)):
+            loss.proxies.copy_(means)
+        elif class_weights(loss) is not None:
+            loss.W.copy_(means)
 
 
 def _export(extractor: Extractor, spec, weights: tuple[torch.Tensor, float] | None) -> Extractor:

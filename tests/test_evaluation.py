@@ -75,6 +75,20 @@ def test_map_at_r_agrees_with_pytorch_metric_learning():
     assert ours["top1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
 
 
+def test_precision_and_project_levels_by_hand():
+    # Two queries; support along one axis each, labels/projects chosen so every level differs.
+    support = make_support([[1, 0.0], [1, 0.1], [1, 0.2], [0, 1], [0.1, 1], [0.2, 1]],
+                           ["a", "b", "a", "b", "b", "a"], projects=["p1", "p2", "p2", "p3", "p3", "p1"])
+    queries = make_queries([[1, 0.01], [0.01, 1]], ["a", "b"], projects=["p2", "p3"])
+    ranking = ranked(support, queries)
+    row = metrics(ranking, EvaluationSettings(ks=(1,), project_groups={"p1": "g", "p2": "g", "p3": "h"}))
+    # query 0 ranks a/p1, b/p2, a/p2, ...; query 1 ranks b/p3, b/p3, a/p1, ...
+    assert row["top1"] == 1.0 and row["precision5"] == pytest.approx((3 / 5 + 3 / 5) / 2)
+    assert row["project_top1"] == 0.5 and row["project_top5"] == 1.0
+    assert row["similar_top1"] == 1.0  # p1 and p2 are one group
+    assert row["map_at_r"] == pytest.approx(((1 + 2 / 3) / 3 + (1 + 1) / 3) / 2)
+
+
 def test_votes_differ_as_designed():
     labels = O([["a", "b", "b"]])
     scores = np.array([[0.95, 0.5, 0.4]])

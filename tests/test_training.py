@@ -117,7 +117,7 @@ def quick_config(out_dir, **changes) -> TrainConfig:
 def test_training_writes_log_curves_and_loadable_checkpoints(tmp_path):
     report = train_extractor(quick_config(tmp_path / "run", knn_weighting=True), progress=False)
     rows = list(csv.DictReader(open(report.log)))
-    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # epoch 0: the starting point
     assert {"loss", "precision_at_1", "mean_average_precision_at_r", "knn_wrong_share", "lr", "seconds"} <= set(rows[0])
     assert Image.open(report.curves).size[0] > 800
     extractor = load_checkpoint(report.best).for_inference("cpu")
@@ -130,10 +130,26 @@ def test_training_writes_log_curves_and_loadable_checkpoints(tmp_path):
     assert probabilities.shape == (4, 2) and np.allclose(probabilities.sum(axis=1), 1)
 
 
+def test_deep_ranking_multiscale_model_trains_and_reloads(tmp_path):
+    report = train_extractor(quick_config(tmp_path / "dr", dr_model=True, num_epochs=1, freeze=True,
+                                          loss="triplet"), progress=False)
+    extractor = load_checkpoint(report.last)
+    assert extractor.spec.multiscale and len(extractor.backbone.branches) == 2
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    assert extractor.for_inference("cpu").embed(images).shape == (2, 16)
+    from cbir.models import create_extractor
+
+    fresh = create_extractor("efficientnet_lite0", input_size=32, embedding_dim=16, multiscale=True).state_dict()
+    saved = extractor.state_dict()
+    stem = next(k for k in saved if k.startswith("backbone.backbone.") and k.endswith("weight"))
+    assert torch.equal(saved[stem], fresh[stem]), "--freeze must keep the pretrained backbone as it was"
+    assert not torch.equal(saved["head.weight"], fresh["head.weight"])
+
+
 def test_an_interrupted_run_resumes(tmp_path):
     first = train_extractor(quick_config(tmp_path / "run", num_epochs=1, loss="margin"), progress=False)
     assert len(first.epoch_seconds) == 1
     resumed = train_extractor(quick_config(tmp_path / "run", num_epochs=3, loss="margin", resume=True), progress=False)
     assert len(resumed.epoch_seconds) == 2  # epochs 2 and 3 only
-    assert [r["epoch"] for r in csv.DictReader(open(resumed.log))] == ["1", "2", "3"]
+    assert [r["epoch"] for r in csv.DictReader(open(resumed.log))] == ["0", "1", "2", "3"]
     assert load_checkpoint(resumed.last).spec.training["epoch"] == 3
