@@ -22,3 +22,4 @@ test: setup
 
 bench: setup
 	$(PYTHON) scripts/bench_ingest.py
+	$(PYTHON) scripts/bench_index.py

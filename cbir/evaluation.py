@@ -320,7 +320,10 @@ def protocol_weighted(ranking: Ranking, settings: EvaluationSettings) -> Protoco
 
 
 def protocol_separated(ranking: Ranking, settings: EvaluationSettings) -> ProtocolResult:
-    return ProtocolResult("separated", _class_rows(ranking, settings), ["class"], ranking=ranking)
+    """One row per class, then their mean (the summary row: the class-balanced numbers)."""
+    rows = _class_rows(ranking, settings)
+    return ProtocolResult("separated", rows + [_mean_row(rows, **{"class": "mean of classes"})], ["class"],
+                          ranking=ranking)
 
 
 def protocol_remove(ranking: Ranking, settings: EvaluationSettings, exclude_classes: Sequence[str]) -> ProtocolResult:

@@ -109,7 +109,8 @@ def test_weighted_counts_each_class_equally():
                             ProtocolOptions())
     assert results[0].rows[0]["top1"] == 0.75
     assert results[1].rows[0]["top1"] == 0.5
-    assert [(r["class"], r["top1"], r["queries"]) for r in results[2].rows] == [("a", 1.0, 3), ("b", 0.0, 1)]
+    assert [(r["class"], r["top1"], r["queries"]) for r in results[2].rows] == [
+        ("a", 1.0, 3), ("b", 0.0, 1), ("mean of classes", 0.5, 4)]
     assert results[0].rows[0]["knn1_balanced_accuracy"] == 0.5
 
 
@@ -211,10 +212,10 @@ def test_workbook_appends_runs_and_json_is_valid(tmp_path):
     header = summary[0]
     assert summary[1][header.index("top1")] == pytest.approx(results[0].rows[0]["top1"], abs=1e-6)
     assert len(list(book["config"].values)) == 3
-    assert [row[0] for row in list(book["frozen_separated"].values)[1:]] == ["a", "b", "c"]
+    assert [row[0] for row in list(book["frozen_separated"].values)[1:]] == ["a", "b", "c", "mean of classes"]
     write_json(tmp_path / "acc.json", results, config)
     payload = json.loads((tmp_path / "acc.json").read_text())
-    assert payload["results"]["all"]["queries"] == 30 and len(payload["results"]["separated"]) == 3
+    assert payload["results"]["all"]["queries"] == 30 and len(payload["results"]["separated"]) == 4
 
 
 # ------------------------------------------------- real data, real Redis, CLI
