@@ -298,10 +298,14 @@ def rank_all(index: SearchIndex, support: Support, queries: Queries, store=None)
     return rank(index, support, queries, depth, store)
 
 
+SET_LEVEL = ("_balanced_accuracy", "_macro_f1")  # defined over all classes at once, not per class
+
+
 def _class_rows(ranking: Ranking, settings: EvaluationSettings) -> list[dict]:
     labels = ranking.queries.labels
-    return [{"class": c, **metrics(ranking.take(np.flatnonzero(labels == c)), settings)}
+    rows = [{"class": c, **metrics(ranking.take(np.flatnonzero(labels == c)), settings)}
             for c in sorted(set(labels.tolist()))]
+    return [{k: v for k, v in row.items() if not k.endswith(SET_LEVEL)} for row in rows]
 
 
 def _mean_row(rows: list[dict], **describe) -> dict:
@@ -315,15 +319,20 @@ def protocol_all(ranking: Ranking, settings: EvaluationSettings) -> ProtocolResu
 
 
 def protocol_weighted(ranking: Ranking, settings: EvaluationSettings) -> ProtocolResult:
-    """Class-balanced: the mean of the per-class metrics, so each class counts equally."""
-    return ProtocolResult("weighted", [_mean_row(_class_rows(ranking, settings))], ranking=ranking)
+    """Class-balanced: the mean of the per-class metrics, so each class counts equally.
+
+    Balanced accuracy and macro F1 are class-balanced by definition: taken over all queries.
+    """
+    whole = {k: v for k, v in metrics(ranking, settings).items() if k.endswith(SET_LEVEL)}
+    return ProtocolResult("weighted", [{**_mean_row(_class_rows(ranking, settings)), **whole}], ranking=ranking)
 
 
 def protocol_separated(ranking: Ranking, settings: EvaluationSettings) -> ProtocolResult:
     """One row per class, then their mean (the summary row: the class-balanced numbers)."""
     rows = _class_rows(ranking, settings)
-    return ProtocolResult("separated", rows + [_mean_row(rows, **{"class": "mean of classes"})], ["class"],
-                          ranking=ranking)
+    whole = {k: v for k, v in metrics(ranking, settings).items() if k.endswith(SET_LEVEL)}
+    return ProtocolResult("separated", rows + [{**_mean_row(rows, **{"class": "mean of classes"}), **whole}],
+                          ["class"], ranking=ranking)
 
 
 def protocol_remove(ranking: Ranking, settings: EvaluationSettings, exclude_classes: Sequence[str]) -> ProtocolResult:

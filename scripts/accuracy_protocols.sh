@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every accuracy protocol on the shared data with the frozen ImageNet EfficientNet-Lite0 (224 px),
-# exact cosine kNN, into one workbook: results/protocols_frozen_lite0.xlsx (+ pictures, JSON).
+# exact cosine kNN, into one workbook: results/protocols_frozen_lite0.xlsx (+ pictures, JSON); then
+# with the trained extractors of scripts/train_table.sh into results/protocols_trained.xlsx.
 # The reference numbers for the same settings: busi loo top-1 0.780, top-5 0.962,
 # majority@5 0.686; breastmnist test k=1 0.808, k=11 0.833; retinamnist test k=1 0.460, k=11 0.503.
 set -euo pipefail
@@ -20,3 +21,12 @@ for set in breastmnist retinamnist; do
 done
 python test_accuracy.py --db_name breastmnist_frozen --path "$DATA/breastmnist.npz" --split test \
     --measure remove --exclude_classes "normal, benign" --exact --excel_path $OUT --name breastmnist --quiet
+
+# The same protocols with the trained extractors of scripts/train_table.sh, where they exist.
+for set in breastmnist retinamnist; do
+    weights=results/trained/$set/best.safetensors
+    [ -f $weights ] || continue
+    python add_images.py --db_name ${set}_trained --path "$DATA/$set.npz" --split train --weights $weights --quiet
+    python test_accuracy.py --db_name ${set}_trained --path "$DATA/$set.npz" --split test --measure $ALL \
+        --exact --excel_path results/protocols_trained.xlsx --name $set --json results/protocols_${set}_trained.json --quiet
+done

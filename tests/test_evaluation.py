@@ -112,6 +112,8 @@ def test_weighted_counts_each_class_equally():
     assert [(r["class"], r["top1"], r["queries"]) for r in results[2].rows] == [
         ("a", 1.0, 3), ("b", 0.0, 1), ("mean of classes", 0.5, 4)]
     assert results[0].rows[0]["knn1_balanced_accuracy"] == 0.5
+    assert results[1].rows[0]["knn1_balanced_accuracy"] == results[1].rows[0]["knn1_accuracy"] == 0.5
+    assert "knn1_macro_f1" not in results[2].rows[0], "macro F1 of one class alone means nothing"
 
 
 def test_queries_never_count_themselves_their_copy_or_their_group():
