@@ -134,7 +134,9 @@ class ExtractorSpec:
 
     @property
     def description(self) -> str:
-        return f"{self.architecture} ({self.weights} weights, {self.input_size}px)"
+        trained = f", {self.training['loss']}-trained head" if self.training.get("loss") else ""
+        scales = ", multi-scale" if self.multiscale else ""
+        return f"{self.architecture} ({self.weights} weights, {self.input_size}px{scales}{trained})"
 
 
 @dataclass
