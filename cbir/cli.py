@@ -10,17 +10,15 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 from . import __version__
 from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, load_items, one_per_class
 from .errors import CbirError
-from .evaluation import MEASURES, VOTES
-from .index import KINDS
-from .training import LOSSES, SCHEDULERS
+from .options import INDEX_KINDS, LOSSES, MEASURES, SCHEDULERS, VOTES
 from .store import VectorStore
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
@@ -404,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and store it in Redis; later searches use it, kept up to "
                                             "date with later additions and removals.")
     _store_arguments(train)
-    train.add_argument("--index", default="ivf", choices=KINDS,
+    train.add_argument("--index", default="ivf", choices=INDEX_KINDS,
                        help="ivf (IVF-Flat, default), ivfpq (compressed 8-bit PQ codes), hnsw, or flat (exact)")
     train.add_argument("--nlist", type=int, default=None, help="inverted lists of ivf/ivfpq (default: about 4·sqrt(N))")
     train.add_argument("--nprobe", type=int, default=None,

@@ -26,10 +26,10 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
 from .data import per_class_in_turn
 from .errors import CbirError
+from .options import MEASURES, VOTES
 from .index import SearchIndex
 from .store import VectorStore
 
-VOTES = ("majority", "distance", "softmax")
 MAP_DEPTH_LIMIT = 2000  # mAP@R looks at most this deep (R is capped for huge classes)
 
 
@@ -500,8 +500,6 @@ def protocol_interpolate(support: Support, queries: Queries, settings: Evaluatio
                           curve=("lambda", ("validation_accuracy", "accuracy")), summary_row=chosen)
 
 
-MEASURES = ("all", "weighted", "random", "stat", "separated", "remove", "loo", "incremental", "removal",
-            "interpolate")
 SUPPORT_MEASURES = ("loo", "incremental", "removal", "interpolate")  # need no query images of their own
 
 

@@ -21,8 +21,8 @@ import faiss
 import numpy as np
 
 from .errors import CbirError
+from .options import INDEX_KINDS
 
-KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS's k-means warns that centroids are poorly trained
 TRAINING_POINTS_PER_CENTROID = 64
 HNSW_NEIGHBOURS = 32
@@ -77,8 +77,8 @@ class SearchIndex:
     def build(cls, kind: str, ids: np.ndarray, vectors: np.ndarray, nlist: int | None = None,
               m: int | None = None, seed: int = 0) -> "SearchIndex":
         """Train (on a seeded sample) and fill an index of ``kind`` with all ``vectors``."""
-        if kind not in KINDS:
-            raise CbirError(f"unknown index kind '{kind}'; choose one of {', '.join(KINDS)}")
+        if kind not in INDEX_KINDS:
+            raise CbirError(f"unknown index kind '{kind}'; choose one of {', '.join(INDEX_KINDS)}")
         vectors = _unit_rows(vectors)
         count, dim = vectors.shape
         if kind == "flat":

@@ -30,12 +30,10 @@ from tqdm import tqdm
 from .data import ImageItem, load_items
 from .errors import CbirError, ImageError
 from .models import Extractor, create_extractor
+from .options import LOSSES, SCHEDULERS
 
-LOSSES = ("margin", "proxy_nca", "proxy_anchor", "softtriple", "normsoftmax", "arcface", "triplet",
-          "contrastive", "ntxent", "cross_entropy")
 # Losses whose per-element terms belong to one batch sample (its anchor): kNN re-weighting applies.
 SAMPLE_ANCHORED = ("margin", "triplet", "contrastive", "ntxent", "normsoftmax", "arcface", "cross_entropy")
-SCHEDULERS = ("cosine", "step", "exponential", "none")
 CLASSIFIER_SCALE = 16.0  # logits = scale * cosine(embedding, class weight) for the cross-entropy head
 
 
