@@ -280,7 +280,7 @@ def _cmd_evaluate(args) -> int:
     import torch
 
     from .evaluation import ProtocolOptions, Queries, Support, SUPPORT_MEASURES, EvaluationSettings, run_protocols
-    from .indexing import embed_items, extractor_for_store
+    from .indexing import extractor_for_store
     from .report import format_table, save_figures, write_json, write_workbook
     from .trained_index import search_index
 
@@ -295,17 +295,9 @@ def _cmd_evaluate(args) -> int:
         if extractor.classifier is not None:
             head = (list(extractor.spec.class_names), extractor.class_probabilities)
     if args.path:
-        items = load_items(args.path, split=args.split)
-        started = time.perf_counter()
-        vectors, decoded = embed_items(items, extractor, progress=not args.quiet)
-        chosen = [items[p] for p in decoded.positions]
-        column = lambda values: np.array(values, dtype=object)  # noqa: E731
-        queries = Queries(names=column([i.name for i in chosen]), labels=column([i.label for i in chosen]),
-                          projects=column([i.project for i in chosen]), sha256=column(decoded.sha256),
-                          vectors=vectors, ids=np.full(len(chosen), -1, np.int64),
-                          groups=column([groups.get(i.name, i.name) for i in chosen]) if groups else None,
-                          model_seconds=time.perf_counter() - started)
-        for failure in decoded.failures:
+        queries, failures = Queries.embed(load_items(args.path, split=args.split), extractor, groups,
+                                          progress=not args.quiet)
+        for failure in failures:
             print(f"skipped {failure}", file=sys.stderr)
     elif set(measures) - set(SUPPORT_MEASURES):
         raise CbirError(f"--measure {' '.join(measures)} needs --path with the query images "
@@ -396,26 +388,29 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--label", nargs="+", default=[], help="remove every image of these labels")
     remove.set_defaults(run=_cmd_remove)
 
-    train = commands.add_parser("train-index", help="train a FAISS index for approximate search",
-                                description="Read the database's vectors, train a FAISS index (cosine "
-                                            "similarity), tune its search breadth against exact search "
-                                            "and store it in Redis; later searches use it, kept up to "
-                                            "date with later additions and removals.")
-    _store_arguments(train)
-    train.add_argument("--index", default="ivf", choices=INDEX_KINDS,
-                       help="ivf (IVF-Flat, default), ivfpq (compressed 8-bit PQ codes), hnsw, or flat (exact)")
-    train.add_argument("--nlist", type=int, default=None, help="inverted lists of ivf/ivfpq (default: about 4·sqrt(N))")
-    train.add_argument("--nprobe", type=int, default=None,
-                       help="search breadth: lists visited (ivf/ivfpq) or efSearch (hnsw); "
-                            "default: the smallest that reaches --target_recall")
-    train.add_argument("--m", type=int, default=None,
-                       help="ivfpq: sub-quantisers (code bytes per vector; default up to 32); hnsw: links per node (32)")
-    train.add_argument("--target_recall", type=float, default=0.95,
-                       help="recall@10 against exact search that tuning aims for (default: 0.95)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the training and tuning samples")
-    train.add_argument("--delete", action="store_true", help="delete the trained index (searches become exact)")
-    train.add_argument("--json", default=None, help="also write the report as JSON to this file")
-    train.set_defaults(run=_cmd_train_index)
+    train_index = commands.add_parser("train-index", help="train a FAISS index for approximate search",
+                                      description="Read the database's vectors, train a FAISS index (cosine "
+                                                  "similarity), tune its search breadth against exact search "
+                                                  "and store it in Redis; later searches use it, kept up to "
+                                                  "date with later additions and removals.")
+    _store_arguments(train_index)
+    train_index.add_argument("--index", default="ivf", choices=INDEX_KINDS,
+                             help="ivf (IVF-Flat, default), ivfpq (compressed 8-bit PQ codes), hnsw, or flat (exact)")
+    train_index.add_argument("--nlist", type=int, default=None,
+                             help="inverted lists of ivf/ivfpq (default: about 4·sqrt(N))")
+    train_index.add_argument("--nprobe", type=int, default=None,
+                             help="search breadth: lists visited (ivf/ivfpq) or efSearch (hnsw); "
+                                  "default: the smallest that reaches --target_recall")
+    train_index.add_argument("--m", type=int, default=None,
+                             help="ivfpq: sub-quantisers (code bytes per vector; default up to 32); "
+                                  "hnsw: links per node (32)")
+    train_index.add_argument("--target_recall", type=float, default=0.95,
+                             help="recall@10 against exact search that tuning aims for (default: 0.95)")
+    train_index.add_argument("--seed", type=int, default=0, help="seed of the training and tuning samples")
+    train_index.add_argument("--delete", action="store_true",
+                             help="delete the trained index (searches become exact)")
+    train_index.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    train_index.set_defaults(run=_cmd_train_index)
 
     train = commands.add_parser("train", help="train a metric-learned feature extractor",
                                 description="Fine-tune a backbone with an embedding head so images of the same "

@@ -24,16 +24,26 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
-from .data import per_class_in_turn
+from .data import ImageItem, per_class_in_turn
 from .errors import CbirError
 from .options import MEASURES, VOTES
 from .index import SearchIndex
+from .indexing import embed_items
 from .store import VectorStore
 
 MAP_DEPTH_LIMIT = 2000  # mAP@R looks at most this deep (R is capped for huge classes)
 
 
 # ------------------------------------------------------------------- data
+def _objects(values) -> np.ndarray:
+    return np.array(list(values), dtype=object)
+
+
+def _groups_of(names: np.ndarray, groups: dict[str, str] | None) -> np.ndarray | None:
+    """Each name's group (patient, slide); a name the mapping lacks is its own group."""
+    return None if groups is None else _objects(groups.get(n, n) for n in names)
+
+
 @dataclass
 class Support:
     """The stored images: ids ascending, with labels, projects, hashes, names and groups."""
@@ -48,14 +58,11 @@ class Support:
 
     @classmethod
     def from_store(cls, store: VectorStore, groups: dict[str, str] | None = None) -> "Support":
-        ids, vectors = store.load_vectors()
-        by_id = dict(store.iter_records())
-        records = [by_id[i] for i in ids.tolist()]
-        column = lambda attr: np.array([getattr(r, attr) for r in records], dtype=object)  # noqa: E731
-        names = column("name")
-        return cls(ids=ids, labels=column("label"), projects=column("project"), sha256=column("sha256"),
-                   names=names, vectors=vectors,
-                   groups=None if groups is None else np.array([groups.get(n, n) for n in names], dtype=object))
+        ids, vectors, records = store.load_with_records()
+        names = _objects(r.name for r in records)
+        return cls(ids=ids, labels=_objects(r.label for r in records), projects=_objects(r.project for r in records),
+                   sha256=_objects(r.sha256 for r in records), names=names, vectors=vectors,
+                   groups=_groups_of(names, groups))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -87,6 +94,19 @@ class Queries:
     ids: np.ndarray
     groups: np.ndarray | None = None
     model_seconds: float = 0.0  # total embedding time of all queries
+
+    @classmethod
+    def embed(cls, items: Sequence[ImageItem], extractor, groups: dict[str, str] | None = None,
+              progress: bool = False) -> tuple["Queries", list[str]]:
+        """The readable ``items`` embedded by ``extractor`` (timed as model time), and the failures."""
+        started = time.perf_counter()
+        vectors, decoded = embed_items(items, extractor, progress=progress)
+        chosen = [items[p] for p in decoded.positions]
+        names = _objects(i.name for i in chosen)
+        queries = cls(names=names, labels=_objects(i.label for i in chosen),
+                      projects=_objects(i.project for i in chosen), sha256=_objects(decoded.sha256), vectors=vectors, ids=np.full(len(chosen), -1, np.int64),
+                      groups=_groups_of(names, groups), model_seconds=time.perf_counter() - started)
+        return queries, decoded.failures
 
     @classmethod
     def of_support(cls, support: Support) -> "Queries":
@@ -308,6 +328,10 @@ def _class_rows(ranking: Ranking, settings: EvaluationSettings) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.endswith(SET_LEVEL)} for row in rows]
 
 
+def _set_level_metrics(ranking: Ranking, settings: EvaluationSettings) -> dict:
+    return {k: v for k, v in metrics(ranking, settings).items() if k.endswith(SET_LEVEL)}
+
+
 def _mean_row(rows: list[dict], **describe) -> dict:
     keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float, np.floating)) and k != "queries"]
     return {**describe, "queries": int(sum(r["queries"] for r in rows)),
@@ -323,14 +347,14 @@ def protocol_weighted(ranking: Ranking, settings: EvaluationSettings) -> Protoco
 
     Balanced accuracy and macro F1 are class-balanced by definition: taken over all queries.
     """
-    whole = {k: v for k, v in metrics(ranking, settings).items() if k.endswith(SET_LEVEL)}
+    whole = _set_level_metrics(ranking, settings)
     return ProtocolResult("weighted", [{**_mean_row(_class_rows(ranking, settings)), **whole}], ranking=ranking)
 
 
 def protocol_separated(ranking: Ranking, settings: EvaluationSettings) -> ProtocolResult:
     """One row per class, then their mean (the summary row: the class-balanced numbers)."""
     rows = _class_rows(ranking, settings)
-    whole = {k: v for k, v in metrics(ranking, settings).items() if k.endswith(SET_LEVEL)}
+    whole = _set_level_metrics(ranking, settings)
     return ProtocolResult("separated", rows + [{**_mean_row(rows, **{"class": "mean of classes"}), **whole}],
                           ["class"], ranking=ranking)
 
@@ -371,7 +395,8 @@ def protocol_incremental(support: Support, queries: Queries, settings: Evaluatio
     """
     rng = np.random.default_rng(seed)
     classes = [str(c) for c in rng.permutation(sorted(set(support.labels.astype(str).tolist())))]
-    index = SearchIndex.exact(np.empty(0, np.int64), np.empty((0, support.vectors.shape[1]), np.float32))
+    empty = (np.empty(0, np.int64), np.empty((0, support.vectors.shape[1]), np.float32))
+    index = SearchIndex.exact(*empty)
     class_rows = []
     for step, label in enumerate(classes, 1):
         joining = np.flatnonzero(support.labels.astype(str) == label)
@@ -384,7 +409,7 @@ def protocol_incremental(support: Support, queries: Queries, settings: Evaluatio
         class_rows.append({"step": step, "classes": step, "added_class": label, "support": len(seen),
                            **metrics(ranking, settings)})
     order = {label: rng.permutation(np.flatnonzero(support.labels.astype(str) == label)) for label in classes}
-    index = SearchIndex.exact(np.empty(0, np.int64), np.empty((0, support.vectors.shape[1]), np.float32))
+    index = SearchIndex.exact(*empty)
     sample_rows, present = [], []
     for step in range(1, steps + 1):
         fresh = np.concatenate([rows[len(rows) * (step - 1) // steps: len(rows) * step // steps]

@@ -55,15 +55,14 @@ def tsne_2d(vectors: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np.
 def save_tsne(store: VectorStore, path: str | Path, perplexity: float = 30.0, max_points: int = 5000,
               by_project: bool = False, seed: int = 0) -> Picture:
     """The database's vectors in 2-D coloured by class (and, optionally, a panel by project)."""
-    ids, vectors = store.load_vectors()
-    records = dict(store.iter_records())
-    labels = np.array([records[i].label for i in ids.tolist()], dtype=object)
+    ids, vectors, records = store.load_with_records()
+    labels = np.array([r.label for r in records], dtype=object)
     rows = stratified_sample(labels, max_points, seed)
     points = tsne_2d(vectors[rows], perplexity, seed)
     sampled = f"{len(rows):,} of {len(ids):,} images, stratified sample" if len(rows) < len(ids) else f"{len(ids):,} images"
     panels = [("class", labels[rows])]
     if by_project:
-        panels.append(("project", np.array([records[i].project for i in ids[rows].tolist()], dtype=object)))
+        panels.append(("project", np.array([records[i].project for i in rows.tolist()], dtype=object)))
     with plots.figure(path, columns=len(panels), width=6.0, height=5.2) as axes:
         for ax, (what, values) in zip(axes[0], panels):
             plots.scatter(ax, points, values, f"t-SNE of '{store.name}' by {what}\n({sampled})")

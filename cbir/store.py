@@ -570,10 +570,19 @@ class VectorStore:
 
     def load_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All stored (ids, vectors), ids ascending; vectors float32 of shape (n, dim)."""
+        ids, vectors, _ = self._load(decode_records=False)
+        return ids, vectors
+
+    def load_with_records(self) -> tuple[np.ndarray, np.ndarray, list[ImageRecord]]:
+        """All stored (ids, vectors, records), read in the same single pass over the chunks."""
+        return self._load(decode_records=True)
+
+    def _load(self, decode_records: bool) -> tuple[np.ndarray, np.ndarray, list[ImageRecord]]:
         self.require()
         row_bytes = self.dim * 4
         id_parts: list[np.ndarray] = []
         vector_parts: list[np.ndarray] = []
+        records: list[ImageRecord] = []
         for batch in self._chunk_batches():
             pipe = self.pipeline()
             for chunk in batch:
@@ -593,6 +602,8 @@ class VectorStore:
                 contiguous = rows[0] == 0 and rows[-1] == len(rows) - 1
                 vector_parts.append(matrix[: len(rows)] if contiguous else matrix[rows])
                 id_parts.append(ids)
+                if decode_records:
+                    records += [ImageRecord.decode(entries[i]) for i in ids.tolist()]
         if not id_parts:
-            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
-        return np.concatenate(id_parts), np.concatenate(vector_parts)
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32), records
+        return np.concatenate(id_parts), np.concatenate(vector_parts), records

@@ -106,7 +106,7 @@ def save_index(store: VectorStore, blob: bytes, searcher: SearchIndex, version: 
                     blob[number * INDEX_CHUNK_BYTES:(number + 1) * INDEX_CHUNK_BYTES])
     meta_key = store.register_key("index")
     with store.writing():
-        previous = _read_meta(store)
+        previous = index_info(store)
         store.call("saving the index of", store.client.hset, meta_key, mapping={
             "kind": searcher.kind, "params": json.dumps(searcher.params), "version": version,
             "journal": journal_start, "build": build, "chunks": len(chunk_keys), "bytes": len(blob),
@@ -131,19 +131,15 @@ def _delete_chunks(store: VectorStore, meta: dict) -> None:
     store.execute("deleting the old index of", pipe)
 
 
-def _read_meta(store: VectorStore) -> dict:
+def index_info(store: VectorStore) -> dict:
+    """The saved index's description (empty when none was trained)."""
     raw = store.call("reading", store.client.hgetall, _index_key(store))
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
-def index_info(store: VectorStore) -> dict:
-    """The saved index's description (empty when none was trained)."""
-    return _read_meta(store)
-
-
 def delete_index(store: VectorStore) -> bool:
     """Forget the trained index (searches become exact); True if there was one."""
-    meta = _read_meta(store)
+    meta = index_info(store)
     if not meta:
         return False
     store.call("deleting the index of", store.client.unlink, _index_key(store))
@@ -202,7 +198,7 @@ def search_index(store: VectorStore, exact: bool = False) -> SearchIndex:
 
     The trained index is loaded once per process and caught up with later changes on each call.
     """
-    meta = {} if exact else _read_meta(store)
+    meta = {} if exact else index_info(store)
     if not meta:
         return SearchIndex.from_store(store)
     cache_key = (id(store.client), store.prefix)

@@ -23,6 +23,10 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning import losses, miners, samplers
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.reducers import BaseReducer
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -183,61 +187,47 @@ class LabelledImages(Dataset):
 
 
 # ---------------------------------------------------------------------- loss
-class AnchorWeightedReducer:
-    """Built lazily: a pytorch-metric-learning reducer weighting each term by its anchor sample."""
+class AnchorWeightedReducer(BaseReducer):
+    """Mean of the non-zero loss terms, each weighted by the weight of its anchor sample."""
 
-    @staticmethod
-    def create():
-        from pytorch_metric_learning.reducers import BaseReducer
+    weights: torch.Tensor | None = None  # one per batch sample; None: all equal
 
-        class _Reducer(BaseReducer):
-            weights: torch.Tensor | None = None
+    def _weighted(self, losses, anchors):
+        weights = torch.ones_like(losses) if self.weights is None else self.weights[anchors].to(losses)
+        positive = losses > 0
+        if not positive.any():
+            return losses.sum() * 0
+        return (losses * weights)[positive].sum() / weights[positive].sum()
 
-            def _weighted(self, losses, anchors):
-                weights = torch.ones_like(losses) if self.weights is None else self.weights[anchors].to(losses)
-                positive = losses > 0
-                if not positive.any():
-                    return losses.sum() * 0
-                return (losses * weights)[positive].sum() / weights[positive].sum()
+    def element_reduction(self, losses, loss_indices, embeddings, labels):
+        return self._weighted(losses, loss_indices)
 
-            def element_reduction(self, losses, loss_indices, embeddings, labels):
-                return self._weighted(losses, loss_indices)
+    def pos_pair_reduction(self, losses, loss_indices, embeddings, labels):
+        return self._weighted(losses, loss_indices[0])
 
-            def pos_pair_reduction(self, losses, loss_indices, embeddings, labels):
-                return self._weighted(losses, loss_indices[0])
+    neg_pair_reduction = pos_pair_reduction
 
-            neg_pair_reduction = pos_pair_reduction
-
-            def triplet_reduction(self, losses, loss_indices, embeddings, labels):
-                return self._weighted(losses, loss_indices[0])
-
-        return _Reducer()
+    def triplet_reduction(self, losses, loss_indices, embeddings, labels):
+        return self._weighted(losses, loss_indices[0])
 
 
-def _cosine_cross_entropy(num_classes: int, dim: int, **kwargs):
-    from pytorch_metric_learning.losses import BaseMetricLossFunction
+class CosineCrossEntropy(BaseMetricLossFunction):
+    """Plain cross-entropy through a cosine classifier head: the classification baseline."""
 
-    class CosineCrossEntropy(BaseMetricLossFunction):
-        """Plain cross-entropy through a cosine classifier head: the classification baseline."""
+    def __init__(self, num_classes: int, embedding_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.W = nn.Parameter(torch.randn(num_classes, embedding_size) / math.sqrt(embedding_size))
 
-        def __init__(self, **inner):
-            super().__init__(**inner)
-            self.W = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
-
-        def compute_loss(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
-            logits = CLASSIFIER_SCALE * F.normalize(embeddings, dim=1) @ F.normalize(self.W, dim=1).T
-            losses = F.cross_entropy(logits, labels, reduction="none")
-            return {"loss": {"losses": losses, "indices": torch.arange(len(labels), device=labels.device),
-                             "reduction_type": "element"}}
-
-    return CosineCrossEntropy(**kwargs)
+    def compute_loss(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
+        logits = CLASSIFIER_SCALE * F.normalize(embeddings, dim=1) @ F.normalize(self.W, dim=1).T
+        terms = F.cross_entropy(logits, labels, reduction="none")
+        return {"loss": {"losses": terms, "indices": torch.arange(len(labels), device=labels.device),
+                         "reduction_type": "element"}}
 
 
 def build_loss(name: str, num_classes: int, dim: int, weighted: bool):
     """(loss, miner or None) from pytorch-metric-learning; the loss may hold learned parameters."""
-    from pytorch_metric_learning import losses, miners
-
-    extra = {"reducer": AnchorWeightedReducer.create()} if weighted else {}
+    extra = {"reducer": AnchorWeightedReducer()} if weighted else {}
     if name == "margin":
         return (losses.MarginLoss(margin=0.2, nu=0.0, beta=1.2, learn_beta=True, num_classes=num_classes, **extra),
                 miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4))
@@ -258,26 +248,24 @@ def build_loss(name: str, num_classes: int, dim: int, weighted: bool):
         return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5, **extra), None
     if name == "ntxent":
         return losses.NTXentLoss(temperature=0.07, **extra), None
-    return _cosine_cross_entropy(num_classes, dim, **extra), None
+    return CosineCrossEntropy(num_classes, dim, **extra), None
 
 
 def class_weights(loss) -> tuple[torch.Tensor, float] | None:
     """(classes x dim weights, logit scale) of a loss that learns one vector per class, else None."""
-    from pytorch_metric_learning import losses
-
     if isinstance(loss, (losses.ArcFaceLoss, losses.NormalizedSoftmaxLoss)):
         scale = loss.scale if isinstance(loss, losses.ArcFaceLoss) else 1 / loss.temperature
         return loss.W.detach().T.contiguous(), float(scale)
     if isinstance(loss, (losses.ProxyAnchorLoss, losses.ProxyNCALoss)):
         return loss.proxies.detach().clone(), 16.0
-    if hasattr(loss, "W") and loss.W.shape[0] != loss.W.shape[1] and not isinstance(loss, losses.SoftTripleLoss):
+    if isinstance(loss, CosineCrossEntropy):
         return loss.W.detach().clone(), CLASSIFIER_SCALE
     return None
 
 
 def _set_weights(loss, weights: torch.Tensor | None) -> None:
     for module in loss.modules():
-        if hasattr(module, "_weighted"):
+        if isinstance(module, AnchorWeightedReducer):
             module.weights = weights
 
 
@@ -300,14 +288,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _embed(extractor: Extractor, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+def _embed(extractor: Extractor, loader: DataLoader, backbone_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings, or the backbone's features when ``backbone_only``; labels) of a loader, in order."""
     extractor.eval()
-    vectors, labels = [], []
+    outputs, labels = [], []
     with torch.inference_mode():
         for images, classes, _ in loader:
-            vectors.append(extractor(images.to(extractor.device)).float().cpu())
+            images = images.to(extractor.device).contiguous(memory_format=torch.channels_last)
+            output = extractor.backbone(extractor.normalise(images)) if backbone_only else extractor(images)
+            outputs.append(output.float().cpu())
             labels.append(classes)
-    return torch.cat(vectors), torch.cat(labels)
+    return torch.cat(outputs), torch.cat(labels)
 
 
 def knn_wrong(vectors: torch.Tensor, labels: torch.Tensor, k: int = 10) -> torch.Tensor:
@@ -343,9 +334,6 @@ def _make_scheduler(config: TrainConfig, optimizer):
 
 def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
     """Train, validate every epoch, keep the best and last checkpoints; see the module docstring."""
-    from pytorch_metric_learning import samplers
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-
     from . import plots
 
     config.check()
@@ -479,22 +467,11 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
     return report
 
 
-def _backbone_features(extractor: Extractor, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    extractor.eval()
-    features, labels = [], []
-    with torch.inference_mode():
-        for images, classes, _ in loader:
-            images = images.to(extractor.device).contiguous(memory_format=torch.channels_last)
-            features.append(extractor.backbone(extractor.normalise(images)).float().cpu())
-            labels.append(classes)
-    return torch.cat(features), torch.cat(labels)
-
-
 def initialise_from_data(extractor: Extractor, loss, loader: DataLoader) -> None:
     """Start from the pretrained geometry: the head projects onto the training features' principal
     components (so epoch 0 is about as good as kNN on the frozen features), and class weights or
     proxies of the loss start at the class means of those first embeddings."""
-    features, labels = _backbone_features(extractor, loader)
+    features, labels = _embed(extractor, loader, backbone_only=True)
     mean = features.mean(dim=0)
     _, _, components = torch.linalg.svd(features - mean, full_matrices=False)
     size = extractor.head.out_features
@@ -506,13 +483,11 @@ def initialise_from_data(extractor: Extractor, loss, loader: DataLoader) -> None
         embeddings = F.normalize(extractor.head(features.to(extractor.device)).cpu(), dim=1)
         means = torch.stack([F.normalize(embeddings[labels == c].mean(dim=0), dim=0)
                              for c in range(int(labels.max()) + 1)])
-        from pytorch_metric_learning import losses
-
         if isinstance(loss, (losses.ArcFaceLoss, losses.NormalizedSoftmaxLoss)):
             loss.W.copy_(means.T)
         elif isinstance(loss, (losses.ProxyAnchorLoss, losses.ProxyNCALoss)):
             loss.proxies.copy_(means)
-        elif class_weights(loss) is not None:
+        elif isinstance(loss, CosineCrossEntropy):
             loss.W.copy_(means)
 
 
