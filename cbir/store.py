@@ -713,9 +713,14 @@ class VectorStore:
     def _load(self, decode_records: bool) -> tuple[np.ndarray, np.ndarray, list[ImageRecord]]:
         self.require()
         row_bytes = self.dim * 4
-        id_parts: list[np.ndarray] = []
-        vector_parts: list[np.ndarray] = []
+        # Filled in place, sized for every id ever given: pages past the live rows are never
+        # touched, so they cost address space only, where gathering parts and concatenating them
+        # would write every vector twice.
+        capacity = self._num_chunks() * self.chunk_size
+        ids = np.empty(capacity, np.int64)
+        vectors = np.empty((capacity, self.dim), np.float32)
         records: list[ImageRecord] = []
+        count = 0
         for batch in self._chunk_batches():
             pipe = self.pipeline()
             for chunk in batch:
@@ -724,22 +729,20 @@ class VectorStore:
             replies = self.execute("loading vectors from", pipe)
             for chunk, blob, meta in zip(batch, replies[0::2], replies[1::2]):
                 records_of_chunk = MetaChunk(meta)
-                if not len(records_of_chunk):
+                live = len(records_of_chunk)
+                if not live:
                     continue
-                ids = records_of_chunk.ids
-                rows = ids - chunk * self.chunk_size
+                rows = records_of_chunk.ids - chunk * self.chunk_size
                 if blob is None or len(blob) < (int(rows[-1]) + 1) * row_bytes:
                     raise StoreError(f"database '{self.name}': vectors of chunk {chunk} are missing")
-                matrix = np.frombuffer(blob, dtype=np.float32, count=(len(blob) // row_bytes) * self.dim)
-                matrix = matrix.reshape(-1, self.dim)
-                contiguous = rows[0] == 0 and rows[-1] == len(rows) - 1
-                vector_parts.append(matrix[: len(rows)] if contiguous else matrix[rows])
-                id_parts.append(ids)
+                matrix = np.frombuffer(blob, np.float32, (len(blob) // row_bytes) * self.dim).reshape(-1, self.dim)
+                contiguous = rows[0] == 0 and rows[-1] == live - 1
+                vectors[count:count + live] = matrix[:live] if contiguous else matrix[rows]
+                ids[count:count + live] = records_of_chunk.ids
+                count += live
                 if decode_records:
                     records += [record for _, record in records_of_chunk.records()]
-        if not id_parts:
-            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32), records
-        return np.concatenate(id_parts), np.concatenate(vector_parts), records
+        return ids[:count], vectors[:count], records
 
 
 class WriteStream:
