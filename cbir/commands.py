@@ -10,6 +10,7 @@ redis-py pipeline, which routes each command to its node.
 """
 from __future__ import annotations
 
+import socket
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
@@ -17,6 +18,7 @@ from typing import Callable, Sequence, Union
 from redis.cluster import RedisCluster
 
 _ARGUMENT_HEADERS = [b"$%d\r\n" % n for n in range(4096)]  # "$<length>\r\n" of short arguments
+SEND_BUFFER_BYTES = 16 << 20
 _LARGE = 64 * 1024  # arguments from this size on go out as their own buffer, uncopied
 
 
@@ -119,6 +121,18 @@ def execute(client, commands: Sequence[Command]) -> list:
         client.connection_pool.release(connection)
 
 
+def _widen_send_buffer(connection) -> None:
+    """Let whole batches wait in the kernel's socket buffer (the kernel caps the size, at 8 MiB
+    here): ``sendall`` then returns at once and the client encodes the next batch while Redis
+    reads this one, where the default buffer (208 KiB) held the client until Redis had read all
+    but its last bytes (ingest of 1M vectors: 169k-232k/s -> 208k-247k/s over three runs each).
+    redis-py has no option for it, so it is set on the connection's socket."""
+    connection.connect()
+    sock = getattr(connection, "_sock", None)
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+
+
 class CommandStream:
     """Sends batches of phases without waiting for their replies, at most ``depth`` batches in flight.
 
@@ -135,6 +149,8 @@ class CommandStream:
         self.done = done
         self._cluster = isinstance(client, RedisCluster)
         self._connection = None if self._cluster else client.connection_pool.get_connection()
+        if self._connection is not None:
+            _widen_send_buffer(self._connection)
         self._in_flight: deque[tuple[object, int]] = deque()
 
     def send(self, phases: Sequence[Sequence[Command]], token: object = None) -> None:

@@ -186,8 +186,8 @@ class MetaChunk:
 
 
 def _check_records(records: Sequence[ImageRecord]) -> None:
-    text = "".join("".join(map(attrgetter(f), records)) for f in _TEXT_FIELDS)
-    if any(c in text for c in _FORBIDDEN_CHARACTERS):
+    columns = ["".join(map(attrgetter(f), records)) for f in _TEXT_FIELDS]
+    if any(c in column for column in columns for c in _FORBIDDEN_CHARACTERS):
         bad = next(r for r in records if any(c in getattr(r, f) for f in _TEXT_FIELDS
                                                for c in _FORBIDDEN_CHARACTERS))
         raise StoreError(f"{bad.name!r}: a name, label, project or source contains a control character")
@@ -203,6 +203,7 @@ class WritePlan:
     ids: np.ndarray  # the id of each record to write
     positions: list[int]  # the index of each record to write in the input sequence
     names: list[bytes] = field(default_factory=list)  # UTF-8 name of each record to write
+    buckets: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # name-map bucket of each
     digests: np.ndarray = field(default_factory=lambda: np.empty((0, _DIGEST_BYTES), np.uint8))
     fresh_from: int | None = None  # ids from here on were reserved by this plan: nothing stored there
     new: int = 0  # never stored before
@@ -432,9 +433,9 @@ class VectorStore:
         ids = self._lookup([n.encode("utf-8") for n in names])
         return [None if i < 0 else i for i in ids.tolist()]
 
-    def _lookup(self, names: Sequence[bytes]) -> np.ndarray:
+    def _lookup(self, names: Sequence[bytes], buckets: np.ndarray | None = None) -> np.ndarray:
         """The id stored under each UTF-8 name, -1 where the name is unknown: one HMGET per bucket."""
-        groups = list(_groups(_name_buckets(names)))
+        groups = list(_groups(_name_buckets(names) if buckets is None else buckets))
         replies = self.call("reading", commands.execute, self.client, [
             NameCommand("HMGET", self._name_key(bucket), [names[p] for p in positions.tolist()])
             for bucket, positions in groups])
@@ -467,7 +468,8 @@ class VectorStore:
         plan = WritePlan(records=[], ids=np.empty(0, np.int64), positions=[],
                          duplicates=len(names) - len(candidates))
         candidate_names = [names[p] for p in candidates.tolist()]
-        ids = self._lookup(candidate_names)
+        buckets = _name_buckets(candidate_names)
+        ids = self._lookup(candidate_names, buckets)
         in_flight = self._in_flight(candidate_names, ids)
         known = np.flatnonzero(ids >= 0)
         keep = ids < 0
@@ -494,6 +496,7 @@ class VectorStore:
         plan.ids = ids[keep]
         plan.records = [records[p] for p in plan.positions]
         plan.names = [names[p] for p in plan.positions]
+        plan.buckets = buckets[keep]
         plan.digests = digests[positions]
         if plan.records:
             self._unsettled.append(plan)
@@ -536,7 +539,7 @@ class VectorStore:
         names_and_vectors: list[Command] = [
             NameCommand("HSET", self._name_key(bucket), [plan.names[p] for p in positions.tolist()],
                         [ids[p] for p in positions.tolist()])
-            for bucket, positions in _groups(_name_buckets(plan.names))]
+            for bucket, positions in _groups(plan.buckets)]
         names_and_vectors += self._vector_commands(plan.ids, vectors, plan.fresh_from)
         records: list[Command] = [
             ("APPEND", self._meta_key(chunk), _encode_block(plan.ids[positions],
