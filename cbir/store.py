@@ -519,11 +519,17 @@ class VectorStore:
 
     def write(self, plan: WritePlan, vectors: np.ndarray) -> None:
         """Store the planned records with their vectors (rows in plan order)."""
-        stream = WriteStream(self, depth=0)
         try:
-            stream.write(plan, vectors)
+            if plan.records:
+                self._run_phases("writing to", self._write_phases(plan, vectors))
         finally:
-            stream.close()
+            self.settled(plan)
+
+    def _run_phases(self, what: str, phases: list[list[Command]]) -> None:
+        """Run ``phases`` in order and wait for them (one round trip on a single server)."""
+        stream = self.call("connecting to", commands.CommandStream, self.client, 0)
+        self.call(what, stream.send, phases)
+        self.call(what, stream.close)
 
     def _write_phases(self, plan: WritePlan, vectors: np.ndarray) -> list[list[Command]]:
         """The commands of a write: names and vectors, then the records and the commit.
@@ -536,10 +542,11 @@ class VectorStore:
         if not np.isfinite(vectors).all():
             raise StoreError("refusing to store vectors with NaN or infinite values")
         ids = plan.ids.tolist()
-        names_and_vectors: list[Command] = [
-            NameCommand("HSET", self._name_key(bucket), [plan.names[p] for p in positions.tolist()],
-                        [ids[p] for p in positions.tolist()])
-            for bucket, positions in _groups(plan.buckets)]
+        names_and_vectors: list[Command] = []
+        for bucket, positions in _groups(plan.buckets):
+            rows = positions.tolist()
+            names_and_vectors.append(NameCommand("HSET", self._name_key(bucket), [plan.names[p] for p in rows],
+                                                 [ids[p] for p in rows]))
         names_and_vectors += self._vector_commands(plan.ids, vectors, plan.fresh_from)
         records: list[Command] = [
             ("APPEND", self._meta_key(chunk), _encode_block(plan.ids[positions],
@@ -595,26 +602,27 @@ class VectorStore:
         """Delete these images (record, name and vector bytes); returns what was removed."""
         self.require()
         ids = set(int(i) for i in ids)
-        chunks = self._meta_chunks(i // self.chunk_size for i in ids)
-        found = sorted((i, record) for chunk in chunks.values() for i, record in chunk.records() if i in ids)
-        if not found:
-            return []
+        found: list[tuple[int, ImageRecord]] = []
         records: list[Command] = []
-        for number, chunk in chunks.items():
-            kept = [(i, record) for i, record in chunk.records() if i not in ids]
+        for number, chunk in self._meta_chunks(i // self.chunk_size for i in ids).items():
+            stored = chunk.records()
+            kept = [(i, record) for i, record in stored if i not in ids]
+            if len(kept) == len(stored):
+                continue
+            found += [(i, record) for i, record in stored if i in ids]
             kept_records = [record for _, record in kept]
             records.append(("SET", self._meta_key(number), _encode_block(
                 np.array([i for i, _ in kept], np.int64), kept_records, _digests(kept_records)))
                            if kept else ("UNLINK", self._meta_key(number)))
+        if not found:
+            return []
         removed_ids = np.array([i for i, _ in found], np.int64)
         names = [record.name.encode("utf-8") for _, record in found]
         rest = self._vector_commands(removed_ids, np.zeros((len(found), self.dim), np.float32))
         rest += [NameCommand("HDEL", self._name_key(bucket), [names[p] for p in positions.tolist()])
                  for bucket, positions in _groups(_name_buckets(names))]
         rest += self._commit_commands(b"-" + removed_ids.astype("<i8").tobytes())
-        stream = self.call("connecting to", commands.CommandStream, self.client, 0)
-        self.call("removing images from", stream.send, [records, rest])
-        self.call("removing images from", stream.close)
+        self._run_phases("removing images from", [records, rest])
         return [record for _, record in found]
 
     def remove_names(self, names: Sequence[str]) -> list[ImageRecord]:
