@@ -78,7 +78,7 @@ def _cmd_add(args) -> int:
     report = index_images(store, items, extractor, batch_size=args.batch_size, workers=args.workers,
                           progress=not args.quiet)
     rate = (report.written / report.seconds) if report.seconds else 0.0
-    print(f"'{args.db_name}': {report.new} new, {report.updated} updated, {report.repaired} repaired, "
+    print(f"'{args.db_name}': {report.new} new, {report.updated} updated, "
           f"{report.unchanged} unchanged, {report.duplicates} duplicate names, {len(report.failures)} failed "
           f"in {report.seconds:.1f} s ({rate:.1f} images/s embedded); {store.count()} images stored")
     if report.failures:

@@ -1,19 +1,15 @@
 """Batches of Redis commands, run on any deployment as fast as the client allows.
 
-A batch is a list of commands: argument tuples, or a :class:`NameCommand` (one HSET, HMGET or
-HDEL over many image names, which carry most of an ingest's arguments). On a single server a
-batch goes out on one connection as a few buffers: name commands packed with a handful of joins
-(redis-py packs argument by argument in Python, 0.73 µs per name and id against about 0.25
-here, measured on 10,000 names), and large values (vector chunks) sent as they are, where
-redis-py with hiredis copies them into its packed command first. A Redis Cluster gets a
-redis-py pipeline, which routes each command to its node.
+A batch is a list of commands, each an argument tuple. On a single server a batch goes out on
+one connection as a few buffers, large values (vector chunks) sent as they are, where redis-py
+with hiredis copies them into its packed command first. A Redis Cluster gets a redis-py
+pipeline, which routes each command to its node.
 """
 from __future__ import annotations
 
 import socket
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 from redis.cluster import RedisCluster
 
@@ -26,13 +22,6 @@ def _header(length: int) -> bytes:
     return _ARGUMENT_HEADERS[length] if length < len(_ARGUMENT_HEADERS) else b"$%d\r\n" % length
 
 
-def _headers(arguments: list[bytes]) -> list[bytes]:
-    lengths = list(map(len, arguments))
-    if max(lengths, default=0) < len(_ARGUMENT_HEADERS):
-        return list(map(_ARGUMENT_HEADERS.__getitem__, lengths))
-    return list(map(_header, lengths))
-
-
 def _as_bytes(argument) -> bytes:
     if isinstance(argument, (bytes, memoryview)):
         return argument
@@ -41,45 +30,7 @@ def _as_bytes(argument) -> bytes:
     return b"%d" % argument
 
 
-@dataclass
-class NameCommand:
-    """``command key name [id] name [id] ...``: HSET with ``ids``, HMGET or HDEL without.
-
-    Ids travel as 10 zero-padded digits (any u32 fits), so each takes one format and no header
-    lookup; Redis keeps them in the same allocation class as shorter ones.
-    """
-
-    command: str
-    key: str
-    names: list[bytes]
-    ids: list[int] | None = None
-
-    def args(self) -> tuple:
-        if self.ids is None:
-            return (self.command, self.key, *self.names)
-        interleaved: list[bytes] = [b""] * (2 * len(self.names))
-        interleaved[0::2] = self.names
-        interleaved[1::2] = [b"%010d" % i for i in self.ids]
-        return (self.command, self.key, *interleaved)
-
-    def packed(self) -> bytes:
-        """The command in the Redis protocol (RESP)."""
-        command, key = self.command.encode(), self.key.encode("utf-8")
-        count = 2 + len(self.names) * (1 if self.ids is None else 2)
-        parts: list[bytes] = [b""] * (3 * len(self.names))
-        parts[0::3] = _headers(self.names)
-        parts[1::3] = self.names
-        parts[2::3] = ([b"\r\n"] * len(self.names) if self.ids is None
-                       else [b"\r\n$10\r\n%010d\r\n" % i for i in self.ids])
-        return b"".join((b"*%d\r\n" % count, _header(len(command)), command, b"\r\n",
-                         _header(len(key)), key, b"\r\n", *parts))
-
-
-Command = Union[tuple, NameCommand]
-
-
-def _args(command: Command) -> tuple:
-    return command.args() if isinstance(command, NameCommand) else command
+Command = tuple  # (name, *arguments): str, bytes, memoryview or int arguments
 
 
 def _packed(commands: Sequence[Command]) -> list[bytes]:
@@ -87,9 +38,6 @@ def _packed(commands: Sequence[Command]) -> list[bytes]:
     buffers: list[bytes] = []
     small: list[bytes] = []
     for command in commands:
-        if isinstance(command, NameCommand):
-            small.append(command.packed())
-            continue
         small.append(b"*%d\r\n" % len(command))
         for argument in map(_as_bytes, command):
             small.append(_header(len(argument)))
@@ -101,24 +49,12 @@ def _packed(commands: Sequence[Command]) -> list[bytes]:
     return buffers + [b"".join(small)]
 
 
-def execute(client, commands: Sequence[Command]) -> list:
-    """Run ``commands`` in one round trip; their replies, in order. An error reply raises."""
-    if not commands:
-        return []
-    if isinstance(client, RedisCluster):
-        pipe = client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*_args(command))
-        return pipe.execute()
-    connection = client.connection_pool.get_connection()
-    try:
-        connection.send_packed_command(_packed(commands))
-        return [connection.read_response() for _ in commands]
-    except BaseException:
-        connection.disconnect()  # replies may be left unread: the connection cannot be reused
-        raise
-    finally:
-        client.connection_pool.release(connection)
+def _pipeline(cluster: RedisCluster, commands: Sequence[Command]) -> list:
+    """Run ``commands`` on a Redis Cluster, each on its node; their replies, in order."""
+    pipe = cluster.pipeline(transaction=False)
+    for command in commands:
+        pipe.execute_command(*command)
+    return pipe.execute()
 
 
 def _widen_send_buffer(connection) -> None:
@@ -157,7 +93,7 @@ class CommandStream:
         if self._cluster:
             try:
                 for phase in phases:
-                    execute(self.client, phase)
+                    _pipeline(self.client, phase)
             finally:
                 self.done(token)
             return

@@ -90,7 +90,6 @@ class IndexReport:
     total: int = 0
     new: int = 0
     updated: int = 0
-    repaired: int = 0
     unchanged: int = 0
     duplicates: int = 0
     failures: list[str] = field(default_factory=list)
@@ -98,12 +97,11 @@ class IndexReport:
 
     @property
     def written(self) -> int:
-        return self.new + self.updated + self.repaired
+        return self.new + self.updated
 
     def count(self, plan: WritePlan) -> None:
         self.new += plan.new
         self.updated += plan.updated
-        self.repaired += plan.repaired
         self.unchanged += plan.unchanged
         self.duplicates += plan.duplicates
 

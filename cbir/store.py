@@ -9,24 +9,25 @@ Key layout, with ``P = "cbir:<db>:"`` and ``C`` the database's chunk size::
     P meta:<c>   string  records of chunk c: one block per write, appended, each holding its
                          records column by column (see _encode_block); the last entry of an
                          id wins (an update appends)
-    P name:<b>   hash    name -> id, with b = crc32(name) % NAME_BUCKETS
+    P names:<b>  string  the name index: packed (64-bit name hash, u32 id) pairs of the names
+                         whose hash falls in bucket b, appended per write (see cbir.names)
     P keys       set     further keys of this database (e.g. a trained index), for --rewrite
     P journal    list     once an index is trained (info field ``journal``): one entry per
                          committed change, b"+" or b"-" then the int64 ids added or removed,
                          pushed with the version bump, so an index can be brought up to date
     P lock       string  the writer lock ("host:pid:token"), with a time-out
 
-An image is stored exactly when its id has an entry in its ``meta`` chunk. A write sets the
-name and the vector first and appends the meta entry last; a removal rewrites the meta chunk
-without the id first. So a run killed at any point leaves a store whose live images are all
-complete, and a re-run finds the half-written names and finishes them (see
-:meth:`VectorStore.prepare`).
+An image is stored exactly when its id has an entry in its ``meta`` chunk. A write sends the
+name index pairs and the vector first and appends the meta entry last; a removal rewrites the
+meta chunk without the id first. So a run killed at any point leaves a store whose live images
+are all complete; a re-run stores the images whose entry is missing again, under new ids (the
+ids the killed run reserved hold no image and are never used again).
 
-Chunks, rather than a hash per image, are what make ingest and bulk load fast: one SETRANGE
-and one APPEND per chunk on write, two GETs per chunk on load, and no per-image hash entry
-except the name map. Vector memory stays within a few percent of the raw float32 bytes. No
-key carries a hash tag, so under Redis Cluster the chunks and name buckets spread over all
-nodes; multi-key work goes through pipelines, which redis-py splits by node.
+Chunks, rather than a hash per image, are what make ingest and bulk load fast: one SET or
+SETRANGE and one APPEND per chunk on write, two GETs per chunk on load, and no Redis field per
+image at all. Vector memory stays within a few percent of the raw float32 bytes. No key carries
+a hash tag, so under Redis Cluster the chunks and name buckets spread over all nodes; multi-key
+work goes through pipelines, which redis-py splits by node.
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ import socket
 import struct
 import time
 import uuid
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -48,11 +48,12 @@ import psutil
 import redis
 
 from . import commands
-from .commands import Command, NameCommand
+from .commands import Command
 from .errors import DatabaseBusyError, ModelMismatchError, StoreError
+from .names import NAME_BUCKETS, PAIR, NameIndex, buckets, name_hashes, pairs
 
-SCHEMA_VERSION = "2"  # 2: meta chunks of column blocks (1: one entry per record)
-NAME_BUCKETS = 64
+# 3: a name index of hash pairs (2: a name -> id hash map; 1: one meta entry per record)
+SCHEMA_VERSION = "3"
 CHUNK_BYTES = 512 * 1024  # vector bytes per chunk key, at most
 LOCK_TTL_SECONDS = 120
 _DB_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -85,20 +86,57 @@ def _is_hex_digest(text: str) -> bool:
         return False
 
 
-def _digests(records: Sequence[ImageRecord]) -> np.ndarray:
-    """The sha256 of each record as a (n, 32) uint8 array; zeros where a record has none."""
-    hexes = [r.sha256 or _NO_DIGEST for r in records]
-    try:
-        raw = bytes.fromhex("".join(hexes))
-    except ValueError:
-        raw = b""
-    if len(raw) != _DIGEST_BYTES * len(records):
-        bad = next(r for r, h in zip(records, hexes) if not _is_hex_digest(h))
-        raise StoreError(f"{bad.name!r}: sha256 {bad.sha256!r} is not 64 hexadecimal digits")
-    return np.frombuffer(raw, np.uint8).reshape(-1, _DIGEST_BYTES)
+@dataclass
+class Columns:
+    """Records column by column, as a write needs them: each is read from the records once.
+
+    ``text`` holds the name, label, project and source columns; ``digests`` the sha256 of each
+    record as a (n, 32) uint8 array (zeros where a record has none).
+    """
+
+    text: list[list[str]]
+    added: np.ndarray
+    digests: np.ndarray
+
+    @classmethod
+    def of(cls, records: Sequence[ImageRecord]) -> "Columns":
+        """The columns of ``records``; a record the store cannot keep raises a StoreError naming it."""
+        text = [list(map(attrgetter(f), records)) for f in _TEXT_FIELDS]
+        if any(c in "".join(column) for column in text for c in _FORBIDDEN_CHARACTERS):
+            bad = next(r for r in records if any(c in getattr(r, f) for f in _TEXT_FIELDS
+                                                   for c in _FORBIDDEN_CHARACTERS))
+            raise StoreError(f"{bad.name!r}: a name, label, project or source contains a control character")
+        if "" in text[0]:
+            raise StoreError("every image needs a non-empty name")
+        hexes = [r.sha256 or _NO_DIGEST for r in records]
+        try:
+            raw = bytes.fromhex("".join(hexes))
+        except ValueError:
+            raw = b""
+        if len(raw) != _DIGEST_BYTES * len(records):
+            bad = next(r for r, h in zip(records, hexes) if not _is_hex_digest(h))
+            raise StoreError(f"{bad.name!r}: sha256 {bad.sha256!r} is not 64 hexadecimal digits")
+        return cls(text, np.fromiter(map(attrgetter("added"), records), "<f8", len(records)),
+                   np.frombuffer(raw, np.uint8).reshape(-1, _DIGEST_BYTES))
+
+    def __len__(self) -> int:
+        return len(self.added)
+
+    @property
+    def names(self) -> list[str]:
+        return self.text[0]
+
+    def rows(self, positions: np.ndarray) -> "Columns":
+        """The columns of the rows at ``positions`` (ascending); a slice where they are contiguous."""
+        if len(positions) and positions[-1] - positions[0] + 1 == len(positions):
+            rows = slice(int(positions[0]), int(positions[-1]) + 1)
+            return Columns([column[rows] for column in self.text], self.added[rows], self.digests[rows])
+        listed = positions.tolist()
+        return Columns([[column[p] for p in listed] for column in self.text], self.added[positions],
+                       self.digests[positions])
 
 
-def _encode_block(ids: np.ndarray, records: Sequence[ImageRecord], digests: np.ndarray) -> bytes:
+def _encode_block(ids: np.ndarray, columns: Columns) -> bytes:
     r"""One block of a meta chunk, column by column: ``<u32 n><u32 text bytes>``, the n ids (u32),
     the n sha256 digests, the n added times (f64), then the name, label, project and source
     columns as UTF-8 text (values joined by \x1f, columns by \x1e).
@@ -106,11 +144,10 @@ def _encode_block(ids: np.ndarray, records: Sequence[ImageRecord], digests: np.n
     Columns make a write a handful of joins per batch instead of a pack per record, and let a
     reader take a chunk's ids with one ``frombuffer``, without decoding any text.
     """
-    text = _COLUMN_SEPARATOR.join(_VALUE_SEPARATOR.join(map(attrgetter(f), records)) for f in _TEXT_FIELDS)
-    encoded = text.encode("utf-8")
-    added = np.fromiter(map(attrgetter("added"), records), "<f8", len(records))
-    return b"".join((_BLOCK_HEADER.pack(len(records), len(encoded)), ids.astype("<u4").tobytes(),
-                     np.ascontiguousarray(digests, np.uint8).tobytes(), added.tobytes(), encoded))
+    encoded = _COLUMN_SEPARATOR.join(map(_VALUE_SEPARATOR.join, columns.text)).encode("utf-8")
+    return b"".join((_BLOCK_HEADER.pack(len(columns), len(encoded)), ids.astype("<u4").tobytes(),
+                     np.ascontiguousarray(columns.digests, np.uint8).tobytes(),
+                     columns.added.astype("<f8").tobytes(), encoded))
 
 
 class _Block:
@@ -123,11 +160,18 @@ class _Block:
     def digest(self, row: int) -> bytes:
         return bytes(self.digests[row * _DIGEST_BYTES:(row + 1) * _DIGEST_BYTES])
 
-    def record(self, row: int) -> ImageRecord:
+    @property
+    def columns(self) -> list[list[str]]:
         if self._columns is None:
             self._columns = [c.split(_VALUE_SEPARATOR) for c in
                              str(self._text, "utf-8").split(_COLUMN_SEPARATOR)]
-        name, label, project, source = (column[row] for column in self._columns)
+        return self._columns
+
+    def name(self, row: int) -> str:
+        return self.columns[0][row]
+
+    def record(self, row: int) -> ImageRecord:
+        name, label, project, source = (column[row] for column in self.columns)
         digest = self.digest(row)
         return ImageRecord(name=name, label=label, project=project, source=source,
                            sha256=digest.hex() if any(digest) else "", added=float(self.added[row]))
@@ -176,23 +220,14 @@ class MetaChunk:
         location = self._location(image_id)
         return None if location is None else location[0].record(location[1])
 
-    def digest(self, image_id: int) -> bytes | None:
+    def name_and_digest(self, image_id: int) -> tuple[str, bytes] | None:
+        """The name and sha256 of ``image_id``, without decoding the rest of its record."""
         location = self._location(image_id)
-        return None if location is None else location[0].digest(location[1])
+        return None if location is None else (location[0].name(location[1]), location[0].digest(location[1]))
 
     def records(self) -> list[tuple[int, ImageRecord]]:
         """Every (id, record) of the chunk, ids ascending."""
         return [(i, self.get(i)) for i in self.ids.tolist()]
-
-
-def _check_records(records: Sequence[ImageRecord]) -> None:
-    columns = ["".join(map(attrgetter(f), records)) for f in _TEXT_FIELDS]
-    if any(c in column for column in columns for c in _FORBIDDEN_CHARACTERS):
-        bad = next(r for r in records if any(c in getattr(r, f) for f in _TEXT_FIELDS
-                                               for c in _FORBIDDEN_CHARACTERS))
-        raise StoreError(f"{bad.name!r}: a name, label, project or source contains a control character")
-    if "" in map(attrgetter("name"), records):
-        raise StoreError("every image needs a non-empty name")
 
 
 @dataclass
@@ -202,13 +237,11 @@ class WritePlan:
     records: list[ImageRecord]  # to write, in input order
     ids: np.ndarray  # the id of each record to write
     positions: list[int]  # the index of each record to write in the input sequence
-    names: list[bytes] = field(default_factory=list)  # UTF-8 name of each record to write
-    buckets: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # name-map bucket of each
-    digests: np.ndarray = field(default_factory=lambda: np.empty((0, _DIGEST_BYTES), np.uint8))
+    columns: Columns | None = None  # the records to write, column by column
+    hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # name hash of each
     fresh_from: int | None = None  # ids from here on were reserved by this plan: nothing stored there
-    new: int = 0  # never stored before
-    updated: int = 0  # same name, new content
-    repaired: int = 0  # left half-written by an interrupted run
+    new: int = 0  # not stored before: gets a fresh id
+    updated: int = 0  # same name, new content: keeps its id
     unchanged: int = 0  # already stored with the same content: skipped
     duplicates: int = 0  # repeated names within the input: skipped
 
@@ -217,13 +250,19 @@ class WritePlan:
         return len(self.records)
 
     @cached_property
-    def rows_by_name(self) -> dict[bytes, int]:
-        return dict(zip(self.names, range(len(self.names))))
+    def rows_by_name(self) -> dict[str, int]:
+        return dict(zip(self.columns.names, range(len(self.records))))
+
+    @property
+    def fresh(self) -> np.ndarray:
+        """Which rows are new names (their ids were reserved by this plan)."""
+        return self.ids >= (self.fresh_from if self.fresh_from is not None else np.iinfo(np.int64).max)
 
 
-def _name_buckets(names: Sequence[bytes]) -> np.ndarray:
-    """The name-map bucket of each UTF-8 name: crc32 modulo NAME_BUCKETS."""
-    return np.fromiter(map(zlib.crc32, names), np.int64, len(names)) % NAME_BUCKETS
+def _encoded(names: Sequence[str]) -> list[bytes]:
+    """The names in UTF-8; one encode and split instead of one per name (checked names hold no
+    _VALUE_SEPARATOR)."""
+    return _VALUE_SEPARATOR.join(names).encode("utf-8").split(_VALUE_SEPARATOR.encode()) if names else []
 
 
 def _groups(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -281,6 +320,9 @@ class VectorStore:
         # Plans prepared by this writer whose writes may not have reached Redis yet (a background
         # writer keeps some in flight): prepare() sees their names as already stored.
         self._unsettled: list[WritePlan] = []
+        # The writer's copy of the name index and the buckets read into it: while it holds the
+        # lock no one else adds names, so each bucket is read once and its own names are added.
+        self._names: tuple[NameIndex, set[int]] | None = None
         self.refresh()
 
     # ----------------------------------------------------------------- keys
@@ -295,7 +337,7 @@ class VectorStore:
         return f"{self.prefix}meta:{chunk}"
 
     def _name_key(self, bucket: int) -> str:
-        return f"{self.prefix}name:{bucket}"
+        return f"{self.prefix}names:{bucket}"
 
     def key(self, suffix: str) -> str:
         """The key ``cbir:<db>:<suffix>``, for modules that keep their own data in this database."""
@@ -415,11 +457,13 @@ class VectorStore:
                 )
             self.call("locking", self.client.set, key, token, ex=LOCK_TTL_SECONDS)
         self._lock_token = token
+        self._names = None  # names added since an earlier lock are not in it
         self.refresh()  # another process may have changed the database (e.g. started its journal)
         try:
             yield self
         finally:
             self._lock_token = None
+            self._names = None
             self._unsettled.clear()
             try:
                 if _decode_str(self.client.get(key) or b"") == token:
@@ -430,21 +474,43 @@ class VectorStore:
     # ---------------------------------------------------------------- writes
     def lookup(self, names: Sequence[str]) -> list[int | None]:
         """The id stored under each name (None where the name is unknown)."""
-        ids = self._lookup([n.encode("utf-8") for n in names])
+        hashes = name_hashes([n.encode("utf-8") for n in names])
+        ids, _ = self._confirmed(list(names), *self._candidates(hashes))
         return [None if i < 0 else i for i in ids.tolist()]
 
-    def _lookup(self, names: Sequence[bytes], buckets: np.ndarray | None = None) -> np.ndarray:
-        """The id stored under each UTF-8 name, -1 where the name is unknown: one HMGET per bucket."""
-        groups = list(_groups(_name_buckets(names) if buckets is None else buckets))
-        replies = self.call("reading", commands.execute, self.client, [
-            NameCommand("HMGET", self._name_key(bucket), [names[p] for p in positions.tolist()])
-            for bucket, positions in groups])
+    def _candidates(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position, id) of every name index pair matching one of ``hashes``.
+
+        A writer keeps its copy of the index for as long as it holds the lock (no one else adds
+        names meanwhile), reading each bucket once; anyone else reads the buckets afresh.
+        """
+        index, loaded = self._names if self._lock_token and self._names else (NameIndex(), set())
+        missing = sorted(set(buckets(hashes).tolist()) - loaded)
+        if missing:
+            pipe = self.pipeline()
+            for bucket in missing:
+                pipe.get(self._name_key(bucket))
+            index.add_packed(b"".join(blob for blob in self.execute("reading", pipe) if blob))
+            loaded.update(missing)
+        if self._lock_token:
+            self._names = (index, loaded)
+        return index.candidates(hashes)
+
+    def _confirmed(self, names: Sequence[str], positions: np.ndarray,
+                   candidates: np.ndarray) -> tuple[np.ndarray, dict[int, bytes]]:
+        """The candidates whose record carries their name: the id of each name (-1 where none)
+        and, by position, the stored sha256. The others are hash collisions or stale pairs."""
         ids = np.full(len(names), -1, np.int64)
-        for (_, positions), values in zip(groups, replies):
-            found = [v is not None for v in values]
-            if any(found):
-                ids[positions[found]] = [int(v) for v in values if v is not None]
-        return ids
+        digests: dict[int, bytes] = {}
+        if not len(positions):
+            return ids, digests
+        metas = self._meta_chunks((candidates // self.chunk_size).tolist())
+        for position, image_id in zip(positions.tolist(), candidates.tolist()):
+            entry = metas[image_id // self.chunk_size].name_and_digest(image_id)
+            if entry is not None and entry[0] == names[position]:
+                ids[position] = image_id
+                digests[position] = entry[1]
+        return ids, digests
 
     def _meta_chunks(self, chunks: Iterable[int]) -> dict[int, MetaChunk]:
         chunks = sorted(set(chunks))
@@ -453,68 +519,77 @@ class VectorStore:
             pipe.get(self._meta_key(chunk))
         return {c: MetaChunk(blob) for c, blob in zip(chunks, self.execute("reading", pipe))}
 
+    def _require_lock(self) -> None:
+        if not self._lock_token:
+            raise StoreError(f"writing to database '{self.name}' needs its writer lock: use VectorStore.writing()")
+
     def prepare(self, records: Sequence[ImageRecord]) -> WritePlan:
         """Decide, without writing anything but the id counter, which records need storing.
 
-        A name already stored with the same sha256 is skipped; with another sha256 it is
-        updated in place (same id); a name whose earlier write was interrupted is repaired.
+        A name already stored (or planned by a write still in flight) with the same sha256 is
+        skipped; with another sha256 it is updated in place (same id); any other name gets a
+        fresh id. Needs :meth:`writing`.
         """
         self.require()
-        _check_records(records)
-        digests = _digests(records)
-        names = [r.name.encode("utf-8") for r in records]
+        self._require_lock()
+        columns = Columns.of(records)
+        names = columns.names
         first_seen = dict(zip(reversed(names), range(len(names) - 1, -1, -1)))
         candidates = np.arange(len(names)) if len(first_seen) == len(names) else np.array(sorted(first_seen.values()))
         plan = WritePlan(records=[], ids=np.empty(0, np.int64), positions=[],
                          duplicates=len(names) - len(candidates))
-        candidate_names = [names[p] for p in candidates.tolist()]
-        buckets = _name_buckets(candidate_names)
-        ids = self._lookup(candidate_names, buckets)
-        in_flight = self._in_flight(candidate_names, ids)
-        known = np.flatnonzero(ids >= 0)
+        if plan.duplicates:
+            columns = columns.rows(candidates)
+            names = columns.names
+        hashes = name_hashes(_encoded(names))
+        # Every name stored or in flight has a pair in the writer's index: only names with one
+        # need a closer look (in a bulk ingest of new names, none do).
+        positions, matches = self._candidates(hashes)
+        ids = np.full(len(names), -1, np.int64)
+        stored = self._in_flight(names, sorted(set(positions.tolist())), ids)
+        if stored:
+            open_ = ~np.isin(positions, list(stored))
+            positions, matches = positions[open_], matches[open_]
+        found, found_digests = self._confirmed(names, positions, matches)
+        ids = np.where(found >= 0, found, ids)
+        stored.update(found_digests)
         keep = ids < 0
         plan.new = int(keep.sum())
-        if len(known):
-            metas = self._meta_chunks((ids[known] // self.chunk_size).tolist())
-            for k in known.tolist():
-                image_id = int(ids[k])
-                stored = in_flight[k] if k in in_flight else metas[image_id // self.chunk_size].digest(image_id)
-                if stored is None:
-                    plan.repaired += 1
-                elif stored == digests[candidates[k]].tobytes():
-                    plan.unchanged += 1
-                    continue
-                else:
-                    plan.updated += 1
+        for k, digest in stored.items():
+            if digest == columns.digests[k].tobytes():
+                plan.unchanged += 1
+            else:
+                plan.updated += 1
                 keep[k] = True
         if plan.new:
             end = int(self.call("reserving ids in", self.client.incrby, self.prefix + "next_id", plan.new))
-            ids[ids < 0] = np.arange(end - plan.new, end)
+            fresh = ids < 0
+            ids[fresh] = np.arange(end - plan.new, end)
             plan.fresh_from = end - plan.new
-        positions = candidates[keep]
-        plan.positions = positions.tolist()
-        plan.ids = ids[keep]
-        plan.records = [records[p] for p in plan.positions]
-        plan.names = [names[p] for p in plan.positions]
-        plan.buckets = buckets[keep]
-        plan.digests = digests[positions]
+            self._names[0].add(hashes[fresh], ids[fresh])  # this writer's own new names
+        kept = np.flatnonzero(keep)
+        plan.positions = candidates[kept].tolist()
+        plan.ids = ids[kept]
+        plan.hashes = hashes[kept]
+        if len(kept) == len(records):
+            plan.records, plan.columns = list(records), columns
+        else:
+            plan.records, plan.columns = [records[p] for p in plan.positions], columns.rows(kept)
         if plan.records:
             self._unsettled.append(plan)
         return plan
 
-    def _in_flight(self, names: list[bytes], ids: np.ndarray) -> dict[int, bytes]:
-        """Give names planned by unsettled writes their planned ids (in ``ids``, in place);
-        returns the planned digest of each such name by its position."""
+    def _in_flight(self, names: list[str], positions: list[int], ids: np.ndarray) -> dict[int, bytes]:
+        """Give those of the names at ``positions`` that unsettled writes planned their planned
+        ids (in ``ids``, in place); returns the planned digest of each by its position."""
         digests: dict[int, bytes] = {}
-        for plan in list(self._unsettled):  # oldest first: a later plan of the same name wins
+        for plan in list(self._unsettled) if positions else []:  # oldest first: a later plan wins
             planned = plan.rows_by_name
-            if planned.keys().isdisjoint(names):
-                continue
-            for k, name in enumerate(names):
-                row = planned.get(name)
+            for k in positions:
+                row = planned.get(names[k])
                 if row is not None:
                     ids[k] = plan.ids[row]
-                    digests[k] = plan.digests[row].tobytes()
+                    digests[k] = plan.columns.digests[row].tobytes()
         return digests
 
     def write(self, plan: WritePlan, vectors: np.ndarray) -> None:
@@ -532,7 +607,8 @@ class VectorStore:
         self.call(what, stream.close)
 
     def _write_phases(self, plan: WritePlan, vectors: np.ndarray) -> list[list[Command]]:
-        """The commands of a write: names and vectors, then the records and the commit.
+        """The commands of a write: the new names' index pairs and the vectors, then the records
+        and the commit.
 
         The records go last because their entry is what makes an image stored.
         """
@@ -541,22 +617,19 @@ class VectorStore:
             raise StoreError(f"expected {len(plan.records)} vectors of {self.dim} dims, got {vectors.shape}")
         if not np.isfinite(vectors).all():
             raise StoreError("refusing to store vectors with NaN or infinite values")
-        ids = plan.ids.tolist()
-        names_and_vectors: list[Command] = []
-        for bucket, positions in _groups(plan.buckets):
-            rows = positions.tolist()
-            names_and_vectors.append(NameCommand("HSET", self._name_key(bucket), [plan.names[p] for p in rows],
-                                                 [ids[p] for p in rows]))
+        fresh = plan.fresh
+        hashes, ids = plan.hashes[fresh], plan.ids[fresh]
+        names_and_vectors: list[Command] = [
+            ("APPEND", self._name_key(bucket), pairs(hashes[positions], ids[positions]))
+            for bucket, positions in _groups(buckets(hashes))]
         names_and_vectors += self._vector_commands(plan.ids, vectors, plan.fresh_from)
         records: list[Command] = [
-            ("APPEND", self._meta_key(chunk), _encode_block(plan.ids[positions],
-                                                            [plan.records[p] for p in positions.tolist()],
-                                                            plan.digests[positions]))
+            ("APPEND", self._meta_key(chunk), _encode_block(plan.ids[positions], plan.columns.rows(positions)))
             for chunk, positions in _groups(plan.ids // self.chunk_size)]
         return [names_and_vectors, records + self._commit_commands(b"+" + plan.ids.astype("<i8").tobytes())]
 
     def settled(self, plan: WritePlan) -> None:
-        """Forget ``plan`` as in flight: its write is done (or failed, and a re-run repairs it)."""
+        """Forget ``plan`` as in flight: its write is done (or failed, and a re-run stores it)."""
         for position, unsettled in enumerate(self._unsettled):
             if unsettled is plan:
                 del self._unsettled[position]
@@ -599,8 +672,10 @@ class VectorStore:
 
     # -------------------------------------------------------------- removals
     def remove(self, ids: Iterable[int]) -> list[ImageRecord]:
-        """Delete these images (record, name and vector bytes); returns what was removed."""
+        """Delete these images (record, name and vector bytes); returns what was removed.
+        Needs :meth:`writing`."""
         self.require()
+        self._require_lock()
         ids = set(int(i) for i in ids)
         found: list[tuple[int, ImageRecord]] = []
         records: list[Command] = []
@@ -610,20 +685,33 @@ class VectorStore:
             if len(kept) == len(stored):
                 continue
             found += [(i, record) for i, record in stored if i in ids]
-            kept_records = [record for _, record in kept]
             records.append(("SET", self._meta_key(number), _encode_block(
-                np.array([i for i, _ in kept], np.int64), kept_records, _digests(kept_records)))
+                np.array([i for i, _ in kept], np.int64), Columns.of([record for _, record in kept])))
                            if kept else ("UNLINK", self._meta_key(number)))
         if not found:
             return []
         removed_ids = np.array([i for i, _ in found], np.int64)
-        names = [record.name.encode("utf-8") for _, record in found]
         rest = self._vector_commands(removed_ids, np.zeros((len(found), self.dim), np.float32))
-        rest += [NameCommand("HDEL", self._name_key(bucket), [names[p] for p in positions.tolist()])
-                 for bucket, positions in _groups(_name_buckets(names))]
+        rest += self._unindex_commands(removed_ids, [record.name for _, record in found])
         rest += self._commit_commands(b"-" + removed_ids.astype("<i8").tobytes())
+        self._names = None  # the writer's copy of the name index still holds them
         self._run_phases("removing images from", [records, rest])
         return [record for _, record in found]
+
+    def _unindex_commands(self, ids: np.ndarray, names: Sequence[str]) -> list[Command]:
+        """Rewrite the name index buckets of ``names`` without the pairs of ``ids``: a removed
+        image leaves no trace of its name (a stale pair would only cost lookups a record read)."""
+        wanted = sorted(set(buckets(name_hashes([n.encode("utf-8") for n in names])).tolist()))
+        pipe = self.pipeline()
+        for bucket in wanted:
+            pipe.get(self._name_key(bucket))
+        rewrites: list[Command] = []
+        for bucket, blob in zip(wanted, self.execute("reading", pipe)):
+            stored = np.frombuffer(blob or b"", PAIR)
+            kept = stored[~np.isin(stored["id"], ids)]
+            rewrites.append(("SET", self._name_key(bucket), kept.tobytes()) if len(kept)
+                            else ("UNLINK", self._name_key(bucket)))
+        return rewrites
 
     def remove_names(self, names: Sequence[str]) -> list[ImageRecord]:
         return self.remove(i for i in self.lookup(names) if i is not None)
@@ -637,7 +725,7 @@ class VectorStore:
         chunks = self._num_chunks()
         keys = [self.info_key, self.prefix + "next_id", self.prefix + "lock", self.journal_key]
         keys += [self._vec_key(c) for c in range(chunks)] + [self._meta_key(c) for c in range(chunks)]
-        keys += [f"{self.prefix}name:{b}" for b in range(NAME_BUCKETS)]
+        keys += [self._name_key(b) for b in range(NAME_BUCKETS)]
         keys += self._extra_keys()
         pipe = self.pipeline()
         for key in keys:

@@ -13,7 +13,8 @@ import pytest
 
 from cbir.connection import connect, redact
 from cbir.errors import DatabaseBusyError, ModelMismatchError, StoreError
-from cbir.store import ImageRecord, MetaChunk, VectorStore, WriteStream, _digests, _encode_block, check_db_name
+from cbir.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
+from cbir.store import Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name
 
 from .conftest import ROOT
 
@@ -183,8 +184,7 @@ def test_record_blocks_round_trip_unusual_text_and_later_entries_win():
                          source="/x/y.npz#train/3", added=1.5),
              ImageRecord(name="b", label="", project="p", sha256="", source="", added=0.0)]
     update = [ImageRecord(name="b", label="changed", sha256="cd" * 32)]
-    blob = (_encode_block(np.array([7, 9]), first, _digests(first))
-            + _encode_block(np.array([9]), update, _digests(update)))
+    blob = _encode_block(np.array([7, 9]), Columns.of(first)) + _encode_block(np.array([9]), Columns.of(update))
     chunk = MetaChunk(blob)
     assert chunk.ids.tolist() == [7, 9]
     assert chunk.records() == [(7, first[0]), (9, update[0])]
@@ -246,3 +246,58 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_pair_of_the_name_index_counts_only_once_the_record_confirms_it(small):
+    """Stale pairs and hash collisions cost a record read, never a wrong answer."""
+    first, second = records(2)
+    with small.writing():
+        small.add([first], unit_vectors(1))
+    hash_of_second = name_hashes([second.name.encode()])
+    small.client.append(small._name_key(int(buckets(hash_of_second)[0])), pairs(hash_of_second, np.array([0])))
+    assert small.lookup([second.name, first.name]) == [None, 0]
+    with small.writing():
+        plan = small.add([second], unit_vectors(1))
+    assert plan.new == 1 and small.lookup([second.name]) == [1]
+
+
+def test_a_write_cut_short_before_its_records_is_stored_again_under_new_ids(small):
+    batch = records(10)
+    with small.writing():
+        plan = small.prepare(batch)
+        names_and_vectors, _ = small._write_phases(plan, unit_vectors(10))
+        small._run_phases("writing to", [names_and_vectors])  # killed before the records went out
+        small.settled(plan)
+    assert small.count() == 0 and small.lookup([batch[0].name]) == [None]
+    with small.writing():
+        again = small.add(batch, unit_vectors(10))
+    assert again.new == 10 and again.ids.tolist() == list(range(10, 20))
+    assert small.count() == 10 and small.lookup([r.name for r in batch]) == list(range(10, 20))
+
+
+def test_names_another_writer_added_are_seen_by_the_next_writing_session(small):
+    other = VectorStore(small.client, small.name)
+    with small.writing():
+        small.add(records(4), unit_vectors(4))
+    with other.writing():
+        other.add(records(4, start=4), unit_vectors(4))
+    with small.writing():
+        again = small.add(records(8), unit_vectors(8))
+    assert again.unchanged == 8 and small.count() == 8
+
+
+def test_removal_takes_the_names_out_of_the_name_index(small):
+    with small.writing():
+        small.add(records(12), unit_vectors(12))
+        small.remove_names([r.name for r in records(12)[:3]])
+    stored = [small.client.get(small._name_key(b)) or b"" for b in range(NAME_BUCKETS)]
+    ids = np.concatenate([np.frombuffer(blob, PAIR)["id"] for blob in stored])
+    assert sorted(ids.tolist()) == list(range(3, 12))
+
+
+def test_writes_without_the_writer_lock_are_refused(small):
+    with pytest.raises(StoreError, match="writing()"):
+        small.add(records(1), unit_vectors(1))
+    with pytest.raises(StoreError, match="writing()"):
+        small.remove([0])
+    assert small.count() == 0
