@@ -79,6 +79,15 @@ class NameIndex:
         packed = np.frombuffer(blob, PAIR)
         self.add(packed["hash"], packed["id"])
 
+    def discard(self, ids: np.ndarray) -> None:
+        """Forget every pair of ``ids``."""
+        runs = []
+        for hashes, run_ids in self._runs:
+            keep = ~np.isin(run_ids, ids)
+            if keep.any():
+                runs.append((hashes[keep], run_ids[keep]))
+        self._runs = runs
+
     def candidates(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every pair matching one of ``hashes``, as (position in ``hashes``, id) arrays."""
         order = np.argsort(hashes, kind="stable")

@@ -534,8 +534,10 @@ class VectorStore:
         self._require_lock()
         columns = Columns.of(records)
         names = columns.names
-        first_seen = dict(zip(reversed(names), range(len(names) - 1, -1, -1)))
-        candidates = np.arange(len(names)) if len(first_seen) == len(names) else np.array(sorted(first_seen.values()))
+        if len(set(names)) == len(names):
+            candidates = np.arange(len(names))
+        else:  # the first record of each name
+            candidates = np.array(sorted(dict(zip(reversed(names), range(len(names) - 1, -1, -1))).values()))
         plan = WritePlan(records=[], ids=np.empty(0, np.int64), positions=[],
                          duplicates=len(names) - len(candidates))
         if plan.duplicates:
@@ -694,8 +696,9 @@ class VectorStore:
         rest = self._vector_commands(removed_ids, np.zeros((len(found), self.dim), np.float32))
         rest += self._unindex_commands(removed_ids, [record.name for _, record in found])
         rest += self._commit_commands(b"-" + removed_ids.astype("<i8").tobytes())
-        self._names = None  # the writer's copy of the name index still holds them
         self._run_phases("removing images from", [records, rest])
+        if self._names:
+            self._names[0].discard(removed_ids)
         return [record for _, record in found]
 
     def _unindex_commands(self, ids: np.ndarray, names: Sequence[str]) -> list[Command]:

@@ -28,6 +28,9 @@ def test_candidates_are_every_pair_of_a_hash_across_merged_runs():
     positions, ids = index.candidates(query)
     found = sorted(zip(positions.tolist(), ids.tolist()))
     assert found == [(0, 20), (0, 90_001), (1, 10), (1, 90_000), (2, 4999)]
+    index.discard(np.array([90_000, 90_001, 4999]))
+    assert sorted(zip(*(a.tolist() for a in index.candidates(query)))) == [(0, 20), (1, 10)]
+    assert len(index) == 4999
 
 
 def test_packed_pairs_read_back_into_an_index():

@@ -290,9 +290,12 @@ def test_removal_takes_the_names_out_of_the_name_index(small):
     with small.writing():
         small.add(records(12), unit_vectors(12))
         small.remove_names([r.name for r in records(12)[:3]])
-    stored = [small.client.get(small._name_key(b)) or b"" for b in range(NAME_BUCKETS)]
-    ids = np.concatenate([np.frombuffer(blob, PAIR)["id"] for blob in stored])
-    assert sorted(ids.tolist()) == list(range(3, 12))
+        stored = [small.client.get(small._name_key(b)) or b"" for b in range(NAME_BUCKETS)]
+        ids = np.concatenate([np.frombuffer(blob, PAIR)["id"] for blob in stored])
+        assert sorted(ids.tolist()) == list(range(3, 12))
+        again = small.add(records(4), unit_vectors(4))  # the same writer, after the removal
+    assert again.new == 3 and again.unchanged == 1
+    assert small.lookup([r.name for r in records(4)]) == [12, 13, 14, 3]
 
 
 def test_writes_without_the_writer_lock_are_refused(small):
