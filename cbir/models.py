@@ -7,8 +7,10 @@ its spec in the header, so nothing is unpickled and no flag needs repeating. The
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import platform
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -152,10 +154,18 @@ class Preprocess:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         size = (self.input_size, self.input_size)
+        resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
+        pixels = np.asarray(image, dtype=np.uint8)
+        if (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all():
+            # Most medical images are grey saved as RGB. Resampling works band by band, so one
+            # band gives the same pixels as three, for a third of the resize (the bulk of this call).
+            grey = image.getchannel(0)
+            if grey.size != size:
+                grey = grey.resize(size, resample, reducing_gap=3.0)
+            return torch.from_numpy(np.array(grey)).expand(3, -1, -1)
         if image.size != size:
-            resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
-            image = image.resize(size, resample, reducing_gap=3.0)
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
+            pixels = np.asarray(image.resize(size, resample, reducing_gap=3.0))
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 
 
 class Extractor(nn.Module):
@@ -201,6 +211,7 @@ class Extractor(nn.Module):
 
     def for_inference(self, device: str | torch.device | None = None) -> "Extractor":
         """Evaluation mode on ``device``, channels-last (2x faster convolutions on CPU here)."""
+        retain_freed_memory()
         return self.to(_device(device), memory_format=torch.channels_last).eval()
 
     @torch.inference_mode()
@@ -393,6 +404,28 @@ def create_extractor(name: str = "efficientnet_lite0", weights: str | Path | Non
                          head=head is not None, weights=source, interpolation=backbone.interpolation,
                          multiscale=multiscale)
     return Extractor(spec, module, head).for_inference(device)
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def retain_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory for reuse instead of giving it back to the kernel.
+
+    PyTorch on CPU allocates every activation afresh. By default glibc serves large blocks with
+    fresh ``mmap`` pages and trims the heap whenever its top is free, so each forward pass
+    page-faults its whole working set in again: for efficientnet_lite0 at 224 px and batch 32
+    that was 2.3 million minor faults per 256 images and half of the CPU time, in the kernel.
+    This affects the whole process (it keeps the peak heap, about 0.25 GB more resident here) and
+    is the in-process form of the usual advice to preload jemalloc or tcmalloc. Nothing happens
+    on other C libraries; calling it again changes nothing.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(_M_MMAP_MAX, 0)  # large blocks from the heap too, so they are reused
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap between batches
 
 
 def _device(device: str | None) -> torch.device:
