@@ -79,7 +79,7 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         finally:
             Image.MAX_IMAGE_PIXELS = previous
     try:
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels
     except Exception:  # a broken EXIF block must not cost the image; keep its stored orientation
         pass
     return _to_rgb(image, where)

@@ -93,3 +93,23 @@ def test_repeated_forward_passes_reuse_memory_instead_of_faulting_it_in():
         model.embed(images)
     # glibc's defaults fault tens of thousands of pages in here, the activations of every pass
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1_000
+
+
+def test_preprocess_resizes_grey_images_on_one_band_with_the_same_pixels():
+    from PIL import Image
+
+    from cbir.models import Preprocess
+
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray(rng.integers(0, 256, (300, 260), dtype=np.uint8)).convert("RGB")
+    colour = Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8))
+    for interpolation, resample in (("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR)):
+        preprocess = Preprocess(224, interpolation)
+        for image in (grey, colour):
+            expected = np.asarray(image.resize((224, 224), resample, reducing_gap=3.0)).transpose(2, 0, 1)
+            tensor = preprocess(image)
+            assert tensor.dtype == torch.uint8 and tensor.shape == (3, 224, 224)
+            np.testing.assert_array_equal(tensor.numpy(), expected)
+    assert preprocess(grey).stride(0) == 0  # one band, shared by the three channels
+    np.testing.assert_array_equal(Preprocess(260)(colour.resize((260, 260))).numpy(),
+                                  np.asarray(colour.resize((260, 260))).transpose(2, 0, 1))
