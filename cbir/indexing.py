@@ -1,9 +1,12 @@
-"""Images -> extractor -> vectors -> store, with decoding, model and Redis writes overlapped.
+"""Images -> extractor -> vectors -> store: decoding, model and Redis writes in one pipeline.
 
-DataLoader workers read and decode images (and hash their bytes) while the model runs on the
-previous batch; a writer thread stores batch N while the model embeds batch N+1. Images
-already stored with the same content are skipped before the model sees them, so re-running
-an interrupted or repeated ``add`` costs little more than reading the files.
+Threads decode the images of a batch in parallel (Pillow, zlib and hashlib release the GIL) and
+hash their bytes. On the CPU the model needs every core, so decoding and model take turns, each
+at full width: decoding beside the model would only take cores from it (and forked decoding
+processes would also make the model copy its memory pages again). On an accelerator, batches
+are decoded ahead while the model runs. A writer thread stores batch N while the model embeds
+batch N+1. Images already stored with the same content are skipped before the model sees them,
+so re-running an interrupted or repeated ``add`` costs little more than reading the files.
 """
 from __future__ import annotations
 
@@ -11,13 +14,15 @@ import os
 import queue
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .data import ImageItem
@@ -36,23 +41,14 @@ class DecodedBatch:
     failures: list[str]  # "file: reason", one per image that could not be decoded
 
 
-class _ItemDataset(Dataset):
-    def __init__(self, items: Sequence[ImageItem], preprocess: Preprocess):
-        self.items = items
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, position: int):
-        item = self.items[position]
-        try:
-            image, sha = item.read()
-            return position, self.preprocess(image), sha, None
-        except ImageError as exc:
-            return position, None, None, str(exc)
-        except Exception as exc:  # a decoder bug must cost one image, not the whole run
-            return position, None, None, f"{item.location}: {type(exc).__name__}: {exc}"
+def _decode(item: ImageItem, position: int, preprocess: Preprocess):
+    try:
+        image, sha = item.read()
+        return position, preprocess(image), sha, None
+    except ImageError as exc:
+        return position, None, None, str(exc)
+    except Exception as exc:  # a decoder bug must cost one image, not the whole run
+        return position, None, None, f"{item.location}: {type(exc).__name__}: {exc}"
 
 
 def _collate(samples) -> DecodedBatch:
@@ -63,24 +59,42 @@ def _collate(samples) -> DecodedBatch:
                         failures=[s[3] for s in samples if s[1] is None])
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding workers must not fight the model for cores
-
-
 def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def decode_batches(items: Sequence[ImageItem], preprocess: Preprocess,
-                   batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None) -> Iterator[DecodedBatch]:
-    """Decoded, preprocessed batches in item order; undecodable images are reported, not raised."""
+def decode_ahead(extractor: Extractor) -> int:
+    """Batches to decode before the model asks for them: none where the model itself is on the CPU."""
+    return 0 if extractor.device.type == "cpu" else 2
+
+
+def decode_batches(items: Sequence[ImageItem], preprocess: Preprocess, batch_size: int = DEFAULT_BATCH_SIZE,
+                   workers: int | None = None, ahead: int = 0) -> Iterator[DecodedBatch]:
+    """Decoded, preprocessed batches in item order; undecodable images are reported, not raised.
+
+    ``workers`` threads decode (0: the caller's thread). ``ahead`` batches are decoded while the
+    caller works on the current one; with 0 the next batch is decoded only when asked for, so
+    decoding never competes with the caller for cores.
+    """
     workers = default_workers() if workers is None else workers
-    if len(items) <= batch_size:
-        workers = 0  # starting processes costs more than it saves
-    loader = DataLoader(_ItemDataset(items, preprocess), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
-    yield from loader
+    batches = iter([range(first, min(first + batch_size, len(items))) for first in range(0, len(items), batch_size)])
+    if workers == 0:
+        for positions in batches:
+            yield _collate([_decode(items[p], p, preprocess) for p in positions])
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="cbir-decode")
+
+    def submit(positions: range) -> list[Future]:
+        return [pool.submit(_decode, items[p], p, preprocess) for p in positions]
+
+    try:
+        pending = deque(submit(positions) for positions in islice(batches, ahead + 1))
+        while pending:
+            yield _collate([future.result() for future in pending.popleft()])
+            if (positions := next(batches, None)) is not None:
+                pending.append(submit(positions))
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 @dataclass
@@ -185,7 +199,7 @@ def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extr
     with store.writing():
         writer = BackgroundWriter(store)
         try:
-            for batch in decode_batches(items, extractor.preprocess, batch_size, workers):
+            for batch in decode_batches(items, extractor.preprocess, batch_size, workers, decode_ahead(extractor)):
                 report.failures += batch.failures
                 if batch.positions:
                     now = time.time()
@@ -211,7 +225,7 @@ def embed_items(items: Sequence[ImageItem], extractor: Extractor, batch_size: in
     """Vectors of the decodable ``items``, and one DecodedBatch (without pixels) saying which they are."""
     vectors, decoded = [], DecodedBatch(positions=[], images=None, sha256=[], failures=[])
     bar = tqdm(total=len(items), unit="img", desc="embedding", disable=not progress)
-    for batch in decode_batches(items, extractor.preprocess, batch_size, workers):
+    for batch in decode_batches(items, extractor.preprocess, batch_size, workers, decode_ahead(extractor)):
         decoded.failures += batch.failures
         if batch.positions:
             vectors.append(extractor.embed(batch.images))

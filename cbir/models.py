@@ -146,7 +146,7 @@ class Preprocess:
     """PIL RGB image -> uint8 CHW tensor of the model's input size; picklable for DataLoader workers.
 
     Normalisation happens inside :class:`Extractor` on whole batches: cheaper than per image,
-    and a quarter of the bytes cross from the decoding processes.
+    and training's decoding processes send a quarter of the bytes.
     """
 
     input_size: int

@@ -11,13 +11,14 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cbir.cli import main
 from cbir.connection import connect
 from cbir.data import load_items
 from cbir.evaluation import leave_one_out
-from cbir.indexing import extractor_for_store, index_images, register_model
+from cbir.indexing import decode_batches, extractor_for_store, index_images, register_model
 from cbir.retrieval import Retriever, majority_vote
 from cbir.store import VectorStore
 
@@ -43,6 +44,23 @@ def test_busi_indexes_and_every_image_retrieves_itself_first(store, busi, extrac
         assert retrieval.voters == 4, "the query's own stored copy must not vote"
     again = index_images(store, items, extractor, progress=False)
     assert again.unchanged == 780 and again.written == 0 and store.count() == 780
+
+
+@pytest.mark.parametrize("workers,ahead", [(1, 0), (3, 0), (3, 2)])
+def test_decoding_threads_give_the_batches_of_one_thread_in_order(busi, tmp_path, extractor, workers, ahead):
+    folder = tmp_path / "mixed" / "benign"
+    folder.mkdir(parents=True)
+    for path in sorted((busi / "benign").iterdir())[:9]:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.png").write_bytes(b"not a png")
+    items = load_items(tmp_path / "mixed")
+    expected = list(decode_batches(items, extractor.preprocess, batch_size=4, workers=0))
+    batches = list(decode_batches(items, extractor.preprocess, batch_size=4, workers=workers, ahead=ahead))
+    assert [b.positions for b in batches] == [b.positions for b in expected]
+    assert sum(len(b.positions) for b in batches) == 9 and [b.failures for b in batches if b.failures] == [
+        [f"{folder / 'broken.png'}: not an image file"]]
+    for batch, reference in zip(batches, expected):
+        assert batch.sha256 == reference.sha256 and torch.equal(batch.images, reference.images)
 
 
 def test_npz_split_indexes_with_class_names(store, extractor):
