@@ -75,7 +75,11 @@ def test_backbone_weights_file_loads_safely(tmp_path):
 
 
 def test_a_backbone_without_offline_weights_fails_clearly_when_offline(monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read once at import: without this the hub tries the network first (46 s here, no internet)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="cannot download ImageNet weights for resnet18"):
         create_extractor("resnet18", input_size=64)
 
