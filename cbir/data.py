@@ -70,18 +70,16 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         limit = Image.MAX_IMAGE_PIXELS
         # Pillow itself only warns up to twice its limit; a warning is not a refusal.
-        bomb = limit is not None and image.width * image.height > limit
-        if not bomb:
-            image.load()
+        if limit is not None and image.width * image.height > limit:
+            raise ImageError(f"{where}: refused, too many pixels ({image.width} x {image.height}, "
+                             f"more than the limit of {limit:,})")
+        image.load()
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{where}: refused, too many pixels ({exc})") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageError(f"{where}: not an image file") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{where}: unreadable or truncated image ({exc})") from exc
-    if bomb:
-        raise ImageError(f"{where}: refused, too many pixels ({image.width} x {image.height}, "
-                         f"more than the limit of {limit:,})")
     try:
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels
     except Exception:  # a broken EXIF block must not cost the image; keep its stored orientation
