@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--label", default=None, help="label of a single image file (default: its folder's name)")
     add.add_argument("--batch_size", type=int, default=32, help="images per model batch (default: 32)")
     add.add_argument("--workers", type=int, default=None,
-                     help="decoding threads (default: one per core; 0 decodes in the main thread)")
+                     help="decoding threads, or processes when the model runs on a GPU (default: one per core; "
+                          "0 decodes in the main thread)")
     add.add_argument("--chunk_size", type=int, default=None,
                      help="vectors per Redis chunk key of a new database (default: what fits in 512 KiB)")
     add.add_argument("--quiet", action="store_true", help="no progress bar")

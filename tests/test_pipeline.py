@@ -46,19 +46,21 @@ def test_busi_indexes_and_every_image_retrieves_itself_first(store, busi, extrac
     assert again.unchanged == 780 and again.written == 0 and store.count() == 780
 
 
-@pytest.mark.parametrize("workers,ahead", [(1, 0), (3, 0), (3, 2)])
-def test_decoding_threads_give_the_batches_of_one_thread_in_order(busi, tmp_path, extractor, workers, ahead):
+@pytest.mark.parametrize("workers,beside_model", [(1, False), (3, False), (1, True), (2, True)])
+def test_decoding_threads_and_processes_give_the_batches_of_one_thread_in_order(busi, tmp_path, extractor, workers,
+                                                                                beside_model):
     folder = tmp_path / "mixed" / "benign"
     folder.mkdir(parents=True)
     for path in sorted((busi / "benign").iterdir())[:9]:
         shutil.copy(path, folder / path.name)
     (folder / "broken.png").write_bytes(b"not a png")
-    items = load_items(tmp_path / "mixed")
-    expected = list(decode_batches(items, extractor.preprocess, batch_size=4, workers=0))
-    batches = list(decode_batches(items, extractor.preprocess, batch_size=4, workers=workers, ahead=ahead))
+    items = load_items(tmp_path / "mixed") * 3  # batches of 16 and 14: processes decode the first in two chunks
+    expected = list(decode_batches(items, extractor.preprocess, batch_size=16, workers=0))
+    batches = list(decode_batches(items, extractor.preprocess, batch_size=16, workers=workers,
+                                  beside_model=beside_model))
     assert [b.positions for b in batches] == [b.positions for b in expected]
-    assert sum(len(b.positions) for b in batches) == 9 and [b.failures for b in batches if b.failures] == [
-        [f"{folder / 'broken.png'}: not an image file"]]
+    assert sum(len(b.positions) for b in batches) == 27
+    assert [f for b in batches for f in b.failures] == [f"{folder / 'broken.png'}: not an image file"] * 3
     for batch, reference in zip(batches, expected):
         assert batch.sha256 == reference.sha256 and torch.equal(batch.images, reference.images)
 
