@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import warnings
@@ -539,17 +540,31 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+class _Terminated(Exception):
+    """SIGTERM (kill, timeout, a job scheduler), raised in the main thread like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _one_line_warning
+    # Python dies of SIGTERM without unwinding: no writer would finish its batch and no exit
+    # handler would stop the embedded redis-server. As an exception, it ends the run as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.run(args)
     except CbirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: what was stored is kept; re-run the same command to continue", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as exc:
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
+        print(f"{reason}: what was stored is kept; re-run the same command to continue", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def command(name: str) -> None:

@@ -186,9 +186,10 @@ def test_cli_refuses_to_mix_models(cli_env, db_name, capsys):
         VectorStore(connect(cli_env), db_name).drop()
 
 
-@pytest.mark.parametrize("where", ["embedded", "standalone"])
-def test_killed_indexing_rerun_stores_every_image_exactly_once(where, request, db_name, busi):
-    """SIGKILL an `add` mid-run, run it again: every image once, none lost, none doubled."""
+@pytest.mark.parametrize("where,kill", [("embedded", signal.SIGKILL), ("standalone", signal.SIGKILL),
+                                        ("embedded", signal.SIGTERM)])
+def test_killed_indexing_rerun_stores_every_image_exactly_once(where, kill, request, db_name, busi):
+    """Kill an `add` mid-run, run it again: every image once, none lost, none doubled."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if where == "embedded":
         home = request.getfixturevalue("embedded_home")
@@ -211,8 +212,11 @@ def test_killed_indexing_rerun_stores_every_image_exactly_once(where, request, d
                 break
             time.sleep(0.05)
         assert process.poll() is None, process.stderr.read().decode()
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.send_signal(kill)
+        process.wait(timeout=60)
+        if kill == signal.SIGTERM:  # ended like Ctrl-C: the batch in flight stored, exit handlers run
+            assert process.returncode == 128 + signal.SIGTERM
+            assert "terminated: what was stored is kept" in process.stderr.read().decode()
         partial = store.count()
         assert 100 <= partial < 780
         rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
