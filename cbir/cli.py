@@ -9,9 +9,12 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -548,14 +551,27 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated
 
 
+@contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """Python dies of SIGTERM without unwinding: no writer would finish its batch and no exit
+    handler would stop the embedded redis-server. As an exception, it ends a run as Ctrl-C does.
+    Only the main thread may set signal handlers; elsewhere SIGTERM keeps its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _one_line_warning
-    # Python dies of SIGTERM without unwinding: no writer would finish its batch and no exit
-    # handler would stop the embedded redis-server. As an exception, it ends the run as Ctrl-C does.
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return args.run(args)
+        with _sigterm_as_exception():
+            return args.run(args)
     except CbirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -563,8 +579,6 @@ def main(argv: list[str] | None = None) -> int:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
         print(f"{reason}: what was stored is kept; re-run the same command to continue", file=sys.stderr)
         return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def command(name: str) -> None:
