@@ -46,12 +46,13 @@ def forward_vs_end_to_end(client, images: Path, batch_size: int, workers: int | 
     decoding and of the model, whose ratio bounds what any schedule can reach when the model
     runs on the CPU; and the rate of the decoding threads alone, which bounds it on an accelerator."""
     extractor = create_extractor("efficientnet_lite0", device=device)
+    beside = decodes_beside(extractor)
     items = load_items(images)
     started = time.process_time()
     decoded = torch.stack([extractor.preprocess(item.read()[0]) for item in items])
     decode_cpu = (time.process_time() - started) / len(items)
     started = time.perf_counter()
-    for _ in decode_batches(items, extractor.preprocess, batch_size, workers, decodes_beside(extractor)):
+    for _ in decode_batches(items, extractor.preprocess, batch_size, workers, beside):
         pass
     decode_rate = len(items) / (time.perf_counter() - started)
     extractor.embed(decoded[:batch_size])  # warm-up: oneDNN and cuDNN pick their kernels on first use
@@ -73,12 +74,13 @@ def forward_vs_end_to_end(client, images: Path, batch_size: int, workers: int | 
     rates = [rate for rate, _ in forwards]
     ratios = [add / ((before + after) / 2) for add, before, after in zip(adds, rates, rates[1:])]
     model_cpu = float(np.mean([cpu for _, cpu in forwards]))
-    if extractor.device.type == "cpu":
-        bound = model_cpu / (model_cpu + decode_cpu)
-    else:
+    if beside:
         bound = min(1.0, decode_rate / float(np.median(rates)))
+    else:
+        bound = model_cpu / (model_cpu + decode_cpu)
     return {"images": len(items), "forwards": rates, "adds": adds, "ratios": ratios, "decode_cpu": decode_cpu,
-            "decode_rate": decode_rate, "model_cpu": model_cpu, "bound": bound, "device": str(extractor.device)}
+            "decode_rate": decode_rate, "model_cpu": model_cpu, "bound": bound, "device": str(extractor.device),
+            "beside": beside}
 
 
 def make_records(n: int) -> list[ImageRecord]:
@@ -156,7 +158,7 @@ def main() -> None:
             e2e = forward_vs_end_to_end(client, args.images, args.batch_size, args.workers, args.repeats,
                                         args.device)
             workers = default_workers() if args.workers is None else args.workers
-            decoders = "processes" if e2e["device"] != "cpu" and workers else "threads"
+            decoders = "processes" if e2e["beside"] and workers else "threads"
             print(f"\n[model] {e2e['images']} images of {args.images}, efficientnet_lite0 at 224 px on "
                   f"{e2e['device']}, batches of {args.batch_size}, {workers} decoding {decoders}, "
                   f"{args.repeats} end-to-end runs, each between two forward runs")
@@ -167,12 +169,12 @@ def main() -> None:
             print(f"  ratio                 {np.median(e2e['ratios']):8.3f}   (median; runs "
                   f"{', '.join(f'{r:.3f}' for r in e2e['ratios'])}; target >= 0.9)")
             print(f"  decoding alone        {e2e['decode_rate']:8.1f} images/s, CPU {e2e['decode_cpu'] * 1e3:.2f} ms/image")
-            if e2e["device"] == "cpu":
-                print(f"  bound on the ratio    {e2e['bound']:8.3f}   = model CPU / (model + decoding CPU): "
-                      "decoding needs CPU the model would use")
-            else:
+            if e2e["beside"]:
                 print(f"  bound on the ratio    {e2e['bound']:8.3f}   = decoding alone / pure forward, at most 1: "
                       "decoding overlaps the accelerator")
+            else:
+                print(f"  bound on the ratio    {e2e['bound']:8.3f}   = model CPU / (model + decoding CPU): "
+                      "decoding needs CPU the model would use")
         rng = np.random.default_rng(0)
         vectors = rng.standard_normal((args.vectors, DIM), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
