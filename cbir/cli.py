@@ -9,16 +9,13 @@ import argparse
 import json
 import signal
 import sys
-import threading
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from . import __version__
+from . import __version__, interrupts
 from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, load_items, one_per_class
 from .errors import CbirError
@@ -543,39 +540,16 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-class _Terminated(Exception):
-    """SIGTERM (kill, timeout, a job scheduler), raised in the main thread like Ctrl-C."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated
-
-
-@contextmanager
-def _sigterm_as_exception() -> Iterator[None]:
-    """Python dies of SIGTERM without unwinding: no writer would finish its batch and no exit
-    handler would stop the embedded redis-server. As an exception, it ends a run as Ctrl-C does.
-    Only the main thread may set signal handlers; elsewhere SIGTERM keeps its handler."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _one_line_warning
     try:
-        with _sigterm_as_exception():
+        with interrupts.as_exceptions():
             return args.run(args)
     except CbirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, _Terminated) as exc:
+    except (KeyboardInterrupt, interrupts.Terminated) as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
         print(f"{reason}: what was stored is kept; re-run the same command to continue", file=sys.stderr)
         return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from . import interrupts
 from .data import ImageItem
 from .errors import CbirError, ImageError, ModelError, ModelMismatchError
 from .models import Extractor, ExtractorSpec, Preprocess, create_extractor
@@ -237,10 +238,11 @@ def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extr
     report = IndexReport(total=len(items))
     started = time.perf_counter()
     bar = tqdm(total=len(items), unit="img", desc=f"indexing into '{store.name}'", disable=not progress)
-    with store.writing():
+    with store.writing(), interrupts.held():
         writer = BackgroundWriter(store)
         try:
             for batch in decode_batches(items, extractor.preprocess, batch_size, workers, decodes_beside(extractor)):
+                interrupts.check()  # between batches: no hand-over to the decoding or writer threads under way
                 report.failures += batch.failures
                 if batch.positions:
                     now = time.time()
@@ -266,13 +268,15 @@ def embed_items(items: Sequence[ImageItem], extractor: Extractor, batch_size: in
     """Vectors of the decodable ``items``, and one DecodedBatch (without pixels) saying which they are."""
     vectors, decoded = [], DecodedBatch(positions=[], images=None, sha256=[], failures=[])
     bar = tqdm(total=len(items), unit="img", desc="embedding", disable=not progress)
-    for batch in decode_batches(items, extractor.preprocess, batch_size, workers, decodes_beside(extractor)):
-        decoded.failures += batch.failures
-        if batch.positions:
-            vectors.append(extractor.embed(batch.images))
-            decoded.positions += batch.positions
-            decoded.sha256 += batch.sha256
-        bar.update(len(batch.positions) + len(batch.failures))
+    with interrupts.held():
+        for batch in decode_batches(items, extractor.preprocess, batch_size, workers, decodes_beside(extractor)):
+            interrupts.check()
+            decoded.failures += batch.failures
+            if batch.positions:
+                vectors.append(extractor.embed(batch.images))
+                decoded.positions += batch.positions
+                decoded.sha256 += batch.sha256
+            bar.update(len(batch.positions) + len(batch.failures))
     bar.close()
     if not vectors:
         raise CbirError("no query image could be read:\n  " + "\n  ".join(decoded.failures))

@@ -175,16 +175,16 @@ def test_cli_errors_are_one_line(cli_env, db_name, capsys):
     assert cli("add", "--db_name", "bad name", "--path", BREASTMNIST) == 2
 
 
-def test_cli_runs_outside_the_main_thread_and_gives_sigterm_back(cli_env, db_name, capsys):
-    """Only the main thread may set signal handlers: elsewhere the CLI leaves SIGTERM alone."""
-    before = signal.getsignal(signal.SIGTERM)
+def test_cli_runs_outside_the_main_thread_and_gives_the_signal_handlers_back(cli_env, db_name, capsys):
+    """Only the main thread may set signal handlers: elsewhere the CLI leaves Ctrl-C and SIGTERM alone."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     codes = []
     worker = threading.Thread(target=lambda: codes.append(cli("add", "--db_name", db_name, "--path", "/no/such")))
     worker.start()
     worker.join()
     assert codes == [2] and "no such file" in capsys.readouterr().err
     assert cli("add", "--db_name", db_name, "--path", "/no/such") == 2
-    assert signal.getsignal(signal.SIGTERM) == before
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_cli_refuses_to_mix_models(cli_env, db_name, capsys):

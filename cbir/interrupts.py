@@ -1,0 +1,80 @@
+"""Ctrl-C and SIGTERM as exceptions that a pipeline takes at its own safe points.
+
+Python raises a signal's exception in the main thread at whatever it is doing. Inside a hand-over
+to a worker thread (a ``queue.Queue`` put, a thread join, a future's wait) that can leave the
+hand-over's lock or wake-up half done, and the run hangs: a loop of a main thread filling a queue
+for a writer thread hung in 1 of 300 SIGTERMs here. Inside :func:`held` a signal is only noted,
+and raised by :func:`check` (where the caller has no hand-over under way) or on leaving.
+
+The CLI installs the handlers (:func:`as_exceptions`); a library caller keeps its own, and then
+:func:`held` changes nothing.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class Terminated(Exception):
+    """SIGTERM (kill, timeout, a job scheduler), raised in the main thread as Ctrl-C is."""
+
+
+_held = 0
+_pending: BaseException | None = None
+
+
+def _on_signal(signum, frame) -> None:
+    global _pending
+    exception = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+    if not _held:
+        raise exception
+    _pending = _pending or exception
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def as_exceptions() -> Iterator[None]:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt and Terminated (held back inside :func:`held`).
+
+    Without this, Python dies of SIGTERM without unwinding: no writer finishes its batch and no
+    exit handler stops the embedded redis-server. Only the main thread may set signal handlers;
+    elsewhere both signals keep theirs.
+    """
+    if not _in_main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, _on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Signals arriving inside are noted, and raised by :func:`check` or on leaving."""
+    global _held
+    if not _in_main_thread():  # signals run their handlers in the main thread only
+        yield
+        return
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if not _held:
+            check()
+
+
+def check() -> None:
+    """Raise the signal noted so far, if any: call where no hand-over to a thread is under way."""
+    global _pending
+    if _pending is not None:
+        exception, _pending = _pending, None
+        raise exception
