@@ -106,8 +106,10 @@ def test_repeated_forward_passes_reuse_memory_instead_of_faulting_it_in():
     # A fresh process, as a command is: this test session's heap has served many other tests.
     faults = subprocess.run([sys.executable, "-c", FAULTS_OF_THREE_PASSES], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
-    # glibc's defaults fault over 100,000 pages in here, the activations of every pass again
-    assert int(faults) < 1_000
+    # glibc's defaults fault in the activations of every pass again: 116,841-175,935 pages here. With
+    # memory kept, passes under CPU load still grew the heap now and then (0 faults mostly,
+    # 1,568-3,136 once in a while): a new peak of a different allocation order, not a refault.
+    assert int(faults) < 20_000
 
 
 def test_preprocess_resizes_grey_images_on_one_band_with_the_same_pixels():
