@@ -175,6 +175,11 @@ def main() -> None:
             else:
                 print(f"  bound on the ratio    {e2e['bound']:8.3f}   = model CPU / (model + decoding CPU): "
                       "decoding needs CPU the model would use")
+                forward = float(np.median(e2e["forwards"]))
+                turns = 1 / (1 / forward + 1 / e2e["decode_rate"])
+                print(f"  taking turns          {turns:8.1f} images/s = 1 / (1/forward + 1/decoding alone), ratio "
+                      f"{turns / forward:.3f}: add if nothing but decoding and the model took time; 0.9 needs "
+                      f"decoding at 9 x forward = {9 * forward:,.0f} images/s")
         rng = np.random.default_rng(0)
         vectors = rng.standard_normal((args.vectors, DIM), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
