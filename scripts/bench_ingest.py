@@ -44,7 +44,8 @@ def forward_vs_end_to_end(client, images: Path, batch_size: int, workers: int | 
     """End-to-end `add` ``repeats`` times, each between two pure forward runs whose mean is that
     add's baseline (this machine's speed drifts within one run); the CPU cost per image of
     decoding and of the model, whose ratio bounds what any schedule can reach when the model
-    runs on the CPU; and the rate of the decoding threads alone, which bounds it on an accelerator."""
+    runs on the CPU; the rate of the decoding threads alone, which bounds it on an accelerator;
+    and the rate of decoding and model taking turns with nothing else costing time."""
     extractor = create_extractor("efficientnet_lite0", device=device)
     beside = decodes_beside(extractor)
     items = load_items(images)
@@ -72,15 +73,16 @@ def forward_vs_end_to_end(client, images: Path, batch_size: int, workers: int | 
         adds.append(report.written / report.seconds)
         forwards.append(forward())
     rates = [rate for rate, _ in forwards]
+    forward_rate = float(np.median(rates))
     ratios = [add / ((before + after) / 2) for add, before, after in zip(adds, rates, rates[1:])]
     model_cpu = float(np.mean([cpu for _, cpu in forwards]))
     if beside:
-        bound = min(1.0, decode_rate / float(np.median(rates)))
+        bound = min(1.0, decode_rate / forward_rate)
     else:
         bound = model_cpu / (model_cpu + decode_cpu)
-    return {"images": len(items), "forwards": rates, "adds": adds, "ratios": ratios, "decode_cpu": decode_cpu,
-            "decode_rate": decode_rate, "model_cpu": model_cpu, "bound": bound, "device": str(extractor.device),
-            "beside": beside}
+    return {"images": len(items), "forward": forward_rate, "forwards": rates, "adds": adds, "ratios": ratios,
+            "decode_cpu": decode_cpu, "decode_rate": decode_rate, "model_cpu": model_cpu, "bound": bound,
+            "turns": 1 / (1 / forward_rate + 1 / decode_rate), "device": str(extractor.device), "beside": beside}
 
 
 def make_records(n: int) -> list[ImageRecord]:
@@ -162,7 +164,7 @@ def main() -> None:
             print(f"\n[model] {e2e['images']} images of {args.images}, efficientnet_lite0 at 224 px on "
                   f"{e2e['device']}, batches of {args.batch_size}, {workers} decoding {decoders}, "
                   f"{args.repeats} end-to-end runs, each between two forward runs")
-            print(f"  pure forward          {np.median(e2e['forwards']):8.1f} images/s (median; runs "
+            print(f"  pure forward          {e2e['forward']:8.1f} images/s (median; runs "
                   f"{min(e2e['forwards']):.1f}-{max(e2e['forwards']):.1f}), model CPU {e2e['model_cpu'] * 1e3:.2f} ms/image")
             print(f"  end-to-end add        {np.median(e2e['adds']):8.1f} images/s (median; runs "
                   f"{min(e2e['adds']):.1f}-{max(e2e['adds']):.1f}), decode + model + Redis")
@@ -175,11 +177,9 @@ def main() -> None:
             else:
                 print(f"  bound on the ratio    {e2e['bound']:8.3f}   = model CPU / (model + decoding CPU): "
                       "decoding needs CPU the model would use")
-                forward = float(np.median(e2e["forwards"]))
-                turns = 1 / (1 / forward + 1 / e2e["decode_rate"])
-                print(f"  taking turns          {turns:8.1f} images/s = 1 / (1/forward + 1/decoding alone), ratio "
-                      f"{turns / forward:.3f}: add if nothing but decoding and the model took time; 0.9 needs "
-                      f"decoding at 9 x forward = {9 * forward:,.0f} images/s")
+                print(f"  taking turns          {e2e['turns']:8.1f} images/s = 1 / (1/forward + 1/decoding alone), "
+                      f"ratio {e2e['turns'] / e2e['forward']:.3f}: add if nothing but decoding and the model took "
+                      f"time; 0.9 needs decoding at 9 x forward = {9 * e2e['forward']:,.0f} images/s")
         rng = np.random.default_rng(0)
         vectors = rng.standard_normal((args.vectors, DIM), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
