@@ -55,13 +55,15 @@ def test_decoding_threads_and_processes_give_the_batches_of_one_thread_in_order(
     for path in sorted((busi / "benign").iterdir())[:9]:
         shutil.copy(path, folder / path.name)
     (folder / "broken.png").write_bytes(b"not a png")
-    items = load_items(tmp_path / "mixed") * 3  # batches of 16 and 14: processes decode the first in two chunks
+    # 150 items: threads decode a turn of 8 batches of 16, then one of the last 2 (16 and 6
+    # images); processes decode each batch of 16 in two chunks.
+    items = load_items(tmp_path / "mixed") * 15
     expected = list(decode_batches(items, extractor.preprocess, batch_size=16, workers=0))
     batches = list(decode_batches(items, extractor.preprocess, batch_size=16, workers=workers,
                                   beside_model=beside_model))
     assert [b.positions for b in batches] == [b.positions for b in expected]
-    assert sum(len(b.positions) for b in batches) == 27
-    assert [f for b in batches for f in b.failures] == [f"{folder / 'broken.png'}: not an image file"] * 3
+    assert sum(len(b.positions) for b in batches) == 135
+    assert [f for b in batches for f in b.failures] == [f"{folder / 'broken.png'}: not an image file"] * 15
     for batch, reference in zip(batches, expected):
         assert batch.sha256 == reference.sha256 and torch.equal(batch.images, reference.images)
 
