@@ -1,14 +1,14 @@
 """Images -> extractor -> vectors -> store: decoding, model and Redis writes in one pipeline.
 
-Where the model runs on the CPU it needs every core, so decoding and model take turns, each at
-full width: threads decode the images of a few batches in parallel (Pillow, zlib and hashlib
-release the GIL) and hash their bytes, then the model has the cores for those batches. Decoding beside such a model would
-only take cores from it, and forked decoding processes would make the model copy its memory
-pages again. Where the model runs on an accelerator, the cores are free for decoding: DataLoader
-processes decode batches ahead while the model runs (threads hold the GIL for the Python parts of
-Pillow's decoding: on 16 cores they decoded at a third of the processes' rate). A writer thread stores
-batch N while the model embeds batch N+1. Images already stored with the same content are
-skipped before the model sees them, so re-running an interrupted or repeated ``add`` costs
+Where the model runs on the CPU it needs every core, so decoding and model take turns, each at full
+width: threads decode the images of a few batches in parallel (Pillow, zlib and hashlib release the
+GIL) and hash their bytes, then the model has the cores for those batches. Decoding beside such a
+model would only take cores from it, and forked decoding processes would make the model copy its
+memory pages again. Where the model runs on an accelerator, the cores are free for decoding:
+DataLoader processes decode batches ahead while the model runs (threads hold the GIL for the Python
+parts of Pillow's decoding: on 16 cores they decoded at a third of the processes' rate). A writer
+thread stores batch N while the model embeds batch N+1. Images already stored with the same content
+are skipped before the model sees them, so re-running an interrupted or repeated ``add`` costs
 little more than reading the files.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .store import ImageRecord, VectorStore, WritePlan, WriteStream
 DEFAULT_BATCH_SIZE = 32
 # Decoding threads taking turns with the model decode this many images a turn (whole batches, at
 # least one): in alternating adds of BUSI on 2 cores, turns of 32 images ran at 0.78 x the pure
-# forward rate (median of 5), turns of 64, 128 and 256 at 0.83-0.85.
+# forward rate (median of 5), turns of 64 to 256 images at 0.82-0.85.
 DECODE_TURN_IMAGES = 128
 
 
