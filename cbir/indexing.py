@@ -106,11 +106,10 @@ def decode_batches(items: Sequence[ImageItem], preprocess: Preprocess, batch_siz
     elif beside_model and len(batches) > 1:  # for one batch, starting processes costs more than it saves
         yield from _decode_in_processes(items, preprocess, batches, workers)
     else:
-        per_turn = max(1, DECODE_TURN_IMAGES // batch_size)
+        turn = max(1, DECODE_TURN_IMAGES // batch_size) * batch_size
         with ThreadPoolExecutor(workers, thread_name_prefix="cbir-decode") as pool:
-            for first_batch in range(0, len(batches), per_turn):
-                last_batch = batches[min(first_batch + per_turn, len(batches)) - 1]
-                positions = range(batches[first_batch].start, last_batch.stop)
+            for start in range(0, len(items), turn):
+                positions = range(start, min(start + turn, len(items)))
                 samples = list(pool.map(_decode, (items[p] for p in positions), positions, repeat(preprocess)))
                 for first in range(0, len(samples), batch_size):
                     yield _collate(samples[first:first + batch_size])
