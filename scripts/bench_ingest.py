@@ -135,6 +135,19 @@ def compact_aof(client) -> None:
         time.sleep(0.1)
 
 
+def ingests_and_baselines(client, vectors: np.ndarray, records: list[ImageRecord], baseline_vectors: int,
+                          repeats: int, compact: bool) -> list[tuple[dict, float]]:
+    """``repeats`` store ingests, each followed by the naive baseline on its first vectors;
+    ``compact``: rewrite the append-only file before each ingest."""
+    runs = []
+    for _ in range(repeats):
+        if compact:
+            compact_aof(client)
+        runs.append((store_ingest(client, vectors, records),
+                     naive_hset(client, vectors[:baseline_vectors], records[:baseline_vectors])))
+    return runs
+
+
 def naive_hset(client, vectors: np.ndarray, records: list[ImageRecord]) -> float:
     """The baseline: a redis-py pipeline of one HSET (vector + fields) per image."""
     started = time.perf_counter()
@@ -168,6 +181,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
     parser.add_argument("--skip_model", action="store_true", help="only the Redis part")
     args = parser.parse_args()
+    for flag in ("repeats", "ingest_repeats", "vectors", "baseline_vectors"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
     with scratch(args.redis_url) as client:
         print(f"Redis: {describe(client)}, server {client.info('server')['redis_version']}; "
               f"torch threads {torch.get_num_threads()}")
@@ -199,19 +215,16 @@ def main() -> None:
         vectors = rng.standard_normal((args.vectors, DIM), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         records = make_records(args.vectors)
-        runs = []
-        for _ in range(args.ingest_repeats):
-            if args.redis_url is None:  # the scratch server's own file; a user's server is left alone
-                compact_aof(client)
-            runs.append((store_ingest(client, vectors, records),
-                         naive_hset(client, vectors[:args.baseline_vectors], records[:args.baseline_vectors])))
+        # Only the scratch server's own append-only file is compacted; a user's server is left alone.
+        runs = ingests_and_baselines(client, vectors, records, args.baseline_vectors, args.ingest_repeats,
+                                     compact=args.redis_url is None)
         writes = [ingest["write"] for ingest, _ in runs]
         baselines = [baseline for _, baseline in runs]
         forked = [str(run) for run, (ingest, _) in enumerate(runs, 1) if ingest["forked"]]
         first, raw = runs[0][0], DIM * 4
         print(f"\n[redis] {args.vectors:,} vectors of {DIM} dims with their records; {len(runs)} run"
-              f"{'s' if len(runs) > 1 else ''}, each store ingest followed by the baseline (the first ingest's server takes fresh memory "
-              "from the kernel, later ones reuse what dropping the last one freed)")
+              f"{'s' if len(runs) > 1 else ''}, each store ingest followed by the baseline (the first ingest's "
+              "server takes fresh memory from the kernel, later ones reuse what dropping the last one freed)")
         print(f"  cbir store ingest     {np.median(writes):10,.0f} vectors/s   (median; runs {_listed(writes)}; "
               "target >= 250,000)" + (f"; a Redis fork (AOF rewrite or snapshot) ran beside run {', '.join(forked)}"
                                       if forked else ""))

@@ -1,0 +1,31 @@
+"""The ingest benchmark's Redis part runs, on a small scale, against a real embedded Redis."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from cbir.connection import scratch
+from .conftest import ROOT
+
+
+def _bench_ingest():
+    spec = importlib.util.spec_from_file_location("bench_ingest", ROOT / "scripts" / "bench_ingest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_repeated_ingests_each_start_after_an_aof_rewrite_and_store_every_vector():
+    bench = _bench_ingest()
+    vectors = np.random.default_rng(0).standard_normal((3_000, bench.DIM), dtype=np.float32)
+    records = bench.make_records(len(vectors))
+    with scratch() as client:
+        forks = client.info("stats")["total_forks"]
+        runs = bench.ingests_and_baselines(client, vectors, records, baseline_vectors=500, repeats=2, compact=True)
+        # One rewrite before each ingest, each finished before the ingest began.
+        assert client.info("stats")["total_forks"] - forks == 2
+        assert not any(ingest["forked"] for ingest, _ in runs)
+        # store_ingest reads every vector back and compares; nothing of the bench is left behind.
+        assert [ingest["write"] > 0 and baseline > 0 for ingest, baseline in runs] == [True, True]
+        assert client.dbsize() == 0
