@@ -28,7 +28,8 @@ DEFAULT_EXTRACTOR = "efficientnet_lite0"
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db_name", required=True, help="database name (its keys live under cbir:<db_name>:)")
     parser.add_argument("--redis-url", "--redis_url", dest="redis_url", default=None,
-                        help=f"Redis URL (redis://, rediss://, with password; a Cluster node works too). "
+                        help=f"Redis URL (redis://, rediss://, with password; a Cluster node works too; "
+                             f"a private CA: rediss://...?ssl_ca_certs=ca.pem). "
                              f"Default: ${URL_ENV}, else an embedded Redis under $CBIR_HOME")
 
 

@@ -35,11 +35,10 @@ HOME_ENV = "CBIR_HOME"
 EMBEDDED_PERSISTENCE = {"appendonly": "yes", "appendfsync": "everysec", "save": '""',
                         "auto-aof-rewrite-min-size": "1gb"}
 
-# Enough retries to ride out a Redis restart of a few seconds in the middle of a long run.
-_RETRY_ERRORS = [redis.ConnectionError, redis.TimeoutError]
-
 
 def _retry() -> Retry:
+    """Enough retries (of connection errors and timeouts) to ride out a Redis restart of a few
+    seconds in the middle of a long run."""
     return Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=8)
 
 
@@ -73,11 +72,19 @@ def connect(url: str | None = None, home: str | os.PathLike | None = None):
     if not url:
         return embedded(home)
     try:
-        client = redis.Redis.from_url(url, retry=_retry(), retry_on_error=_RETRY_ERRORS)
+        # The first contact is not retried: a wrong address, password or certificate is reported
+        # at once, where the retries of a run took 11 s to give up on it.
+        client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
         cluster_enabled = client.info("cluster").get("cluster_enabled", 0)
+    except redis.AuthenticationError as exc:
+        # Without a password, Redis 7 answers redis-py's HELLO with advice about HELLO AUTH.
+        reason = ("user name or password refused" if urlsplit(url).password is not None
+                  else "the server asks for a password (redis://[USER]:PASSWORD@HOST:PORT/DB)")
+        raise StoreError(f"cannot use Redis at {redact(url)}: {reason}") from exc
     except (redis.RedisError, ValueError, OSError) as exc:
         raise StoreError(f"cannot use Redis at {redact(url)}: {exc}") from exc
     if not cluster_enabled:
+        client.set_retry(_retry())
         return client
     client.close()
     try:

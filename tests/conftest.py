@@ -1,8 +1,9 @@
-"""Fixtures: three real Redis deployments, real images from ../shared/data, a real extractor.
+"""Fixtures: real Redis deployments, real images from ../shared/data, a real extractor.
 
-The standalone server and the 3-master cluster use Debian's ``redis-server`` (``make test``
-installs it); they listen on loopback only and are stopped at the end of the session. Without
-the binary the tests that need them are skipped locally and fail under CI.
+The standalone server, the 3-master cluster and the TLS server (password too, self-signed
+certificate made with ``openssl``) use Debian's ``redis-server`` (``make test`` installs it);
+they listen on loopback only and are stopped at the end of the session. Without the binary the
+tests that need them are skipped locally and fail under CI.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -61,11 +63,11 @@ def _free_port(also_bus: bool = False) -> int:
     raise RuntimeError("no free loopback port")
 
 
-def _wait_ping(port: int, timeout: float = 10.0) -> None:
+def _wait_ping(port: int, timeout: float = 10.0, **client) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            redis.Redis(host="127.0.0.1", port=port).ping()
+            redis.Redis(host="127.0.0.1", port=port, **client).ping()
             return
         except redis.AuthenticationError:
             return  # up, and asking for a password
@@ -74,13 +76,18 @@ def _wait_ping(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"redis-server on port {port} did not start")
 
 
-def _start_server(binary: str, port: int, directory: Path, *extra: str) -> subprocess.Popen:
+def _start_server(binary: str, port: int, directory: Path, *extra: str,
+                  certificate: Path | None = None) -> subprocess.Popen:
+    """redis-server on ``port``; with a ``certificate`` (and its key beside it), TLS only."""
     directory.mkdir(parents=True, exist_ok=True)
+    listen = ["--port", str(port)]
+    if certificate is not None:
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certificate),
+                  "--tls-key-file", str(certificate.with_suffix(".key")), "--tls-auth-clients", "no"]
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(directory), *extra],
+        [binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_ping(port)
+    _wait_ping(port, **({} if certificate is None else {"ssl": True, "ssl_ca_certs": str(certificate)}))
     return process
 
 
@@ -129,6 +136,39 @@ def cluster_url(tmp_path_factory):
         _stop(processes)
 
 
+def self_signed_certificate(directory: Path) -> Path:
+    """A certificate for 127.0.0.1 (key beside it, ``.key``), its own certificate authority."""
+    openssl = _need(shutil.which("openssl"), "openssl")
+    certificate = directory / "redis.crt"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(certificate.with_suffix(".key")), "-out", str(certificate),
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    return certificate
+
+
+TLS_PASSWORD = "s3cret tls"
+
+
+@pytest.fixture(scope="session")
+def tls_server(tmp_path_factory):
+    """(port, certificate) of a redis-server speaking only TLS and asking for TLS_PASSWORD."""
+    binary = _need(_redis_binary("redis-server"), "redis-server")
+    root = tmp_path_factory.mktemp("tls")
+    certificate = self_signed_certificate(root)
+    port = _free_port()
+    process = _start_server(binary, port, root / "data", "--requirepass", TLS_PASSWORD, certificate=certificate)
+    yield port, certificate
+    _stop([process])
+
+
+@pytest.fixture(scope="session")
+def tls_url(tls_server):
+    """rediss:// with the password and the certificate to trust, as a user would write it."""
+    port, certificate = tls_server
+    return f"rediss://:{quote(TLS_PASSWORD)}@127.0.0.1:{port}/0?ssl_ca_certs={quote(str(certificate))}"
+
+
 @pytest.fixture(scope="session")
 def embedded_home(tmp_path_factory):
     return tmp_path_factory.mktemp("cbir_home")
@@ -141,6 +181,9 @@ def embedded_client(embedded_home):
 
 
 DEPLOYMENTS = ["embedded", "standalone", "cluster"]
+# TLS changes only the transport of a standalone server: the tests of the wire (command streams,
+# a round trip, an add and its queries) take it too, the rest would only repeat "standalone".
+WITH_TLS = [*DEPLOYMENTS, "tls"]
 
 
 @pytest.fixture(params=DEPLOYMENTS)
@@ -167,10 +210,12 @@ def store(deployment, db_name):
 
 
 @pytest.fixture
-def cli_env(monkeypatch, standalone_url):
-    """Commands run without --redis-url reach the standalone test server."""
-    monkeypatch.setenv("CBIR_REDIS_URL", standalone_url)
-    return standalone_url
+def cli_env(request, monkeypatch):
+    """Commands run without --redis-url reach the standalone test server, or the server named
+    by an indirect parameter ("tls")."""
+    url = request.getfixturevalue(f"{getattr(request, 'param', 'standalone')}_url")
+    monkeypatch.setenv("CBIR_REDIS_URL", url)
+    return url
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@ from redis.connection import Encoder, PythonRespSerializer
 
 from cbir.commands import CommandStream, _packed
 
+from .conftest import WITH_TLS
+
 
 def _redis_py_packing(*args) -> bytes:
     serializer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
@@ -22,6 +24,7 @@ def test_commands_pack_as_redis_py_does_with_large_arguments_uncopied():
     assert b"".join(buffers) == b"".join(_redis_py_packing(*c) for c in commands)
 
 
+@pytest.mark.parametrize("deployment", WITH_TLS, indirect=True)
 def test_stream_keeps_the_order_of_phases_and_reports_each_batch_once(deployment, db_name):
     _, client, _ = deployment
     done = []
@@ -35,6 +38,7 @@ def test_stream_keeps_the_order_of_phases_and_reports_each_batch_once(deployment
     client.delete(f"{db_name}:log", *[f"{db_name}:{b}" for b in range(5)])
 
 
+@pytest.mark.parametrize("deployment", WITH_TLS, indirect=True)
 def test_stream_error_raises_and_settles_every_batch_in_flight(deployment, db_name):
     name, client, _ = deployment
     client.set(f"{db_name}:s", b"text")

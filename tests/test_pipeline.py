@@ -138,6 +138,7 @@ def cli(*args) -> int:
     return main([str(a) for a in args])
 
 
+@pytest.mark.parametrize("cli_env", ["standalone", "tls"], indirect=True)
 def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsys):
     try:
         assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val",

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from cbir.errors import DatabaseBusyError, ModelMismatchError, StoreError
 from cbir.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
 from cbir.store import Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name
 
-from .conftest import ROOT
+from .conftest import ROOT, WITH_TLS
 
 DIM = 16
 
@@ -40,6 +42,7 @@ def small(store):
     return store
 
 
+@pytest.mark.parametrize("deployment", WITH_TLS, indirect=True)
 def test_round_trip_keeps_vectors_and_records(small):
     vectors = unit_vectors(30)
     with small.writing():
@@ -167,18 +170,51 @@ def test_unreachable_redis_is_one_clear_error():
     assert redact("rediss://:pw@host:6380/2") == "rediss://:***@host:6380/2"
 
 
-def test_password_protected_server(standalone_url, tmp_path):
+def _connections_received(client) -> int:
+    return client.info("stats")["total_connections_received"]
+
+
+def test_tls_and_password_errors_are_one_clear_error_after_one_attempt(tls_server, tls_url):
+    port, certificate = tls_server
+    good = connect(tls_url)
+    assert good.ping() and good.connection_pool.connection_kwargs["ssl_ca_certs"] == str(certificate)
+    # (URL, reason, whether the server counts the attempt: it does once a TLS handshake succeeded)
+    bad = [(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certificate}", "the server asks for a password", True),
+           (f"rediss://:wrong@127.0.0.1:{port}/0?ssl_ca_certs={certificate}", "user name or password refused", True),
+           (f"rediss://:wrong@127.0.0.1:{port}/0", "certificate verify failed", False),  # no CA vouches for it
+           (f"redis://127.0.0.1:{port}/0", "127.0.0.1", False)]  # no TLS: the server hangs up
+    for url, reason, counted in bad:
+        before = _connections_received(good)
+        with pytest.raises(StoreError, match=f"^cannot use Redis at {re.escape(redact(url))}: .*{reason}") as error:
+            connect(url)
+        assert "wrong" not in str(error.value) and "\n" not in str(error.value)
+        # Retrying cannot mend an address, a password or a certificate: the first answer is the error.
+        assert _connections_received(good) - before == counted, url
+
+
+def test_a_server_restart_during_a_run_is_ridden_out(standalone_url, tmp_path):
     from tests.conftest import _free_port, _redis_binary, _start_server, _stop
 
-    port = _free_port()
-    process = _start_server(_redis_binary("redis-server"), port, tmp_path, "--requirepass", "s3cret")
+    binary, port = _redis_binary("redis-server"), _free_port()
+    process = _start_server(binary, port, tmp_path)
+    restarted = []
     try:
-        with pytest.raises(StoreError):
-            connect(f"redis://127.0.0.1:{port}/0")
-        client = connect(f"redis://:s3cret@127.0.0.1:{port}/0")
-        assert client.ping()
-    finally:
+        client = connect(f"redis://127.0.0.1:{port}/0")
+        assert client.set("before", 1)
         _stop([process])
+
+        def restart_later() -> None:
+            time.sleep(1.0)
+            restarted.append(_start_server(binary, port, tmp_path))
+        helper = threading.Thread(target=restart_later)
+        helper.start()
+        try:
+            assert client.set("after", 2)  # sent to a server that is down for about a second
+        finally:
+            helper.join()
+        assert restarted and client.get("after") == b"2"
+    finally:
+        _stop(restarted)
 
 
 def test_record_blocks_round_trip_unusual_text_and_later_entries_win():
