@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from .errors import StoreError
@@ -89,7 +90,7 @@ def connect(url: str | None = None, home: str | os.PathLike | None = None):
     client.close()
     try:
         return RedisCluster.from_url(url, retry=_retry())
-    except (redis.RedisError, OSError) as exc:
+    except (redis.RedisError, RedisClusterException, OSError) as exc:  # the latter is no RedisError
         raise StoreError(f"cannot use Redis Cluster at {redact(url)}: {exc}") from exc
 
 

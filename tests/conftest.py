@@ -1,7 +1,7 @@
 """Fixtures: real Redis deployments, real images from ../shared/data, a real extractor.
 
-The standalone server, the 3-master cluster and the TLS server (password too, self-signed
-certificate made with ``openssl``) use Debian's ``redis-server`` (``make test`` installs it);
+The standalone server, the 3-master cluster and their TLS twins (with a password and a
+self-signed certificate made by ``openssl``) use Debian's ``redis-server`` (``make test`` installs it);
 they listen on loopback only and are stopped at the end of the session. Without the binary the
 tests that need them are skipped locally and fail under CI.
 """
@@ -18,6 +18,8 @@ from urllib.parse import quote
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from cbir.connection import connect
 from cbir.store import VectorStore
@@ -67,7 +69,9 @@ def _wait_ping(port: int, timeout: float = 10.0, **client) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            redis.Redis(host="127.0.0.1", port=port, **client).ping()
+            # Not retried by the client: an AuthenticationError is a ConnectionError to redis-py,
+            # and its default retries held each start of a server with a password for 3-5 s.
+            redis.Redis(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0), **client).ping()
             return
         except redis.AuthenticationError:
             return  # up, and asking for a password
@@ -76,18 +80,29 @@ def _wait_ping(port: int, timeout: float = 10.0, **client) -> None:
     raise RuntimeError(f"redis-server on port {port} did not start")
 
 
+def _tls_options(certificate: Path | None) -> dict:
+    """redis-py options that trust ``certificate``; none without one."""
+    return {} if certificate is None else {"ssl": True, "ssl_ca_certs": str(certificate)}
+
+
 def _start_server(binary: str, port: int, directory: Path, *extra: str,
                   certificate: Path | None = None) -> subprocess.Popen:
     """redis-server on ``port``; with a ``certificate`` (and its key beside it), TLS only."""
     directory.mkdir(parents=True, exist_ok=True)
     listen = ["--port", str(port)]
     if certificate is not None:
+        # The certificate is its own authority, which a cluster's nodes need to trust each other.
         listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certificate),
-                  "--tls-key-file", str(certificate.with_suffix(".key")), "--tls-auth-clients", "no"]
+                  "--tls-key-file", str(certificate.with_suffix(".key")), "--tls-ca-cert-file", str(certificate),
+                  "--tls-auth-clients", "no"]
     process = subprocess.Popen(
         [binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_ping(port, **({} if certificate is None else {"ssl": True, "ssl_ca_certs": str(certificate)}))
+    try:
+        _wait_ping(port, **_tls_options(certificate))
+    except RuntimeError:
+        _stop([process])
+        raise
     return process
 
 
@@ -110,36 +125,53 @@ def standalone_url(tmp_path_factory):
     _stop([process])
 
 
-@pytest.fixture(scope="session")
-def cluster_url(tmp_path_factory):
+def _start_cluster(root: Path, processes: list[subprocess.Popen], certificate: Path | None = None,
+                   password: str | None = None) -> list[int]:
+    """Ports of a 3-master cluster on loopback, in state ok; its servers are added to ``processes``
+    as they start, so the caller stops them even if the cluster fails to form."""
     binary = _need(_redis_binary("redis-server"), "redis-server")
     cli = _need(_redis_binary("redis-cli"), "redis-cli")
-    root = tmp_path_factory.mktemp("cluster")
-    ports, processes = [], []
+    node_options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"]
+    cli_options = []
+    if certificate is not None:
+        node_options += ["--tls-cluster", "yes"]
+        cli_options += ["--tls", "--cacert", str(certificate)]
+    if password is not None:
+        node_options += ["--requirepass", password, "--masterauth", password]
+        cli_options += ["-a", password, "--no-auth-warning"]
+    ports = []
+    for _ in range(3):
+        port = _free_port(also_bus=True)
+        ports.append(port)
+        processes.append(_start_server(binary, port, root / str(port), *node_options, "--cluster-config-file",
+                                       f"nodes-{port}.conf", certificate=certificate))
+    subprocess.run([cli, *cli_options, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                    "--cluster-replicas", "0", "--cluster-yes"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
+    node = redis.Redis(host="127.0.0.1", port=ports[0], password=password, **_tls_options(certificate))
+    deadline = time.time() + 30
+    while node.cluster("info").get("cluster_state") != "ok":
+        if time.time() > deadline:
+            raise RuntimeError("the test cluster did not reach state ok")
+        time.sleep(0.2)
+    return ports
+
+
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory):
+    processes = []
     try:
-        for _ in range(3):
-            port = _free_port(also_bus=True)
-            ports.append(port)
-            processes.append(_start_server(binary, port, root / str(port), "--cluster-enabled", "yes",
-                                           "--cluster-config-file", f"nodes-{port}.conf",
-                                           "--cluster-node-timeout", "5000"))
-        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
-        deadline = time.time() + 30
-        while redis.Redis(port=ports[0]).cluster("info").get("cluster_state") != "ok":
-            if time.time() > deadline:
-                raise RuntimeError("the test cluster did not reach state ok")
-            time.sleep(0.2)
+        ports = _start_cluster(tmp_path_factory.mktemp("cluster"), processes)
         yield f"redis://127.0.0.1:{ports[0]}"
     finally:
         _stop(processes)
 
 
-def self_signed_certificate(directory: Path) -> Path:
-    """A certificate for 127.0.0.1 (key beside it, ``.key``), its own certificate authority."""
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory) -> Path:
+    """A self-signed certificate for 127.0.0.1 (key beside it, ``.key``): its own authority."""
     openssl = _need(shutil.which("openssl"), "openssl")
-    certificate = directory / "redis.crt"
+    certificate = tmp_path_factory.mktemp("tls") / "redis.crt"
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-keyout", str(certificate.with_suffix(".key")), "-out", str(certificate),
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
@@ -150,23 +182,36 @@ def self_signed_certificate(directory: Path) -> Path:
 TLS_PASSWORD = "s3cret tls"
 
 
+def _tls_url(port: int, certificate: Path) -> str:
+    """rediss:// with the password and the certificate to trust, as a user would write it."""
+    return f"rediss://:{quote(TLS_PASSWORD)}@127.0.0.1:{port}/0?ssl_ca_certs={quote(str(certificate))}"
+
+
 @pytest.fixture(scope="session")
-def tls_server(tmp_path_factory):
-    """(port, certificate) of a redis-server speaking only TLS and asking for TLS_PASSWORD."""
+def tls_server(tmp_path_factory, certificate):
+    """The port of a redis-server speaking only TLS and asking for TLS_PASSWORD."""
     binary = _need(_redis_binary("redis-server"), "redis-server")
-    root = tmp_path_factory.mktemp("tls")
-    certificate = self_signed_certificate(root)
     port = _free_port()
-    process = _start_server(binary, port, root / "data", "--requirepass", TLS_PASSWORD, certificate=certificate)
-    yield port, certificate
+    process = _start_server(binary, port, tmp_path_factory.mktemp("tls_server"), "--requirepass", TLS_PASSWORD,
+                            certificate=certificate)
+    yield port
     _stop([process])
 
 
 @pytest.fixture(scope="session")
-def tls_url(tls_server):
-    """rediss:// with the password and the certificate to trust, as a user would write it."""
-    port, certificate = tls_server
-    return f"rediss://:{quote(TLS_PASSWORD)}@127.0.0.1:{port}/0?ssl_ca_certs={quote(str(certificate))}"
+def tls_url(tls_server, certificate):
+    return _tls_url(tls_server, certificate)
+
+
+@pytest.fixture(scope="session")
+def tls_cluster_url(tmp_path_factory, certificate):
+    """A 3-master cluster speaking only TLS (clients and bus) and asking for TLS_PASSWORD."""
+    processes = []
+    try:
+        ports = _start_cluster(tmp_path_factory.mktemp("tls_cluster"), processes, certificate, TLS_PASSWORD)
+        yield _tls_url(ports[0], certificate)
+    finally:
+        _stop(processes)
 
 
 @pytest.fixture(scope="session")
@@ -181,9 +226,9 @@ def embedded_client(embedded_home):
 
 
 DEPLOYMENTS = ["embedded", "standalone", "cluster"]
-# TLS changes only the transport of a standalone server: the tests of the wire (command streams,
-# a round trip, an add and its queries) take it too, the rest would only repeat "standalone".
-WITH_TLS = [*DEPLOYMENTS, "tls"]
+# TLS (with a password) changes only the transport: the tests of the wire (command streams, a
+# round trip) take it too, on a server and a cluster; the rest would only repeat those deployments.
+WITH_TLS = [*DEPLOYMENTS, "tls", "tls_cluster"]
 
 
 @pytest.fixture(params=DEPLOYMENTS)

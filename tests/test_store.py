@@ -174,8 +174,8 @@ def _connections_received(client) -> int:
     return client.info("stats")["total_connections_received"]
 
 
-def test_tls_and_password_errors_are_one_clear_error_after_one_attempt(tls_server, tls_url):
-    port, certificate = tls_server
+def test_tls_and_password_errors_are_one_clear_error_after_one_attempt(tls_server, certificate, tls_url):
+    port = tls_server
     good = connect(tls_url)
     assert good.ping() and good.connection_pool.connection_kwargs["ssl_ca_certs"] == str(certificate)
     # (URL, reason, whether the server counts the attempt: it does once a TLS handshake succeeded)
@@ -190,6 +190,18 @@ def test_tls_and_password_errors_are_one_clear_error_after_one_attempt(tls_serve
         assert "wrong" not in str(error.value) and "\n" not in str(error.value)
         # Retrying cannot mend an address, a password or a certificate: the first answer is the error.
         assert _connections_received(good) - before == counted, url
+
+
+def test_a_cluster_without_slots_is_one_clear_error(standalone_url, tmp_path):
+    from tests.conftest import _free_port, _redis_binary, _start_server, _stop
+
+    port = _free_port(also_bus=True)
+    process = _start_server(_redis_binary("redis-server"), port, tmp_path, "--cluster-enabled", "yes")
+    try:  # a node never joined to a cluster: no slot is served
+        with pytest.raises(StoreError, match=f"^cannot use Redis Cluster at redis://127.0.0.1:{port}/0: .*slots"):
+            connect(f"redis://127.0.0.1:{port}/0")
+    finally:
+        _stop([process])
 
 
 def test_a_server_restart_during_a_run_is_ridden_out(standalone_url, tmp_path):
