@@ -351,10 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--num_features", type=int, default=None,
                      help="expected embedding size (checked against the model; a checkpoint sets its own)")
     add.add_argument("--rewrite", action="store_true", help="delete this database (only this one) first")
-    add.add_argument("--project", default=None, help="project of every image (default: the folder's or file's name)")
+    add.add_argument("--project", default=None,
+                     help="project of every image (default: the folder's or the .npz's name; none for an image file)")
     add.add_argument("--projects", action="store_true",
                      help="class folders are named <project>_<class>: take the project from the name")
-    add.add_argument("--label", default=None, help="label of a single image file (default: its folder's name)")
+    add.add_argument("--label", default=None,
+                     help="label of every image: of a single image file (default: its folder's name) or of "
+                          "all files under a folder, sub-folders too (default: one class per sub-folder)")
     add.add_argument("--batch_size", type=int, default=32, help="images per model batch (default: 32)")
     add.add_argument("--workers", type=int, default=None,
                      help="decoding threads, or processes when the model runs on a GPU (default: one per core; "

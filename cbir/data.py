@@ -120,24 +120,42 @@ def split_project(folder_name: str) -> tuple[str, str]:
     return (project, label) if sep and label else ("", folder_name)
 
 
-def folder_items(root: Path, project: str | None = None, projects_in_names: bool = False) -> list[ImageItem]:
-    """Every file under each class sub-folder of ``root`` (recursively), hidden files excepted.
+def _visible_files(folder: Path, root: Path) -> list[Path]:
+    """Files under ``folder`` (recursively, sorted), none hidden or inside a hidden folder below ``root``."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not any(_is_hidden(q) for q in p.relative_to(root).parts))
+
+
+def folder_items(root: Path, project: str | None = None, projects_in_names: bool = False,
+                 label: str | None = None) -> list[ImageItem]:
+    """Every file under each class sub-folder of ``root`` (recursively), hidden files excepted;
+    with ``label``, every file under ``root`` itself, all of that class (a folder of one diagnosis,
+    say, in folders per patient).
 
     Files are not filtered by extension: a non-image file is reported when it fails to decode.
     """
+    project_of_root = project if project is not None else root.name
+    if label is not None:
+        if projects_in_names:
+            raise DataSourceError(f"{root}: one label for all images and projects from class folder names "
+                                  f"(<project>_<class>) cannot go together")
+        files = _visible_files(root, root)
+        if not files:
+            raise DataSourceError(f"{root}: the folder contains no files")
+        return [ImageItem(name=f.relative_to(root).as_posix(), label=label, project=project_of_root,
+                          location=str(f.resolve())) for f in files]
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
     if not class_dirs:
-        raise DataSourceError(f"{root}: no class sub-folders (expected one folder per class)")
+        raise DataSourceError(f"{root}: no class sub-folders (expected one folder per class, or a label "
+                              f"given for all its images)")
     items = []
     for class_dir in class_dirs:
         if projects_in_names:
-            item_project, label = split_project(class_dir.name)
+            item_project, class_name = split_project(class_dir.name)
         else:
-            item_project, label = (project if project is not None else root.name), class_dir.name
-        files = sorted(p for p in class_dir.rglob("*")
-                       if p.is_file() and not any(_is_hidden(q) for q in p.relative_to(root).parts))
-        items += [ImageItem(name=f.relative_to(root).as_posix(), label=label, project=item_project,
-                            location=str(f.resolve())) for f in files]
+            item_project, class_name = project_of_root, class_dir.name
+        items += [ImageItem(name=f.relative_to(root).as_posix(), label=class_name, project=item_project,
+                            location=str(f.resolve())) for f in _visible_files(class_dir, root)]
     if not items:
         raise DataSourceError(f"{root}: the class folders contain no files")
     return items
@@ -179,13 +197,17 @@ def npz_items(path: Path, split: str, project: str | None = None) -> list[ImageI
 
 def load_items(path: str | os.PathLike, split: str = "train", project: str | None = None,
                projects_in_names: bool = False, label: str | None = None) -> list[ImageItem]:
-    """The items of a folder, a ``.npz`` split, or a single image file."""
+    """The items of a folder, a ``.npz`` split, or a single image file. ``label``: the class of
+    every image of a folder or of the single file (default: a file's folder name; a folder's
+    class sub-folders); an ``.npz`` carries its own labels."""
     path = Path(path)
     if not path.exists():
         raise DataSourceError(f"{path}: no such file or folder")
     if path.is_dir():
-        return folder_items(path, project, projects_in_names)
+        return folder_items(path, project, projects_in_names, label)
     if path.suffix == ".npz":
+        if label is not None:
+            raise DataSourceError(f"{path}: an .npz carries its own labels; a label is for image files and folders")
         return npz_items(path, split, project)
     return [ImageItem(name=path.name, label=label if label is not None else path.parent.name,
                       project=project or "", location=str(path.resolve()))]

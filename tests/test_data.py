@@ -91,9 +91,35 @@ def test_folder_source_names_labels_and_projects(tmp_path):
     assert split_project("noproject") == ("", "noproject")
 
 
+def test_a_label_given_covers_every_file_under_the_folder(tmp_path):
+    folder = tmp_path / "malignant"
+    for patient in ["patient 2", "patient 1", ".trash"]:
+        (folder / patient).mkdir(parents=True)
+        (folder / patient / "scan.png").write_bytes(png_bytes(Image.new("L", (4, 4))))
+    (folder / "loose.png").write_bytes(png_bytes(Image.new("L", (4, 4))))
+    items = load_items(folder, label="malignant, confirmed")
+    assert [(i.name, i.label, i.project) for i in items] == [
+        ("loose.png", "malignant, confirmed", "malignant"),
+        ("patient 1/scan.png", "malignant, confirmed", "malignant"),
+        ("patient 2/scan.png", "malignant, confirmed", "malignant"),
+    ]
+    assert {i.label for i in load_items(folder)} == {"patient 1", "patient 2"}  # without: one class per folder
+    assert load_items(folder / "loose.png")[0].label == "malignant"
+    with pytest.raises(DataSourceError, match="cannot go together"):
+        load_items(folder, label="x", projects_in_names=True)
+    with pytest.raises(DataSourceError, match="carries its own labels"):
+        load_items(BREASTMNIST, label="x")
+
+
 def test_empty_sources_are_clear_errors(tmp_path):
+    with pytest.raises(DataSourceError, match="no class sub-folders .* or a label given"):
+        load_items(tmp_path)
+    (tmp_path / "loose.png").write_bytes(b"")
     with pytest.raises(DataSourceError, match="no class sub-folders"):
         load_items(tmp_path)
+    (tmp_path / "loose.png").unlink()
+    with pytest.raises(DataSourceError, match="the folder contains no files"):
+        load_items(tmp_path, label="x")
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(DataSourceError, match="contain no files"):
         load_items(tmp_path)
