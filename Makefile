@@ -8,10 +8,11 @@ export PYTHONPATH := $(CURDIR)
 setup: redis-server
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 
-# Debian's redis-server: the standalone and cluster deployments of the integration tests.
+# Debian's redis-server: the standalone and cluster deployments of the integration tests; openssl
+# makes the certificate of their TLS twins.
 redis-server:
-	@if [ ! -x /usr/bin/redis-server ] || [ ! -x /usr/bin/redis-cli ]; then \
-		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	@if [ ! -x /usr/bin/redis-server ] || [ ! -x /usr/bin/redis-cli ] || [ ! -x /usr/bin/openssl ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server openssl >/dev/null; \
 	fi
 
 demo: setup
