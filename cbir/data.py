@@ -146,8 +146,8 @@ def folder_items(root: Path, project: str | None = None, projects_in_names: bool
                           location=str(f.resolve())) for f in files]
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
     if not class_dirs:
-        raise DataSourceError(f"{root}: no class sub-folders (expected one folder per class, or a label "
-                              f"given for all its images)")
+        raise DataSourceError(f"{root}: no class sub-folders (expected one folder per class, or, to add "
+                              f"images of one class, --label for all of them)")
     items = []
     for class_dir in class_dirs:
         if projects_in_names:

@@ -112,7 +112,7 @@ def test_a_label_given_covers_every_file_under_the_folder(tmp_path):
 
 
 def test_empty_sources_are_clear_errors(tmp_path):
-    with pytest.raises(DataSourceError, match="no class sub-folders .* or a label given"):
+    with pytest.raises(DataSourceError, match="no class sub-folders .* --label for all of them"):
         load_items(tmp_path)
     (tmp_path / "loose.png").write_bytes(b"")
     with pytest.raises(DataSourceError, match="no class sub-folders"):
