@@ -20,7 +20,7 @@ from cbir.errors import DatabaseBusyError, ModelMismatchError, StoreError
 from cbir.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
 from cbir.store import Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name
 
-from .conftest import ROOT, WITH_TLS
+from .conftest import ROOT, WITH_TLS, _free_port, _start_server, _stop
 
 DIM = 16
 
@@ -192,11 +192,9 @@ def test_tls_and_password_errors_are_one_clear_error_after_one_attempt(tls_serve
         assert _connections_received(good) - before == counted, url
 
 
-def test_a_cluster_without_slots_is_one_clear_error(standalone_url, tmp_path):
-    from tests.conftest import _free_port, _redis_binary, _start_server, _stop
-
+def test_a_cluster_without_slots_is_one_clear_error(redis_server_binary, tmp_path):
     port = _free_port(also_bus=True)
-    process = _start_server(_redis_binary("redis-server"), port, tmp_path, "--cluster-enabled", "yes")
+    process = _start_server(redis_server_binary, port, tmp_path, "--cluster-enabled", "yes")
     try:  # a node never joined to a cluster: no slot is served
         with pytest.raises(StoreError, match=f"^cannot use Redis Cluster at redis://127.0.0.1:{port}/0: .*slots"):
             connect(f"redis://127.0.0.1:{port}/0")
@@ -204,10 +202,8 @@ def test_a_cluster_without_slots_is_one_clear_error(standalone_url, tmp_path):
         _stop([process])
 
 
-def test_a_server_restart_during_a_run_is_ridden_out(standalone_url, tmp_path):
-    from tests.conftest import _free_port, _redis_binary, _start_server, _stop
-
-    binary, port = _redis_binary("redis-server"), _free_port()
+def test_a_server_restart_during_a_run_is_ridden_out(redis_server_binary, tmp_path):
+    binary, port = redis_server_binary, _free_port()
     process = _start_server(binary, port, tmp_path)
     restarted = []
     try:
