@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -23,6 +24,44 @@ from .options import INDEX_KINDS, LOSSES, MEASURES, SCHEDULERS, VOTES
 from .store import VectorStore
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
+
+
+def _whole(minimum: int):
+    """argparse type: a whole number of at least ``minimum``."""
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return whole_number
+
+
+def _real(minimum: float, maximum: float = math.inf, *, above: bool = False, below: bool = False):
+    """argparse type: a finite number from ``minimum`` to ``maximum``, excluding an end with ``above``/``below``."""
+    if maximum == math.inf:
+        allowed = f"above {minimum:g}" if above else f"at least {minimum:g}"
+    else:
+        allowed = f"in {'(' if above else '['}{minimum:g}, {maximum:g}{')' if below else ']'}"
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        fits = (value > minimum if above else value >= minimum) and (value < maximum if below else value <= maximum)
+        if not (math.isfinite(value) and fits):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+    return number
+
+
+COUNT = _whole(1)  # sizes, counts, k
+NON_NEGATIVE = _whole(0)  # seeds, worker numbers
+POSITIVE = _real(0, above=True)  # rates, temperatures
+NON_NEGATIVE_REAL = _real(0)  # weights that 0 turns off
 
 
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +89,7 @@ def _extractor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None,
                         help="a cbir checkpoint (.safetensors, describes itself) or backbone weights for "
                              "--extractor (.pth/.pt/.safetensors, e.g. KimiaNet for densenet121)")
-    parser.add_argument("--input_size", type=int, default=None,
+    parser.add_argument("--input_size", type=COUNT, default=None,
                         help="image side in pixels fed to the model (default: the backbone's, 224 mostly)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -348,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arguments(add)
     _source_arguments(add, "images to index")
     _extractor_arguments(add)
-    add.add_argument("--num_features", type=int, default=None,
+    add.add_argument("--num_features", type=COUNT, default=None,
                      help="expected embedding size (checked against the model; a checkpoint sets its own)")
     add.add_argument("--rewrite", action="store_true", help="delete this database (only this one) first")
     add.add_argument("--project", default=None,
@@ -358,11 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--label", default=None,
                      help="label of every image: of a single image file (default: its folder's name) or of "
                           "all files under a folder, sub-folders too (default: one class per sub-folder)")
-    add.add_argument("--batch_size", type=int, default=32, help="images per model batch (default: 32)")
-    add.add_argument("--workers", type=int, default=None,
+    add.add_argument("--batch_size", type=COUNT, default=32, help="images per model batch (default: 32)")
+    add.add_argument("--workers", type=NON_NEGATIVE, default=None,
                      help="decoding threads, or processes when the model runs on a GPU (default: one per core; "
                           "0 decodes in the main thread)")
-    add.add_argument("--chunk_size", type=int, default=None,
+    add.add_argument("--chunk_size", type=COUNT, default=None,
                      help="vectors per Redis chunk key of a new database (default: what fits in 512 KiB)")
     add.add_argument("--quiet", action="store_true", help="no progress bar")
     add.set_defaults(run=_cmd_add)
@@ -373,11 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                "save a picture.")
     _store_arguments(retrieve)
     _source_arguments(retrieve, "query")
-    retrieve.add_argument("--nrt_neigh", type=int, default=10, help="neighbours to return (default: 10)")
+    retrieve.add_argument("--nrt_neigh", type=COUNT, default=10, help="neighbours to return (default: 10)")
     retrieve.add_argument("--results_dir", default="results", help="where the picture goes (default: results)")
     retrieve.add_argument("--json", default=None, help="also write the results as JSON to this file")
-    retrieve.add_argument("--seed", type=int, default=0, help="seed for picking the queries of a folder/.npz")
-    retrieve.add_argument("--n_queries", type=int, default=None,
+    retrieve.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed for picking the queries of a folder/.npz")
+    retrieve.add_argument("--n_queries", type=COUNT, default=None,
                           help="queries of a folder/.npz, classes taking turns (default: one per class)")
     retrieve.add_argument("--html", default=None, help="also write the rows as a self-contained HTML page here")
     retrieve.add_argument("--weights", default=None,
@@ -403,17 +442,17 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arguments(train_index)
     train_index.add_argument("--index", default="ivf", choices=INDEX_KINDS,
                              help="ivf (IVF-Flat, default), ivfpq (compressed 8-bit PQ codes), hnsw, or flat (exact)")
-    train_index.add_argument("--nlist", type=int, default=None,
+    train_index.add_argument("--nlist", type=COUNT, default=None,
                              help="inverted lists of ivf/ivfpq (default: about 4·sqrt(N))")
-    train_index.add_argument("--nprobe", type=int, default=None,
+    train_index.add_argument("--nprobe", type=COUNT, default=None,
                              help="search breadth: lists visited (ivf/ivfpq) or efSearch (hnsw); "
                                   "default: the smallest that reaches --target_recall")
-    train_index.add_argument("--m", type=int, default=None,
+    train_index.add_argument("--m", type=COUNT, default=None,
                              help="ivfpq: sub-quantisers (code bytes per vector; default up to 32); "
                                   "hnsw: links per node (32)")
-    train_index.add_argument("--target_recall", type=float, default=0.95,
+    train_index.add_argument("--target_recall", type=_real(0, 1, above=True), default=0.95,
                              help="recall@10 against exact search that tuning aims for (default: 0.95)")
-    train_index.add_argument("--seed", type=int, default=0, help="seed of the training and tuning samples")
+    train_index.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the training and tuning samples")
     train_index.add_argument("--delete", action="store_true",
                              help="delete the trained index (searches become exact)")
     train_index.add_argument("--json", default=None, help="also write the report as JSON to this file")
@@ -427,26 +466,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--training_data", required=True, help="class-per-folder directory or MedMNIST-style .npz")
     train.add_argument("--validation_data", default=None,
                        help="validation folder (default: the .npz val split, else a stratified --val_fraction)")
-    train.add_argument("--val_fraction", type=float, default=0.15, help="hold-out share of a folder (default: 0.15)")
+    train.add_argument("--val_fraction", type=_real(0, 1, below=True), default=0.15,
+                       help="hold-out share of a folder (default: 0.15)")
     train.add_argument("--weights", required=True, help="output folder for checkpoints, log and curves")
     train.add_argument("--model", default="densenet121",
                        help="backbone (default densenet121; efficientnet_lite0 has offline ImageNet weights)")
     train.add_argument("--backbone_weights", default=None, help="backbone weights file to start from (e.g. KimiaNet)")
     train.add_argument("--no_pretrained", action="store_true", help="start from random weights")
-    train.add_argument("--input_size", type=int, default=None, help="image side in pixels (default: the backbone's)")
+    train.add_argument("--input_size", type=COUNT, default=None, help="image side in pixels (default: the backbone's)")
     train.add_argument("--loss", default="margin", choices=LOSSES, help="metric-learning loss (default: margin)")
-    train.add_argument("--num_features", type=int, default=128, help="embedding size (default: 128)")
-    train.add_argument("--num_epochs", type=int, default=10, help="epochs (default: 10)")
-    train.add_argument("--batch_size", type=int, default=32, help="images per batch (default: 32)")
-    train.add_argument("--m_per_class", type=int, default=4, help="images per class in a batch (default: 4)")
+    train.add_argument("--num_features", type=COUNT, default=128, help="embedding size (default: 128)")
+    train.add_argument("--num_epochs", type=COUNT, default=10, help="epochs (default: 10)")
+    train.add_argument("--batch_size", type=COUNT, default=32, help="images per batch (default: 32)")
+    train.add_argument("--m_per_class", type=COUNT, default=4, help="images per class in a batch (default: 4)")
     train.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"], help="default: adamw")
-    train.add_argument("--lr", type=float, default=1e-4, help="learning rate of the model (default: 1e-4)")
-    train.add_argument("--lr_proxies", type=float, default=1e-2, help="learning rate of proxies/class weights")
-    train.add_argument("--beta_lr", type=float, default=1e-2, help="learning rate of the margin loss's beta")
-    train.add_argument("--decay", type=float, default=1e-4, help="weight decay (default: 1e-4)")
+    train.add_argument("--lr", type=POSITIVE, default=1e-4, help="learning rate of the model (default: 1e-4)")
+    train.add_argument("--lr_proxies", type=POSITIVE, default=1e-2, help="learning rate of proxies/class weights")
+    train.add_argument("--beta_lr", type=POSITIVE, default=1e-2, help="learning rate of the margin loss's beta")
+    train.add_argument("--decay", type=NON_NEGATIVE_REAL, default=1e-4, help="weight decay (default: 1e-4)")
     train.add_argument("--scheduler", default="cosine", choices=SCHEDULERS, help="learning-rate schedule")
-    train.add_argument("--step_size", type=int, default=5, help="epochs per step of the step scheduler")
-    train.add_argument("--gamma", type=float, default=0.5, help="decay factor of step/exponential schedulers")
+    train.add_argument("--step_size", type=COUNT, default=5, help="epochs per step of the step scheduler")
+    train.add_argument("--gamma", type=POSITIVE, default=0.5, help="decay factor of step/exponential schedulers")
     train.add_argument("--freeze", action="store_true", help="freeze the backbone: train the head only")
     train.add_argument("--head_init", default="pca", choices=["pca", "random"],
                        help="pca (default): the head starts as a projection onto the training features' principal "
@@ -457,15 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "sub-sampled images, concatenated and projected")
     train.add_argument("--knn_weighting", action="store_true",
                        help="examples that kNN on the current embedding gets wrong weigh 1+--knn_boost")
-    train.add_argument("--knn_boost", type=float, default=1.0, help="extra weight of kNN-misclassified examples")
+    train.add_argument("--knn_boost", type=NON_NEGATIVE_REAL, default=1.0, help="extra weight of kNN-misclassified examples")
     train.add_argument("--generalise", action="store_true",
                        help="train on a subset of classes (--train_classes, default a seeded half); the rest "
                             "stay unseen for testing")
     train.add_argument("--train_classes", nargs="+", default=[], help="the classes --generalise trains on")
-    train.add_argument("--seed", type=int, default=0, help="seed of everything random (default: 0)")
-    train.add_argument("--workers", type=int, default=None, help="decoding processes (default: min(4, cores))")
+    train.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of everything random (default: 0)")
+    train.add_argument("--workers", type=NON_NEGATIVE, default=None, help="decoding processes (default: min(4, cores))")
     train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    train.add_argument("--max_batches", type=int, default=None, help="batches per epoch at most (quick runs)")
+    train.add_argument("--max_batches", type=COUNT, default=None, help="batches per epoch at most (quick runs)")
     train.add_argument("--load", "--resume", dest="load", action="store_true",
                        help="resume the interrupted run in --weights from its last finished epoch")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -475,10 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
                                description="2-D t-SNE (PCA to 50 dims first) of the stored vectors, coloured by "
                                            "class; large databases are sampled (stratified, seeded).")
     _store_arguments(tsne)
-    tsne.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (default: 30)")
-    tsne.add_argument("--max_points", type=int, default=5000, help="sample size for large databases (default: 5000)")
+    tsne.add_argument("--perplexity", type=POSITIVE, default=30.0, help="t-SNE perplexity (default: 30)")
+    tsne.add_argument("--max_points", type=COUNT, default=5000, help="sample size for large databases (default: 5000)")
     tsne.add_argument("--by_project", action="store_true", help="add a second panel coloured by project")
-    tsne.add_argument("--seed", type=int, default=0, help="seed of the sample and of t-SNE")
+    tsne.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the sample and of t-SNE")
     tsne.add_argument("--out", default=None, help="PNG to write (default: <out_dir>/tsne_<db_name>.png)")
     tsne.add_argument("--out_dir", default="data_visualization", help="default folder of --out")
     tsne.set_defaults(run=_cmd_tsne)
@@ -489,8 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     _source_arguments(dataset, "the dataset")
     dataset.add_argument("--out_dir", default="data_visualization", help="where pictures go (default: data_visualization)")
     dataset.add_argument("--name", default=None, help="file name prefix (default: the source's name)")
-    dataset.add_argument("--per_class", type=int, default=6, help="sample images per class in the grid (default: 6)")
-    dataset.add_argument("--seed", type=int, default=0, help="seed of the sample images")
+    dataset.add_argument("--per_class", type=COUNT, default=6, help="sample images per class in the grid (default: 6)")
+    dataset.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the sample images")
     dataset.add_argument("--quiet", action="store_true", help="no progress bar")
     dataset.set_defaults(run=_cmd_dataset)
 
@@ -514,18 +554,18 @@ def build_parser() -> argparse.ArgumentParser:
                                "(random repeated), separated (per class), remove (--exclude_classes left out), "
                                "loo, incremental (continual learning), removal (data deletion), interpolate "
                                "(classifier head + kNN probabilities, λ chosen on validation); default: all")
-    evaluate.add_argument("--k", nargs="+", type=int, default=[1, 5, 11], help="kNN classification k (default: 1 5 11)")
+    evaluate.add_argument("--k", nargs="+", type=COUNT, default=[1, 5, 11], help="kNN classification k (default: 1 5 11)")
     evaluate.add_argument("--vote", default="majority", choices=VOTES,
                           help="kNN vote: majority, distance (similarity-weighted) or softmax (temperature)")
-    evaluate.add_argument("--temperature", type=float, default=0.07, help="softmax vote temperature (default: 0.07)")
-    evaluate.add_argument("--n_queries", type=int, default=100, help="queries of random/stat (default: 100)")
-    evaluate.add_argument("--repeats", type=int, default=10, help="repeats of stat (default: 10)")
+    evaluate.add_argument("--temperature", type=POSITIVE, default=0.07, help="softmax vote temperature (default: 0.07)")
+    evaluate.add_argument("--n_queries", type=COUNT, default=100, help="queries of random/stat (default: 100)")
+    evaluate.add_argument("--repeats", type=COUNT, default=10, help="repeats of stat (default: 10)")
     evaluate.add_argument("--exclude_classes", nargs="+", default=[], help="classes the remove protocol leaves out")
     evaluate.add_argument("--groups", default=None,
                           help="CSV name,group (patient or slide id): neighbours from a query's own group are skipped")
     evaluate.add_argument("--project_groups", default=None,
                           help="CSV project,group: 'similar project' hits count neighbours of the same group")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of random/stat/incremental/removal (default: 0)")
+    evaluate.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of random/stat/incremental/removal (default: 0)")
     evaluate.add_argument("--exact", action="store_true", help="exact search even if an index was trained")
     evaluate.add_argument("--excel_path", default=None,
                           help="workbook to write or extend (default: <results_dir>/accuracy_<db_name>.xlsx)")

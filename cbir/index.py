@@ -165,8 +165,10 @@ class SearchIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, store ids), each (n, k) best first; missing neighbours have id -1."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         queries = _unit_rows(queries)
-        k = max(1, min(k, self.size))
+        k = max(1, min(k, self.size))  # FAISS needs k >= 1 even where the index is empty
         # pytorch-metric-learning imports faiss.contrib.torch_utils, whose search() drops
         # ``params``; it keeps FAISS's own numpy search as search_numpy.
         search = getattr(self.index, "search_numpy", self.index.search)

@@ -66,6 +66,14 @@ def test_tuned_index_reaches_the_recall_target(kind):
     assert tuning.chosen.breadth == min(p.breadth for p in tuning.tried if p.recall10 >= 0.95)
 
 
+def test_no_neighbours_is_an_error_not_one_neighbour():
+    vectors = clustered(100, 8)
+    searcher = SearchIndex.exact(np.arange(100), vectors)
+    assert searcher.search(vectors[:2], 1000)[1].shape == (2, 100)  # k beyond the index: all it holds
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
+        searcher.search(vectors[:2], 0)
+
+
 def test_removed_entries_are_skipped_inside_the_search():
     vectors = clustered(5000, 16)
     ids = np.arange(5000)
