@@ -18,9 +18,9 @@ import numpy as np
 
 from . import __version__, interrupts
 from .connection import URL_ENV, connect, describe
-from .data import NPZ_SPLITS, load_items, one_per_class
+from .data import NPZ_SPLITS, load_items, query_items
 from .errors import CbirError
-from .options import INDEX_KINDS, LOSSES, MEASURES, SCHEDULERS, VOTES
+from .options import INDEX_KINDS, LOSSES, MEASURES, PICTURE_ROWS, SCHEDULERS, VOTES
 from .store import VectorStore
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
@@ -72,9 +72,11 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
                              f"Default: ${URL_ENV}, else an embedded Redis under $CBIR_HOME")
 
 
-def _source_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--path", required=True,
-                        help=f"{what}: a folder with one sub-folder per class, a MedMNIST-style .npz, or an image")
+SOURCES = "a folder with one sub-folder per class, a MedMNIST-style .npz, or an image"
+
+
+def _source_arguments(parser: argparse.ArgumentParser, path_help: str) -> None:
+    parser.add_argument("--path", required=True, help=path_help)
     parser.add_argument("--split", default="train", choices=NPZ_SPLITS, help="split of a .npz (default: train)")
 
 
@@ -136,11 +138,9 @@ def _cmd_retrieve(args) -> int:
 
     store = _open_store(args)
     extractor = extractor_for_store(store, weights=args.weights, device=args.device)
-    items = load_items(args.path, split=args.split)
-    folder = Path(args.path).is_dir() or Path(args.path).suffix == ".npz"
-    queries = one_per_class(items, seed=args.seed, count=args.n_queries) if folder else items
+    queries = query_items(args.path, split=args.split, seed=args.seed, count=args.n_queries)
     retriever = Retriever(store, extractor, exact=args.exact)
-    retrievals, failures = retriever.query(queries, k=args.nrt_neigh, known_labels=folder)
+    retrievals, failures = retriever.query(queries.items, k=args.nrt_neigh, known_labels=queries.labelled)
     for failure in failures:
         print(f"skipped {failure}", file=sys.stderr)
     for retrieval in retrievals:
@@ -157,7 +157,9 @@ def _cmd_retrieve(args) -> int:
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
         picture = save_retrieval_grid(retrievals, Path(args.results_dir) / f"retrieval_{args.db_name}_{stamp}.png")
-        print(f"\npicture: {picture}")
+        part = (f" (the first {PICTURE_ROWS} of {len(retrievals)} queries; --html and --json take them all)"
+                if len(retrievals) > PICTURE_ROWS else "")
+        print(f"\npicture: {picture}{part}")
     if args.html and retrievals:
         from .viz import save_retrieval_html
 
@@ -166,7 +168,7 @@ def _cmd_retrieve(args) -> int:
     if args.json:
         payload = [r.to_json() for r in retrievals]
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload[0] if len(payload) == 1 and not folder else payload, indent=2))
+        Path(args.json).write_text(json.dumps(payload[0] if len(payload) == 1 and queries.one_image else payload, indent=2))
         print(f"json: {args.json}")
     return 0
 
@@ -385,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Embed images and store their vectors and records in Redis. "
                                           "Re-running is safe: stored images are skipped.")
     _store_arguments(add)
-    _source_arguments(add, "images to index")
+    _source_arguments(add, f"images to index: {SOURCES}")
     _extractor_arguments(add)
     add.add_argument("--num_features", type=COUNT, default=None,
                      help="expected embedding size (checked against the model; a checkpoint sets its own)")
@@ -408,17 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     retrieve = commands.add_parser("retrieve", help="find the stored images most similar to a query",
                                    description="Print the nearest stored images of a query image (or of one "
-                                               "random image per class of a folder/.npz), their kNN vote, and "
-                                               "save a picture.")
+                                               "random image per class of a folder/.npz, or of every image of "
+                                               "a folder without sub-folders), their kNN vote, and save a picture.")
     _store_arguments(retrieve)
-    _source_arguments(retrieve, "query")
+    _source_arguments(retrieve, "an image; a folder with one sub-folder per class or a MedMNIST-style .npz "
+                                 "(one random image per class); or a folder of unlabelled images (each one)")
     retrieve.add_argument("--nrt_neigh", type=COUNT, default=10, help="neighbours to return (default: 10)")
     retrieve.add_argument("--results_dir", default="results", help="where the picture goes (default: results)")
     retrieve.add_argument("--json", default=None, help="also write the results as JSON to this file")
     retrieve.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed for picking the queries of a folder/.npz")
     retrieve.add_argument("--n_queries", type=COUNT, default=None,
-                          help="queries of a folder/.npz, classes taking turns (default: one per class)")
-    retrieve.add_argument("--html", default=None, help="also write the rows as a self-contained HTML page here")
+                          help="queries of a folder/.npz, classes taking turns (default: one per class; of "
+                               "unlabelled images: all), picked at random (--seed)")
+    retrieve.add_argument("--html", default=None,
+                          help=f"also write every query's row as a self-contained HTML page here (the picture "
+                               f"shows the first {PICTURE_ROWS})")
     retrieve.add_argument("--weights", default=None,
                           help="the database's checkpoint, if it moved since the database was built")
     retrieve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -526,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = commands.add_parser("dataset", help="overview pictures of a folder or .npz of images",
                                   description="Images per class, image sizes, mean intensities per class, and a "
                                               "grid of sample images per class.")
-    _source_arguments(dataset, "the dataset")
+    _source_arguments(dataset, f"the dataset: {SOURCES}")
     dataset.add_argument("--out_dir", default="data_visualization", help="where pictures go (default: data_visualization)")
     dataset.add_argument("--name", default=None, help="file name prefix (default: the source's name)")
     dataset.add_argument("--per_class", type=COUNT, default=6, help="sample images per class in the grid (default: 6)")

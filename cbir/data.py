@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import DataSourceError, ImageError
+from .errors import DataSourceError, DataSourceWarning, ImageError
 
 NPZ_SPLITS = ("train", "val", "test")
 
@@ -126,6 +127,19 @@ def _visible_files(folder: Path, root: Path) -> list[Path]:
                   if p.is_file() and not any(_is_hidden(q) for q in p.relative_to(root).parts))
 
 
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+
+
+def _warn_of_files_without_class(root: Path) -> None:
+    """Files beside the class folders belong to no class: say so rather than drop them unseen."""
+    loose = sorted(p.name for p in root.iterdir() if p.is_file() and not _is_hidden(p.name))
+    if loose:
+        shown = ", ".join(loose[:3]) + (f" and {len(loose) - 3} more" if len(loose) > 3 else "")
+        warnings.warn(f"{root}: {len(loose)} file(s) beside the class folders belong to no class and are "
+                      f"left out: {shown}", DataSourceWarning)
+
+
 def folder_items(root: Path, project: str | None = None, projects_in_names: bool = False,
                  label: str | None = None) -> list[ImageItem]:
     """Every file under each class sub-folder of ``root`` (recursively), hidden files excepted;
@@ -144,7 +158,7 @@ def folder_items(root: Path, project: str | None = None, projects_in_names: bool
             raise DataSourceError(f"{root}: the folder contains no files")
         return [ImageItem(name=f.relative_to(root).as_posix(), label=label, project=project_of_root,
                           location=str(f.resolve())) for f in files]
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    class_dirs = _class_folders(root)
     if not class_dirs:
         raise DataSourceError(f"{root}: no class sub-folders (expected one folder per class, or, to add "
                               f"images of one class, --label for all of them)")
@@ -158,6 +172,7 @@ def folder_items(root: Path, project: str | None = None, projects_in_names: bool
                             location=str(f.resolve())) for f in _visible_files(class_dir, root)]
     if not items:
         raise DataSourceError(f"{root}: the class folders contain no files")
+    _warn_of_files_without_class(root)
     return items
 
 
@@ -224,6 +239,36 @@ def per_class_in_turn(labels: Sequence[str], count: int, seed: int = 0) -> np.nd
             if pool and len(rows) < count:
                 rows.append(int(pool.pop()))
     return np.array(rows, np.int64)
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    """The images a query source asks about, and whether their labels are known."""
+
+    items: list[ImageItem]
+    labelled: bool
+    one_image: bool  # --path was one image file: one answer, not a list
+
+
+def query_items(path: str | os.PathLike, split: str = "train", seed: int = 0, count: int | None = None) -> QuerySet:
+    """The queries of ``path``, as in the thesis: one random image per class (seeded) of a folder with
+    class sub-folders or of an ``.npz`` split, classes taking turns up to ``count``. A folder without
+    sub-folders holds unlabelled queries (new cases, say): every image, or ``count`` random ones.
+    An image file is the one query; its folder is no label of it.
+    """
+    path = Path(path)
+    if path.is_dir() and not _class_folders(path):
+        files = _visible_files(path, path)
+        if not files:
+            raise DataSourceError(f"{path}: the folder contains no files")
+        items = [ImageItem(name=f.name, label="", project="", location=str(f.resolve())) for f in files]
+        if count is not None:
+            items = [items[p] for p in per_class_in_turn([""] * len(items), count, seed)]
+        return QuerySet(items, labelled=False, one_image=False)
+    items = load_items(path, split=split)
+    if path.is_dir() or path.suffix == ".npz":
+        return QuerySet(one_per_class(items, seed=seed, count=count), labelled=True, one_image=False)
+    return QuerySet(items, labelled=False, one_image=True)
 
 
 def one_per_class(items: Sequence[ImageItem], seed: int = 0, count: int | None = None) -> list[ImageItem]:

@@ -17,6 +17,10 @@ class DataSourceError(CbirError):
     """A folder, .npz file or image path cannot be used as a source of images."""
 
 
+class DataSourceWarning(UserWarning):
+    """Something in a source is left out, and the user should know what."""
+
+
 class StoreError(CbirError):
     """The Redis store is unreachable or the database is in a state we refuse to touch."""
 

@@ -1,4 +1,4 @@
-"""The names users choose from on the command line, kept free of heavy imports so that
+"""The names and limits users choose from on the command line, kept free of heavy imports so that
 ``--help`` is instant; the modules that implement them import them from here."""
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
@@ -8,3 +8,6 @@ VOTES = ("majority", "distance", "softmax")
 LOSSES = ("margin", "proxy_nca", "proxy_anchor", "softtriple", "normsoftmax", "arcface", "triplet",
           "contrastive", "ntxent", "cross_entropy")
 SCHEDULERS = ("cosine", "step", "exponential", "none")
+# Queries drawn in one retrieval picture: a row of 10 neighbours took 0.23 s and 95 kB (BUSI), so
+# a folder of 780 queries would draw for 3 minutes into a picture 171,600 pixels high.
+PICTURE_ROWS = 20

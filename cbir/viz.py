@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 from .data import ImageItem  # noqa: E402
 from .errors import CbirError  # noqa: E402
+from .options import PICTURE_ROWS  # noqa: E402
 from .retrieval import Retrieval  # noqa: E402
 
 MATCH, MISMATCH, NEUTRAL = "#2e7d32", "#c62828", "#9e9e9e"
@@ -45,8 +46,10 @@ def _panel(ax, pixels: np.ndarray | None, title: str, colour: str) -> None:
     ax.set_title(title, fontsize=8)
 
 
-def save_retrieval_grid(retrievals: Sequence[Retrieval], path: str | Path) -> Path:
-    """One row per query: the query, then its neighbours (green frame: same label, red: not)."""
+def save_retrieval_grid(retrievals: Sequence[Retrieval], path: str | Path, max_rows: int = PICTURE_ROWS) -> Path:
+    """One row per query, the first ``max_rows``: the query, then its neighbours (green frame: same
+    label, red: not)."""
+    retrievals = retrievals[:max_rows]
     columns = 1 + max(len(r.neighbours) for r in retrievals)
     rows = len(retrievals)
     figure, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 2.0 * rows), squeeze=False)
@@ -113,7 +116,7 @@ def _data_uri(pixels: np.ndarray | None, side: int = 160) -> str:
 
 
 def save_retrieval_html(retrievals: Sequence[Retrieval], path: str | Path, title: str = "Retrieval") -> Path:
-    """The same rows as :func:`save_retrieval_grid` as one self-contained HTML page (images embedded)."""
+    """Every query's row of :func:`save_retrieval_grid` on one self-contained HTML page (images embedded)."""
     from html import escape
 
     def cell(pixels, caption: str, colour: str) -> str:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir.data import decode_image, folder_items, load_items, npz_items, one_per_class, split_project
-from cbir.errors import DataSourceError, ImageError
+from cbir.data import (decode_image, folder_items, load_items, npz_items, one_per_class, query_items,
+                       split_project)
+from cbir.errors import DataSourceError, DataSourceWarning, ImageError
 
 from .conftest import BREASTMNIST, SHARED_DATA
 
@@ -80,11 +81,13 @@ def test_folder_source_names_labels_and_projects(tmp_path):
     (tmp_path / "camelyon_normal" / "sub").mkdir()
     (tmp_path / "camelyon_normal" / "sub" / "b.png").write_bytes(png_bytes(Image.new("L", (4, 4))))
     (tmp_path / "notes.txt").write_text("not a class")
-    items = folder_items(tmp_path, projects_in_names=True)
+    with pytest.warns(DataSourceWarning, match=r"1 file\(s\) beside the class folders belong to no class .*: notes.txt"):
+        items = folder_items(tmp_path, projects_in_names=True)
     assert [(i.name, i.label, i.project) for i in items] == [
         ("camelyon_normal/sub/b.png", "normal", "camelyon"),
         ("camelyon_tumour/a (1) é.png", "tumour", "camelyon"),
     ]
+    (tmp_path / "notes.txt").unlink()
     plain = folder_items(tmp_path)
     assert {i.label for i in plain} == {"camelyon_normal", "camelyon_tumour"}
     assert {i.project for i in plain} == {tmp_path.name}
@@ -103,7 +106,8 @@ def test_a_label_given_covers_every_file_under_the_folder(tmp_path):
         ("patient 1/scan.png", "malignant, confirmed", "malignant"),
         ("patient 2/scan.png", "malignant, confirmed", "malignant"),
     ]
-    assert {i.label for i in load_items(folder)} == {"patient 1", "patient 2"}  # without: one class per folder
+    with pytest.warns(DataSourceWarning, match="left out: loose.png"):  # without: one class per folder
+        assert {i.label for i in load_items(folder)} == {"patient 1", "patient 2"}
     assert load_items(folder / "loose.png")[0].label == "malignant"
     with pytest.raises(DataSourceError, match="cannot go together"):
         load_items(folder, label="x", projects_in_names=True)
@@ -145,3 +149,28 @@ def test_one_query_per_class_is_seeded():
     first, again, other = one_per_class(items, 1), one_per_class(items, 1), one_per_class(items, 2)
     assert first == again and [i.label for i in first] == ["malignant", "normal, benign"]
     assert first != other
+
+
+def test_query_sets_of_every_source(tmp_path):
+    npz = query_items(BREASTMNIST, split="val", seed=1)
+    assert npz.labelled and not npz.one_image
+    assert [i.label for i in npz.items] == ["malignant", "normal, benign"]
+    assert len(query_items(BREASTMNIST, split="val", count=5).items) == 5
+    new_cases = tmp_path / "new cases"
+    new_cases.mkdir()
+    for name in ["b.png", "a.png", "c.png", ".hidden.png"]:
+        (new_cases / name).write_bytes(png_bytes(Image.new("L", (4, 4))))
+    unlabelled = query_items(new_cases)
+    assert not unlabelled.labelled and not unlabelled.one_image
+    assert [i.name for i in unlabelled.items] == ["a.png", "b.png", "c.png"]
+    two = [i.name for i in query_items(new_cases, count=2, seed=0).items]
+    assert len(set(two)) == 2 and two == [i.name for i in query_items(new_cases, count=2, seed=0).items]
+    assert {tuple(i.name for i in query_items(new_cases, count=2, seed=s).items) for s in range(6)} != {tuple(two)}
+    single = query_items(new_cases / "a.png")
+    assert single.one_image and not single.labelled and len(single.items) == 1
+    (new_cases / "patient 1").mkdir()  # a sub-folder makes a class tree, whose classes hold no files
+    with pytest.raises(DataSourceError, match="class folders contain no files"):
+        query_items(new_cases)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataSourceError, match="the folder contains no files"):
+        query_items(tmp_path / "empty")

@@ -157,6 +157,15 @@ def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsy
                                         "project": "breastmnist", "score": pytest.approx(1.0, abs=1e-4)}
         pictures = list((tmp_path / "pictures").glob("retrieval_*.png"))
         assert len(pictures) == 1 and Image.open(pictures[0]).size[0] > 400
+        new_cases = tmp_path / "new cases"  # a folder of unlabelled images: each one is a query
+        new_cases.mkdir()
+        for index in (7, 9):
+            Image.fromarray(np.load(BREASTMNIST)["val_images"][index]).save(new_cases / f"case {index}.png")
+        assert cli("retrieve", "--db_name", db_name, "--path", new_cases, "--nrt_neigh", 2, "--no_picture",
+                   "--json", out_json) == 0
+        cases = json.loads(out_json.read_text())
+        assert [(c["query"], c["query_label"], c["results"][0]["name"]) for c in cases] == [
+            ("case 7.png", None, "val/07"), ("case 9.png", None, "val/09")]
         assert cli("retrieve", "--db_name", db_name, "--path", BREASTMNIST, "--split", "test",
                    "--nrt_neigh", 5, "--no_picture", "--json", out_json) == 0
         per_class = json.loads(out_json.read_text())
