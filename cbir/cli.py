@@ -183,6 +183,14 @@ def _cmd_remove(args) -> int:
         removed = store.remove_names(args.name) if args.name else []
         removed += store.remove_labels(args.label) if args.label else []
     print(f"removed {len(removed)} image(s) from '{args.db_name}'; {store.count()} remain")
+    # Said, not an error: a removal run again after it succeeded finds nothing, and must still succeed.
+    missing_names = sorted(set(args.name) - {record.name for record in removed})
+    missing_labels = sorted(set(args.label) - {record.label for record in removed})
+    if missing_names:
+        print(f"not stored in '{args.db_name}' (names as stored, e.g. as retrieve prints them): "
+              f"{', '.join(missing_names)}", file=sys.stderr)
+    if missing_labels:
+        print(f"no image labelled {', '.join(missing_labels)} in '{args.db_name}'", file=sys.stderr)
     return 0
 
 
@@ -434,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     remove = commands.add_parser("remove", help="delete images by name or label",
                                  description="Delete images (record, name and vector) from a database; "
-                                             "they are never returned again.")
+                                             "they are never returned again. Names and labels that match "
+                                             "nothing are listed.")
     _store_arguments(remove)
     remove.add_argument("--name", nargs="+", default=[], help="image names (as stored, e.g. benign/x.png)")
     remove.add_argument("--label", nargs="+", default=[], help="remove every image of these labels")

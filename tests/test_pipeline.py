@@ -171,6 +171,13 @@ def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsy
         per_class = json.loads(out_json.read_text())
         assert [r["query_label"] for r in per_class] == ["malignant", "normal, benign"]
         assert cli("remove", "--db_name", db_name, "--name", "val/05") == 0
+        capsys.readouterr()
+        assert cli("remove", "--db_name", db_name, "--name", "val/05", "--label", "zebra") == 0  # again: nothing
+        removal = capsys.readouterr()
+        assert "removed 0 image(s)" in removal.out
+        assert removal.err.splitlines() == [
+            f"not stored in '{db_name}' (names as stored, e.g. as retrieve prints them): val/05",
+            f"no image labelled zebra in '{db_name}'"]
         assert cli("evaluate", "--db_name", db_name, "--measure", "loo", "--results_dir", tmp_path,
                    "--json", tmp_path / "acc.json") == 0
         assert json.loads((tmp_path / "acc.json").read_text())["results"]["loo"]["queries"] == 77
