@@ -50,7 +50,7 @@ class ImageItem:
             split, index = inner.split("/")
             array = np.ascontiguousarray(_npz_split(path, split)[0][int(index)])
             digest = hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
-            return _to_rgb(Image.fromarray(array), self.location), digest
+            return array_image(array, self.location), digest
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
@@ -88,16 +88,42 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     return _to_rgb(image, where)
 
 
+def _stretch_to_8_bits(array: np.ndarray) -> np.ndarray:
+    """High-bit-depth or real-valued pixels (16-bit scans, CT in Hounsfield units): the used range
+    stretched to 8 bits rather than clipped."""
+    array = array.astype(np.float64)
+    low, high = float(array.min()), float(array.max())
+    scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+    return scaled.astype(np.uint8)
+
+
+# An image array: (H, W) or (H, W, C), channels last, of any number type (bool, int, uint, float).
+IMAGE_SHAPES = "(H, W) or (H, W, C) with C = 1, 3 or 4"
+NUMBER_KINDS = "biuf"
+
+
+def _is_image_shape(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4))
+
+
+def array_image(array: np.ndarray, where: str) -> Image.Image:
+    """An image array as 8-bit RGB: 8-bit arrays as they are, others stretched from their range."""
+    if not _is_image_shape(array.shape) or array.dtype.kind not in NUMBER_KINDS:
+        raise ImageError(f"{where}: an array of shape {array.shape} and type {array.dtype} is no image "
+                         f"(expected numbers of shape {IMAGE_SHAPES})")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype != np.uint8:
+        array = _stretch_to_8_bits(array)
+    return _to_rgb(Image.fromarray(array), where)
+
+
 def _to_rgb(image: Image.Image, where: str) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # High-bit-depth scans: stretch the used range to 8 bits rather than clip it.
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
-        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+        return Image.fromarray(_stretch_to_8_bits(np.asarray(image))).convert("RGB")
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
@@ -176,8 +202,17 @@ def folder_items(root: Path, project: str | None = None, projects_in_names: bool
     return items
 
 
-@lru_cache(maxsize=8)
 def _npz_split(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of a split, read once per version of the file."""
+    try:
+        version = os.stat(path)
+    except OSError as exc:
+        raise DataSourceError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return _read_npz_split(path, split, version.st_mtime_ns, version.st_size)
+
+
+@lru_cache(maxsize=8)
+def _read_npz_split(path: str, split: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             if f"{split}_images" not in archive:
@@ -198,8 +233,15 @@ def npz_class_names(path: Path) -> list[str] | None:
 def npz_items(path: Path, split: str, project: str | None = None) -> list[ImageItem]:
     """One item per image of ``split``; names are ``<split>/<index>`` (zero-padded)."""
     images, labels = _npz_split(str(path.resolve()), split)
-    if images.ndim not in (3, 4) or len(images) != len(labels):
+    if len(images) != len(labels):
         raise DataSourceError(f"{path}: {split}_images has shape {images.shape}, labels {labels.shape}")
+    if not _is_image_shape(images.shape[1:]):
+        channels_first = _is_image_shape(images.shape[2:] + images.shape[1:2])
+        raise DataSourceError(f"{path}: {split}_images has shape {images.shape}; expected N images of shape "
+                              f"{IMAGE_SHAPES}"
+                              + ("; channels first? np.moveaxis(images, 1, -1) puts them last" if channels_first else ""))
+    if images.dtype.kind not in NUMBER_KINDS:
+        raise DataSourceError(f"{path}: {split}_images holds {images.dtype} values, not numbers")
     names = npz_class_names(path)
     width = len(str(len(images)))
     project = project if project is not None else path.stem

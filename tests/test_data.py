@@ -174,3 +174,38 @@ def test_query_sets_of_every_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataSourceError, match="the folder contains no files"):
         query_items(tmp_path / "empty")
+
+
+def _npz(path, images) -> list:
+    np.savez(path, train_images=images, train_labels=np.arange(len(images)) % 2)
+    return npz_items(path, "train")
+
+
+def test_npz_images_of_every_layout_and_number_type(tmp_path):
+    grey = np.random.default_rng(0).integers(0, 256, (2, 6, 5), dtype=np.uint8)
+    expected = np.asarray(_npz(tmp_path / "grey.npz", grey)[1].read()[0])
+    assert expected.shape == (6, 5, 3) and (expected[..., 0] == grey[1]).all()
+    one_channel = _npz(tmp_path / "one.npz", grey[..., None])[1].read()[0]
+    np.testing.assert_array_equal(np.asarray(one_channel), expected)
+    hounsfield = np.full((2, 4, 4), 40, np.int16)  # CT: air -1000, bone 1000, soft tissue 40
+    hounsfield[:, 0, 0], hounsfield[:, 0, 1] = -1000, 1000
+    ct = np.asarray(_npz(tmp_path / "ct.npz", hounsfield)[0].read()[0])[..., 0]
+    assert (ct[0, 0], ct[0, 1], ct[1, 1]) == (0, 255, 132)  # stretched, not clipped: 40 is 1040/2000 up
+    for images in (np.random.default_rng(1).random((2, 4, 4, 3), dtype=np.float32),
+                   np.random.default_rng(2).integers(0, 65536, (2, 4, 4, 3)).astype(np.uint16),
+                   np.eye(4, dtype=bool)[None].repeat(2, axis=0)):
+        image = _npz(tmp_path / "x.npz", images)[0].read()[0]  # one file rewritten: read anew each time
+        pixels = np.asarray(image)
+        assert image.mode == "RGB" and image.size == (4, 4) and (pixels.min(), pixels.max()) == (0, 255)
+        assert (pixels[..., 0] == pixels[..., 1]).all() == (images.ndim == 3)
+
+
+@pytest.mark.parametrize("shape,dtype,reason", [
+    ((2, 3, 8, 8), np.uint8, r"shape \(2, 3, 8, 8\).*channels first\? np.moveaxis\(images, 1, -1\)"),
+    ((2, 8, 8, 2), np.uint8, r"shape \(2, 8, 8, 2\); expected N images of shape \(H, W\) or \(H, W, C\) with C = 1, 3 or 4$"),
+    ((2, 5, 8, 8), np.uint8, r"shape \(2, 5, 8, 8\); expected .* or 4$"),  # a volume per image
+    ((2, 8, 8), np.complex64, "holds complex64 values, not numbers"),
+])
+def test_npz_arrays_that_are_no_images_are_one_error(tmp_path, shape, dtype, reason):
+    with pytest.raises(DataSourceError, match=reason):
+        _npz(tmp_path / "bad.npz", np.zeros(shape, dtype))
