@@ -147,13 +147,49 @@ def split_project(folder_name: str) -> tuple[str, str]:
     return (project, label) if sep and label else ("", folder_name)
 
 
-def _visible_files(folder: Path, root: Path) -> list[Path]:
-    """Files under ``folder`` (recursively, sorted), none hidden or inside a hidden folder below ``root``."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(_is_hidden(q) for q in p.relative_to(root).parts))
+def _visible_files(folder: Path) -> list[Path]:
+    """Files under ``folder``, sorted, none hidden or inside a hidden folder. Links to folders are
+    followed (datasets are often assembled from links), except back up their own path; a link to
+    nothing is listed, so that reading it reports it."""
+    files: list[Path] = []
+
+    def walk(directory: Path, ancestors: frozenset[str]) -> None:
+        real = os.path.realpath(directory)
+        if real in ancestors:
+            return
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            raise DataSourceError(f"{directory}: cannot list the folder ({exc.strerror or exc})") from exc
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            if _is_folder(entry):
+                walk(Path(entry.path), ancestors | {real})
+            else:
+                files.append(Path(entry.path))
+
+    walk(folder, frozenset())
+    return sorted(files)
 
 
-def _class_folders(root: Path) -> list[Path]:
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link in a circle: listed as a file, whose reading reports it
+        return False
+
+
+def _real_path(file: Path) -> str:
+    """Where a file's bytes are; a link to nothing or in a circle stays itself, named when it is read."""
+    try:
+        return str(file.resolve(strict=True))
+    except (OSError, RuntimeError):
+        return str(file.absolute())
+
+
+def class_folders(root: Path) -> list[Path]:
+    """The sub-folders of ``root`` that hold one class each: all but hidden ones."""
     return sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
 
 
@@ -179,12 +215,12 @@ def folder_items(root: Path, project: str | None = None, projects_in_names: bool
         if projects_in_names:
             raise DataSourceError(f"{root}: one label for all images and projects from class folder names "
                                   f"(<project>_<class>) cannot go together")
-        files = _visible_files(root, root)
+        files = _visible_files(root)
         if not files:
             raise DataSourceError(f"{root}: the folder contains no files")
         return [ImageItem(name=f.relative_to(root).as_posix(), label=label, project=project_of_root,
-                          location=str(f.resolve())) for f in files]
-    class_dirs = _class_folders(root)
+                          location=_real_path(f)) for f in files]
+    class_dirs = class_folders(root)
     if not class_dirs:
         raise DataSourceError(f"{root}: no class sub-folders (expected one folder per class, or, to add "
                               f"images of one class, --label for all of them)")
@@ -195,7 +231,7 @@ def folder_items(root: Path, project: str | None = None, projects_in_names: bool
         else:
             item_project, class_name = project_of_root, class_dir.name
         items += [ImageItem(name=f.relative_to(root).as_posix(), label=class_name, project=item_project,
-                            location=str(f.resolve())) for f in _visible_files(class_dir, root)]
+                            location=_real_path(f)) for f in _visible_files(class_dir)]
     if not items:
         raise DataSourceError(f"{root}: the class folders contain no files")
     _warn_of_files_without_class(root)
@@ -267,7 +303,7 @@ def load_items(path: str | os.PathLike, split: str = "train", project: str | Non
             raise DataSourceError(f"{path}: an .npz carries its own labels; a label is for image files and folders")
         return npz_items(path, split, project)
     return [ImageItem(name=path.name, label=label if label is not None else path.parent.name,
-                      project=project or "", location=str(path.resolve()))]
+                      project=project or "", location=_real_path(path))]
 
 
 def per_class_in_turn(labels: Sequence[str], count: int, seed: int = 0) -> np.ndarray:
@@ -299,11 +335,11 @@ def query_items(path: str | os.PathLike, split: str = "train", seed: int = 0, co
     An image file is the one query; its folder is no label of it.
     """
     path = Path(path)
-    if path.is_dir() and not _class_folders(path):
-        files = _visible_files(path, path)
+    if path.is_dir() and not class_folders(path):
+        files = _visible_files(path)
         if not files:
             raise DataSourceError(f"{path}: the folder contains no files")
-        items = [ImageItem(name=f.name, label="", project="", location=str(f.resolve())) for f in files]
+        items = [ImageItem(name=f.name, label="", project="", location=_real_path(f)) for f in files]
         if count is not None:
             items = [items[p] for p in per_class_in_turn([""] * len(items), count, seed)]
         return QuerySet(items, labelled=False, one_image=False)

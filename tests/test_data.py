@@ -209,3 +209,24 @@ def test_npz_images_of_every_layout_and_number_type(tmp_path):
 def test_npz_arrays_that_are_no_images_are_one_error(tmp_path, shape, dtype, reason):
     with pytest.raises(DataSourceError, match=reason):
         _npz(tmp_path / "bad.npz", np.zeros(shape, dtype))
+
+
+def test_links_are_followed_once_and_broken_ones_reported(tmp_path):
+    pool = tmp_path / "pool"
+    (pool / "scans").mkdir(parents=True)
+    (pool / "scans" / "a.png").write_bytes(png_bytes(Image.new("L", (4, 4))))
+    (pool / "scans" / "up").symlink_to(pool)  # a link back up its own path: not walked again
+    data = tmp_path / "data"
+    (data / "benign").mkdir(parents=True)
+    (data / "benign" / "patient 1").symlink_to(pool / "scans")
+    (data / "benign" / "gone.png").symlink_to(tmp_path / "missing.png")
+    (data / "benign" / "circle.png").symlink_to(data / "benign" / "circle.png")
+    (data / "malignant").symlink_to(pool)
+    items = {i.name: i for i in folder_items(data)}
+    assert sorted(items) == ["benign/circle.png", "benign/gone.png", "benign/patient 1/a.png",
+                             "malignant/scans/a.png"]
+    assert items["benign/patient 1/a.png"].location == str(pool / "scans" / "a.png")
+    with pytest.raises(ImageError, match=r"benign/gone.png: cannot read \(No such file"):
+        items["benign/gone.png"].read()
+    with pytest.raises(ImageError, match=r"benign/circle.png: cannot read \(Too many levels of symbolic links"):
+        items["benign/circle.png"].read()
