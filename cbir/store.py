@@ -397,16 +397,22 @@ class VectorStore:
 
         ``chunk_size`` (vectors per chunk key) defaults to :func:`chunk_size_for` ``(dim)``.
         """
+        model_fields = {"schema": SCHEMA_VERSION, "model_spec": json.dumps(spec, sort_keys=True), "dim": dim,
+                        "chunk_size": chunk_size or chunk_size_for(dim), "created": time.time(), "version": 0}
         if not self.exists:
             created = self.call("creating", self.client.hsetnx, self.info_key, "model", fingerprint)
             if created:
-                self.call("creating", self.client.hset, self.info_key, mapping={
-                    "schema": SCHEMA_VERSION, "model_spec": json.dumps(spec, sort_keys=True),
-                    "dim": dim, "chunk_size": chunk_size or chunk_size_for(dim), "created": time.time(),
-                    "version": 0,
-                })
+                self.call("creating", self.client.hset, self.info_key, mapping=model_fields)
             self.refresh()
         self.require()
+        if (self.model != fingerprint or self.dim != dim) and self._num_chunks() == 0:
+            # Created by a run that stored nothing (every file unreadable, say): no vector of the
+            # other model to mix with, so this one takes the database over, under the writer lock.
+            with self.writing():
+                if self._num_chunks() == 0:
+                    self.call("creating", self.client.hset, self.info_key,
+                              mapping={"model": fingerprint, **model_fields})
+                    self.refresh()
         if self.model != fingerprint or self.dim != dim:
             stored = self.model_spec.get("description", self.model)
             wanted = spec.get("description", fingerprint)

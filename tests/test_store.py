@@ -115,10 +115,24 @@ def test_drop_deletes_only_this_database(deployment, small, db_name):
 
 
 def test_another_model_is_refused(small):
+    with small.writing():
+        small.add(records(1), unit_vectors(1))
     with pytest.raises(ModelMismatchError, match="model A"):
         small.ensure_model("fp-b", {"description": "model B"}, DIM)
     with pytest.raises(ModelMismatchError):
         small.ensure_model("fp-a", {"description": "model A"}, DIM + 1)
+
+
+def test_a_database_that_never_stored_a_vector_takes_another_model(store):
+    """A first run whose every file was unreadable created the database and stored nothing."""
+    store.ensure_model("fp-a", {"description": "model A"}, DIM, chunk_size=8)
+    store.ensure_model("fp-b", {"description": "model B"}, DIM + 1)
+    assert (store.model, store.dim, store.model_spec["description"]) == ("fp-b", DIM + 1, "model B")
+    with store.writing():
+        store.add(records(1), np.ones((1, DIM + 1), np.float32))
+        store.remove_names([records(1)[0].name])  # nothing live, but model B's vectors were stored
+    with pytest.raises(ModelMismatchError, match="model B"):
+        store.ensure_model("fp-a", {"description": "model A"}, DIM)
 
 
 def test_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(small):
