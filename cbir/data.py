@@ -92,9 +92,11 @@ def _stretch_to_8_bits(array: np.ndarray) -> np.ndarray:
     """High-bit-depth or real-valued pixels (16-bit scans, CT in Hounsfield units): the used range
     stretched to 8 bits rather than clipped."""
     array = array.astype(np.float64)
-    low, high = float(array.min()), float(array.max())
-    scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
-    return scaled.astype(np.uint8)
+    finite = array[np.isfinite(array)]  # NaN (a mask, say) is black; infinities are the ends
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    with np.errstate(invalid="ignore"):
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.where(array > low, 255.0, 0.0)
+    return np.nan_to_num(np.clip(scaled, 0, 255), nan=0.0).astype(np.uint8)
 
 
 # An image array: (H, W) or (H, W, C), channels last, of any number type (bool, int, uint, float).

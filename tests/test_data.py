@@ -191,6 +191,9 @@ def test_npz_images_of_every_layout_and_number_type(tmp_path):
     hounsfield[:, 0, 0], hounsfield[:, 0, 1] = -1000, 1000
     ct = np.asarray(_npz(tmp_path / "ct.npz", hounsfield)[0].read()[0])[..., 0]
     assert (ct[0, 0], ct[0, 1], ct[1, 1]) == (0, 255, 132)  # stretched, not clipped: 40 is 1040/2000 up
+    masked = np.array([[[np.nan, 0.0], [1.0, 0.5]]], np.float32)  # NaN outside a mask
+    pixels = np.asarray(_npz(tmp_path / "masked.npz", masked)[0].read()[0])[..., 0]
+    assert pixels.tolist() == [[0, 0], [255, 127]]
     for images in (np.random.default_rng(1).random((2, 4, 4, 3), dtype=np.float32),
                    np.random.default_rng(2).integers(0, 65536, (2, 4, 4, 3)).astype(np.uint16),
                    np.eye(4, dtype=bool)[None].repeat(2, axis=0)):
