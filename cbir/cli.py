@@ -133,14 +133,15 @@ def _cmd_add(args) -> int:
 
 # ------------------------------------------------------------------ retrieve
 def _cmd_retrieve(args) -> int:
-    from .indexing import extractor_for_store
+    from .indexing import DEFAULT_BATCH_SIZE, extractor_for_store
     from .retrieval import Retriever
 
     store = _open_store(args)
     extractor = extractor_for_store(store, weights=args.weights, device=args.device)
     queries = query_items(args.path, split=args.split, seed=args.seed, count=args.n_queries)
     retriever = Retriever(store, extractor, exact=args.exact)
-    retrievals, failures = retriever.query(queries.items, k=args.nrt_neigh, known_labels=queries.labelled)
+    retrievals, failures = retriever.query(queries.items, k=args.nrt_neigh, known_labels=queries.labelled,
+                                           progress=len(queries.items) > DEFAULT_BATCH_SIZE)
     for failure in failures:
         print(f"skipped {failure}", file=sys.stderr)
     for retrieval in retrievals:

@@ -98,10 +98,10 @@ class Retriever:
             rows.append(row)
         return rows
 
-    def query(self, items: Sequence[ImageItem], k: int = DEFAULT_NEIGHBOURS,
-              known_labels: bool = True) -> tuple[list[Retrieval], list[str]]:
+    def query(self, items: Sequence[ImageItem], k: int = DEFAULT_NEIGHBOURS, known_labels: bool = True,
+              progress: bool = False) -> tuple[list[Retrieval], list[str]]:
         """Retrievals for the readable ``items`` and the failures (file: reason) of the others."""
-        vectors, decoded = embed_items(items, self.extractor)
+        vectors, decoded = embed_items(items, self.extractor, progress=progress)
         results = []
         for position, sha, row in zip(decoded.positions, decoded.sha256, self.neighbours(vectors, k)):
             item = items[position]
