@@ -34,14 +34,31 @@ MEDMNIST_CLASSES = {
 MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{flag}.npz?download=1"
 
 
+# Control characters (a newline in a file name) as \xNN escapes: names and labels are printed
+# in tables and stored between separators.
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(32), 127]}
+
+
+def printable(text: str) -> str:
+    """``text`` as printable Unicode. Python gives the bytes of a file name that are not UTF-8 (a
+    Latin-1 name from an old archive) as lone surrogates, which no UTF-8 text can hold: they become
+    \\xNN escapes, as control characters do. The same name always gives the same text."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").translate(_CONTROL_ESCAPES)
+
+
 @dataclass(frozen=True)
 class ImageItem:
-    """One image of a source. ``location`` is a file path, or ``path.npz#split/index``."""
+    """One image of a source. ``location`` is a file path, or ``path.npz#split/index``; the name,
+    label and project are made :func:`printable`."""
 
     name: str
     label: str
     project: str
     location: str
+
+    def __post_init__(self) -> None:
+        for field_name in ("name", "label", "project"):
+            object.__setattr__(self, field_name, printable(getattr(self, field_name)))
 
     def read(self) -> tuple[Image.Image, str]:
         """The decoded RGB image and the sha256 of its content."""

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import interrupts
-from .data import ImageItem
+from .data import ImageItem, printable
 from .errors import CbirError, ImageError, ModelError, ModelMismatchError
 from .models import Extractor, ExtractorSpec, Preprocess, create_extractor
 from .store import ImageRecord, VectorStore, WritePlan, WriteStream
@@ -257,7 +257,7 @@ def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extr
                     now = time.time()
                     records = [ImageRecord(name=items[p].name, label=items[p].label,
                                            project=items[p].project, sha256=sha,
-                                           source=items[p].location, added=now)
+                                           source=printable(items[p].location), added=now)
                                for p, sha in zip(batch.positions, batch.sha256)]
                     plan = store.prepare(records)
                     report.count(plan)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir.data import (decode_image, folder_items, load_items, npz_items, one_per_class, query_items,
-                       split_project)
+from cbir.data import (decode_image, folder_items, load_items, npz_items, one_per_class, printable,
+                       query_items, split_project)
 from cbir.errors import DataSourceError, DataSourceWarning, ImageError
 
 from .conftest import BREASTMNIST, SHARED_DATA
@@ -233,3 +233,11 @@ def test_links_are_followed_once_and_broken_ones_reported(tmp_path):
         items["benign/gone.png"].read()
     with pytest.raises(ImageError, match=r"benign/circle.png: cannot read \(Too many levels of symbolic links"):
         items["benign/circle.png"].read()
+
+
+def test_printable_names_escape_what_utf8_text_cannot_hold():
+    import os
+
+    assert printable(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"  # a Latin-1 byte
+    assert printable("two\nlines\x7f.png") == "two\\x0alines\\x7f.png"
+    assert printable("café (1) 肺.png") == "café (1) 肺.png"

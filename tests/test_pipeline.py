@@ -47,6 +47,23 @@ def test_busi_indexes_and_every_image_retrieves_itself_first(store, busi, extrac
     assert again.unchanged == 780 and again.written == 0 and store.count() == 780
 
 
+def test_file_names_that_are_not_utf8_or_hold_control_characters_are_indexed(store, busi, tmp_path, extractor):
+    """A Latin-1 name from an old archive crashed the whole add with a UnicodeEncodeError."""
+    folder = tmp_path / "cases"
+    (folder / "benign").mkdir(parents=True)
+    sources = sorted((busi / "benign").iterdir())
+    for source, raw_name in zip(sources, [b"caf\xe9 (1).png", b"two\nlines.png", b"tab\tand\x1fsep.png"]):
+        shutil.copy(source, os.path.join(os.fsencode(folder / "benign"), raw_name))
+    items = load_items(folder)
+    report = indexed(store, items, extractor)
+    assert report.new == 3 and not report.failures
+    names = sorted(record.name for _, record in store.iter_records())
+    assert names == ["benign/caf\\xe9 (1).png", "benign/tab\\x09and\\x1fsep.png", "benign/two\\x0alines.png"]
+    assert index_images(store, load_items(folder), extractor, progress=False).unchanged == 3
+    retrievals, _ = Retriever(store, extractor).query(items[:1], k=1)
+    assert retrievals[0].neighbours[0].name == "benign/caf\\xe9 (1).png"
+
+
 @pytest.mark.parametrize("workers,beside_model", [(1, False), (3, False), (1, True), (2, True)])
 def test_decoding_threads_and_processes_give_the_batches_of_one_thread_in_order(busi, tmp_path, extractor, workers,
                                                                                 beside_model):
