@@ -75,7 +75,16 @@ def _append_row(sheet, header: list[str], row: dict) -> None:
         if key not in header:
             header.append(key)
             sheet.cell(row=1, column=len(header), value=key).font = Font(bold=True)
-    sheet.append([_cell(row.get(key)) for key in header])
+    _append_values(sheet, [_cell(row.get(key)) for key in header])
+
+
+def _append_values(sheet, values: list) -> None:
+    """Append a row; text that looks like a formula (a class folder named "=1+1", a path) stays text,
+    so that opening the workbook runs nothing."""
+    sheet.append(values)
+    for cell in sheet[sheet.max_row]:
+        if cell.data_type == "f":
+            cell.data_type = "s"
 
 
 def _header(sheet) -> list[str]:
@@ -112,7 +121,7 @@ def write_workbook(path: str | Path, results: Sequence[ProtocolResult], config: 
         columns = metric_columns(result.rows, result.columns_first)
         sheet, _ = _sheet_with_header(workbook, title, columns)
         for row in result.rows:
-            sheet.append([_cell(row.get(c)) for c in columns])
+            _append_values(sheet, [_cell(row.get(c)) for c in columns])
         for number, column in enumerate(columns, 1):
             sheet.column_dimensions[get_column_letter(number)].width = max(10, min(28, len(column) + 2))
         created.append(title)

@@ -217,6 +217,11 @@ def test_workbook_appends_runs_and_json_is_valid(tmp_path):
     assert [row[0] for row in list(book["frozen_separated"].values)[1:]] == ["a", "b", "c", "mean of classes"]
     write_json(tmp_path / "acc.json", results, config)
     payload = json.loads((tmp_path / "acc.json").read_text())
+    results[1].rows[0]["class"] = '=HYPERLINK("http://x","a")'  # a label or path that looks like a formula
+    write_workbook(path, results[1:], {**config, "path": "=cmd|' /C calc'!A0"}, name="injected")
+    book = load_workbook(path)
+    assert book["injected"]["A2"].value == '=HYPERLINK("http://x","a")' and book["injected"]["A2"].data_type == "s"
+    assert all(cell.data_type != "f" for sheet in book for row in sheet.iter_rows() for cell in row)
     assert payload["results"]["all"]["queries"] == 30 and len(payload["results"]["separated"]) == 4
 
 
