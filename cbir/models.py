@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import json
 import platform
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -292,6 +293,17 @@ def _build_backbone(backbone: Backbone, input_size: int) -> nn.Module:
     return timm.create_model(backbone.timm_name, pretrained=False, num_classes=0, **kwargs)
 
 
+def _load_failure(path: Path, exc: Exception) -> str:
+    """Why ``path`` did not load, on one line: torch's own messages run over many lines (or are a
+    bare number, for a file that is no PyTorch file at all)."""
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if refused:
+        return (f"it holds Python objects besides tensors ({refused.group(1)}), and cbir unpickles nothing "
+                f"but tensors (weights_only=True); save the model's state_dict instead")
+    kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
+    return f"not a complete {kind} weights file (damaged, cut short, or another format)"
+
+
 def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], ExtractorSpec | None]:
     """Tensors and, for a cbir checkpoint, its spec; never unpickles arbitrary objects."""
     if not path.is_file():
@@ -309,7 +321,7 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], ExtractorSpec | No
     except ModelError:
         raise
     except Exception as exc:
-        raise ModelError(f"{path}: cannot load weights ({exc})") from exc
+        raise ModelError(f"{path}: cannot load weights: {_load_failure(path, exc)}") from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -1,6 +1,7 @@
 """Backbone registry, offline pretrained weights, self-describing checkpoints."""
 from __future__ import annotations
 
+import datetime
 import platform
 import subprocess
 import sys
@@ -70,8 +71,20 @@ def test_backbone_weights_file_loads_safely(tmp_path):
     with pytest.raises(ModelError, match="not weights of densenet121"):
         create_extractor("densenet121", weights=tmp_path / "kimia.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelError, match="cannot load weights"):
+    with pytest.raises(ModelError, match=r"junk.pth: cannot load weights: not a complete PyTorch weights file"):
         create_extractor("resnet18", weights=tmp_path / "junk.pth")
+    saved = (tmp_path / "kimia.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(saved[:len(saved) // 2])
+    with pytest.raises(ModelError, match=r"cut.pth: cannot load weights: not a complete PyTorch weights file"):
+        create_extractor("resnet18", weights=tmp_path / "cut.pth")
+    torch.save({"state_dict": source.backbone.state_dict(), "saved": datetime.date(2020, 1, 1)}, tmp_path / "obj.pth")
+    with pytest.raises(ModelError) as refused:  # torch's own message runs over many lines
+        create_extractor("resnet18", weights=tmp_path / "obj.pth")
+    assert "\n" not in str(refused.value)
+    assert "holds Python objects besides tensors (datetime.date), and cbir unpickles nothing but" in str(refused.value)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="not a complete safetensors weights file"):
+        create_extractor("resnet18", weights=tmp_path / "junk.safetensors")
     with pytest.raises(ModelError, match="no such weights file"):
         create_extractor("resnet18", weights=tmp_path / "missing.pth")
 
