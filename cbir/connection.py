@@ -161,8 +161,8 @@ def _last_warning(log: Path, start: int) -> str | None:
             lines = file.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return None
-    warnings = [line.partition(" # ")[2].strip() for line in lines if " # " in line]
-    return warnings[-1] if warnings else None
+    messages = [line.partition(" # ")[2].strip() for line in lines if " # " in line]
+    return messages[-1] if messages else None
 
 
 @contextmanager
