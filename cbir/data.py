@@ -355,10 +355,7 @@ def query_items(path: str | os.PathLike, split: str = "train", seed: int = 0, co
     """
     path = Path(path)
     if path.is_dir() and not class_folders(path):
-        files = _visible_files(path)
-        if not files:
-            raise DataSourceError(f"{path}: the folder contains no files")
-        items = [ImageItem(name=f.name, label="", project="", location=_real_path(f)) for f in files]
+        items = folder_items(path, project="", label="")
         if count is not None:
             items = [items[p] for p in per_class_in_turn([""] * len(items), count, seed)]
         return QuerySet(items, labelled=False, one_image=False)
