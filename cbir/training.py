@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .data import ImageItem, class_folders, load_items
+from .data import ImageItem, class_folders, load_items, printable
 from .errors import CbirError, ImageError
 from .models import Extractor, create_extractor
 from .options import LOSSES, SCHEDULERS
@@ -94,7 +94,7 @@ def split_training_data(config: TrainConfig) -> tuple[list[ImageItem], list[Imag
     path = Path(config.training_data)
     train = load_items(path, split="train")
     if path.is_dir():
-        empty = sorted({d.name for d in class_folders(path)} - {item.label for item in train})
+        empty = sorted({printable(d.name) for d in class_folders(path)} - {item.label for item in train})
         if empty:
             raise CbirError(f"{path}: class folder(s) without images: {', '.join(empty)}")
         check_readable(train)

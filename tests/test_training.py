@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 
 import numpy as np
@@ -84,6 +85,12 @@ def test_bad_training_data_is_refused(tmp_path):
     shutil.copy(source, folder / "a" / "x.png")
     with pytest.raises(CbirError, match="without images: b"):
         split_training_data(TrainConfig(training_data=str(folder), out_dir=""))
+    latin1 = os.path.join(os.fsencode(folder), b"caf\xe9")  # a class named in Latin-1 is not empty
+    os.mkdir(latin1)
+    shutil.copy(source, os.path.join(latin1, b"z.png"))
+    with pytest.raises(CbirError, match="without images: b$"):
+        split_training_data(TrainConfig(training_data=str(folder), out_dir=""))
+    shutil.rmtree(latin1)
     shutil.copy(source, folder / "b" / "y.png")
     (folder / "b" / "broken.png").write_bytes(source.read_bytes()[:100])
     with pytest.raises(CbirError, match="1 training image.*broken.png"):
