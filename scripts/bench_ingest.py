@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cbir.cli import COUNT  # noqa: E402
 from cbir.connection import describe, scratch  # noqa: E402
 from cbir.data import load_items  # noqa: E402
 from cbir.indexing import (BackgroundWriter, decode_batches, decodes_beside, default_workers,  # noqa: E402
@@ -168,22 +169,19 @@ def naive_hset(client, vectors: np.ndarray, records: list[ImageRecord]) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vectors", type=int, default=1_000_000, help="vectors for the Redis part")
-    parser.add_argument("--baseline_vectors", type=int, default=200_000, help="vectors for the naive baseline")
+    parser.add_argument("--vectors", type=COUNT, default=1_000_000, help="vectors for the Redis part")
+    parser.add_argument("--baseline_vectors", type=COUNT, default=200_000, help="vectors for the naive baseline")
     parser.add_argument("--redis-url", dest="redis_url", default=None, help="default: a fresh embedded Redis")
     parser.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/busi")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding threads, processes beside an accelerator (default: one per core)")
-    parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs, each between two forward runs")
-    parser.add_argument("--ingest_repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=COUNT, default=3, help="end-to-end runs, each between two forward runs")
+    parser.add_argument("--ingest_repeats", type=COUNT, default=3,
                         help="store ingests, each followed by the baseline; medians are printed")
     parser.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
     parser.add_argument("--skip_model", action="store_true", help="only the Redis part")
     args = parser.parse_args()
-    for flag in ("repeats", "ingest_repeats", "vectors", "baseline_vectors"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1")
     with scratch(args.redis_url) as client:
         print(f"Redis: {describe(client)}, server {client.info('server')['redis_version']}; "
               f"torch threads {torch.get_num_threads()}")
