@@ -523,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     train.add_argument("--max_batches", type=COUNT, default=None, help="batches per epoch at most (quick runs)")
     train.add_argument("--load", "--resume", dest="load", action="store_true",
-                       help="resume the interrupted run in --weights from its last finished epoch")
+                       help="resume the run in --weights from its last finished epoch; a larger "
+                            "--num_epochs trains on, the learning-rate schedule stretched to it")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(run=_cmd_train)
 

@@ -321,14 +321,22 @@ def _make_optimizer(config: TrainConfig, extractor: Extractor, loss) -> torch.op
     return kind(groups, weight_decay=config.decay)
 
 
-def _make_scheduler(config: TrainConfig, optimizer):
+def learning_rate_factor(config: TrainConfig, epoch: int) -> float:
+    """The share of the configured learning rates that ``epoch`` (1-based) trains with.
+
+    A function of the epoch and the flags alone, the closed forms of torch's CosineAnnealingLR,
+    StepLR and ExponentialLR: a resumed run follows the schedule of the --num_epochs it is given.
+    A restored torch scheduler kept the first run's length, so a run of 3 epochs resumed for 5
+    trained epoch 4 at a learning rate of 0 and epoch 5 at a rising one.
+    """
+    done = epoch - 1
     if config.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.num_epochs)
+        return 0.5 * (1 + math.cos(math.pi * done / config.num_epochs))
     if config.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+        return config.gamma ** (done // config.step_size)
     if config.scheduler == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.gamma)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+        return config.gamma ** done
+    return 1.0
 
 
 def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
@@ -358,7 +366,7 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
     loss, miner = build_loss(config.loss, len(class_names), config.num_features, config.knn_weighting)
     loss = loss.to(extractor.device)
     optimizer = _make_optimizer(config, extractor, loss)
-    scheduler = _make_scheduler(config, optimizer)
+    configured_rates = [group["lr"] for group in optimizer.param_groups]
     workers = min(4, torch.get_num_threads()) if config.workers is None else config.workers
     # MPerClassSampler fills a batch with m images of each of batch/m classes: with few classes
     # m grows so the batch still holds batch_size images.
@@ -385,7 +393,6 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
         extractor.load_state_dict(state["extractor"])
         loss.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_epoch, best_score, best_epoch = int(state["epoch"]) + 1, float(state["best_score"]), int(state["best_epoch"])
         weights = state.get("knn_weights")
@@ -423,8 +430,7 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
             best_score, best_epoch, best_metrics = score, epoch, row
             trained.save(report.best)
         torch.save({"extractor": extractor.state_dict(), "loss": loss.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
-                    "best_score": best_score, "best_epoch": best_epoch,
+                    "rng": torch.get_rng_state(), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
                     **({"knn_weights": knn_weights} if knn_weights is not None else {})}, state_path)
         plots.training_curves(log_path, report.curves)
         return knn_weights
@@ -433,9 +439,12 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
         started = time.perf_counter()
         if config.head_init == "pca":
             initialise_from_data(extractor, loss, reference_loader)
-        weights = validate(0, float("nan"), optimizer.param_groups[0]["lr"], started)  # the starting point
+        weights = validate(0, float("nan"), configured_rates[0], started)  # the starting point
     for epoch in range(start_epoch, config.num_epochs + 1):
         started = time.perf_counter()
+        factor = learning_rate_factor(config, epoch)
+        for group, rate in zip(optimizer.param_groups, configured_rates):
+            group["lr"] = rate * factor
         extractor.train()
         if config.freeze:
             pretrained_part.eval()  # frozen batch-norm statistics too
@@ -459,9 +468,7 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
             if config.max_batches and batches >= config.max_batches:
                 break
         bar.close()
-        learning_rate = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        weights = validate(epoch, total / max(batches, 1), learning_rate, started)
+        weights = validate(epoch, total / max(batches, 1), optimizer.param_groups[0]["lr"], started)
     report.best_epoch, report.best_metrics = best_epoch, best_metrics or _best_row(log_path)
     return report
 

@@ -14,7 +14,7 @@ from torch import nn
 from cbir.errors import CbirError
 from cbir.models import load_checkpoint
 from cbir.training import (LOSSES, TrainConfig, _make_optimizer, _set_weights, build_loss, class_weights,
-                           knn_wrong, split_training_data, train_extractor)
+                           knn_wrong, learning_rate_factor, split_training_data, train_extractor)
 
 from .conftest import BREASTMNIST, SHARED_DATA
 
@@ -158,5 +158,24 @@ def test_an_interrupted_run_resumes(tmp_path):
     assert len(first.epoch_seconds) == 1
     resumed = train_extractor(quick_config(tmp_path / "run", num_epochs=3, loss="margin", resume=True), progress=False)
     assert len(resumed.epoch_seconds) == 2  # epochs 2 and 3 only
-    assert [r["epoch"] for r in csv.DictReader(open(resumed.log))] == ["0", "1", "2", "3"]
+    rows = list(csv.DictReader(open(resumed.log)))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
     assert load_checkpoint(resumed.last).spec.training["epoch"] == 3
+    # The cosine schedule of the 3 epochs asked for now, not of the first run's 1 (which fell to 0).
+    assert [float(r["lr"]) for r in rows[2:]] == pytest.approx([0.75 * 1e-4, 0.25 * 1e-4])
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "step", "exponential", "none"])
+def test_a_fresh_run_follows_torchs_schedule(scheduler):
+    config = TrainConfig(training_data="", out_dir="", scheduler=scheduler, num_epochs=7, step_size=2, gamma=0.5)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = {"cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=7),
+                "step": lambda: torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5),
+                "exponential": lambda: torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.5),
+                "none": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)}[scheduler]()
+    rates = []
+    for _ in range(7):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert [learning_rate_factor(config, epoch) for epoch in range(1, 8)] == pytest.approx(rates, abs=1e-12)
