@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import DataSourceError, DataSourceWarning, ImageError
+from .files import written_whole
 
 NPZ_SPLITS = ("train", "val", "test")
 
@@ -379,7 +380,6 @@ def download_medmnist(flag: str, root: str | os.PathLike) -> Path:
     target = Path(root) / f"{flag}.npz"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".part")
-        urllib.request.urlretrieve(MEDMNIST_URL.format(flag=flag), partial)
-        partial.rename(target)
+        with written_whole(target) as partial:
+            urllib.request.urlretrieve(MEDMNIST_URL.format(flag=flag), partial)
     return target

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import ModelError
+from .files import written_whole
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -256,7 +257,8 @@ class Extractor(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata={SPEC_KEY: self.spec.to_json()})
+        with written_whole(path) as partial:
+            save_file(state, str(partial), metadata={SPEC_KEY: self.spec.to_json()})
         return path
 
 

@@ -18,6 +18,7 @@ from openpyxl.utils import get_column_letter
 
 from . import plots
 from .evaluation import ProtocolResult, confusion
+from .files import written_whole
 
 SUMMARY_COLUMNS = ["date", "sheet", "measure", "database", "queries", "top1", "top5", "majority5",
                    "project_top1", "similar_top1", "precision5", "precision10", "map_at_r"]
@@ -131,7 +132,8 @@ def write_workbook(path: str | Path, results: Sequence[ProtocolResult], config: 
                                                  or k == "queries"}})
     settings, settings_header = _sheet_with_header(workbook, "config", ["sheets"] + list(config))
     _append_row(settings, settings_header, {"sheets": ", ".join(created), **config})
-    workbook.save(path)
+    with written_whole(path) as partial:
+        workbook.save(partial)
     return created
 
 

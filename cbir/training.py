@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .data import ImageItem, class_folders, load_items, printable
 from .errors import CbirError, ImageError
+from .files import written_whole
 from .models import Extractor, create_extractor
 from .options import LOSSES, SCHEDULERS
 
@@ -429,9 +430,11 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
         if score > best_score:
             best_score, best_epoch, best_metrics = score, epoch, row
             trained.save(report.best)
-        torch.save({"extractor": extractor.state_dict(), "loss": loss.state_dict(), "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
-                    **({"knn_weights": knn_weights} if knn_weights is not None else {})}, state_path)
+        with written_whole(state_path) as partial:
+            torch.save({"extractor": extractor.state_dict(), "loss": loss.state_dict(),
+                        "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+                        "best_score": best_score, "best_epoch": best_epoch,
+                        **({"knn_weights": knn_weights} if knn_weights is not None else {})}, partial)
         plots.training_curves(log_path, report.curves)
         return knn_weights
 
