@@ -524,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max_batches", type=COUNT, default=None, help="batches per epoch at most (quick runs)")
     train.add_argument("--load", "--resume", dest="load", action="store_true",
                        help="resume the run in --weights from its last finished epoch; a larger "
-                            "--num_epochs trains on, the learning-rate schedule stretched to it")
+                            "--num_epochs trains on, the learning-rate schedule stretched to it; the flags that "
+                            "shape the model (--model, --input_size, --num_features, --loss, --optimizer, "
+                            "--freeze, --dr_model) and the classes must stay as they were")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(run=_cmd_train)
 

@@ -16,6 +16,7 @@ import csv
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -389,16 +390,16 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
                                     device=torch.device("cpu"))
     log_path, state_path = out / "log.csv", out / "state.pt"
     start_epoch, best_score, best_epoch, best_metrics, weights = 1, -1.0, 0, {}, None
+    shape = _run_shape(config, extractor, class_names)
     if config.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        extractor.load_state_dict(state["extractor"])
-        loss.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        state = _resumed_state(state_path, shape, extractor, loss, optimizer)
         start_epoch, best_score, best_epoch = int(state["epoch"]) + 1, float(state["best_score"]), int(state["best_epoch"])
         weights = state.get("knn_weights")
-    elif log_path.exists():
-        log_path.unlink()
+        _keep_log_rows(log_path, int(state["epoch"]))
+    else:
+        if config.resume:
+            warnings.warn(f"--load: {state_path} does not exist, so training starts afresh")
+        log_path.unlink(missing_ok=True)
     training_notes = {k: v for k, v in asdict(config).items() if k not in ("out_dir", "workers", "device", "resume")}
     report = TrainReport(best=out / "best.safetensors", last=out / "last.safetensors", log=log_path,
                          curves=out / "curves.png", best_epoch=best_epoch, best_metrics=best_metrics,
@@ -432,7 +433,7 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
             trained.save(report.best)
         with written_whole(state_path) as partial:
             torch.save({"extractor": extractor.state_dict(), "loss": loss.state_dict(),
-                        "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+                        "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "shape": shape, "epoch": epoch,
                         "best_score": best_score, "best_epoch": best_epoch,
                         **({"knn_weights": knn_weights} if knn_weights is not None else {})}, partial)
         plots.training_curves(log_path, report.curves)
@@ -474,6 +475,57 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
         weights = validate(epoch, total / max(batches, 1), optimizer.param_groups[0]["lr"], started)
     report.best_epoch, report.best_metrics = best_epoch, best_metrics or _best_row(log_path)
     return report
+
+
+def _run_shape(config: TrainConfig, extractor: Extractor, class_names: list[str]) -> dict:
+    """The settings that shape a run's saved state: a resumed run must be given the same."""
+    return {"--model": config.model, "--input_size": extractor.spec.input_size, "--num_features": config.num_features,
+            "--loss": config.loss, "--optimizer": config.optimizer, "--freeze": config.freeze,
+            "--dr_model": config.dr_model, "classes": class_names}
+
+
+def _resumed_state(path: Path, shape: dict, extractor: Extractor, loss, optimizer) -> dict:
+    """Load ``path`` into the extractor, loss, optimizer and random generator; its other entries."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file raises whatever torch's unpickler meets first
+        raise CbirError(f"cannot resume {path}: not a readable training state ({type(exc).__name__}); "
+                        "start afresh without --load") from exc
+    saved = state.get("shape", shape)  # states of earlier versions carry none
+    changed = [f"{key} {_shown(saved.get(key))} -> {_shown(value)}" for key, value in shape.items() if saved.get(key) != value]
+    if changed:
+        raise CbirError(f"cannot resume {path}: this run changes what the saved state was trained as "
+                        f"({'; '.join(changed)}); give the first run's flags, or start afresh without --load")
+    try:
+        extractor.load_state_dict(state["extractor"])
+        loss.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CbirError(f"cannot resume {path}: it does not fit this run's flags "
+                        f"({str(exc).strip().splitlines()[0]}); start afresh without --load") from exc
+    torch.set_rng_state(state["rng"])
+    return state
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ", ".join(value) if isinstance(value, list) else str(value)
+
+
+def _keep_log_rows(path: Path, last_epoch: int) -> None:
+    """Drop the log's rows after ``last_epoch``: a run stopped between its log line and its state
+    repeats that epoch when resumed."""
+    if not path.exists():
+        return
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [row for row in rows if int(row["epoch"]) <= last_epoch]
+    if len(kept) < len(rows):
+        with written_whole(path) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(kept)
 
 
 def initialise_from_data(extractor: Extractor, loss, loader: DataLoader) -> None:

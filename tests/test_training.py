@@ -156,6 +156,8 @@ def test_deep_ranking_multiscale_model_trains_and_reloads(tmp_path):
 def test_an_interrupted_run_resumes(tmp_path):
     first = train_extractor(quick_config(tmp_path / "run", num_epochs=1, loss="margin"), progress=False)
     assert len(first.epoch_seconds) == 1
+    with open(first.log, "a", encoding="utf-8") as log:  # stopped after epoch 2's log line, before its state
+        log.write("2,0.5,0.1,0.1,0.0001,1.0\n")
     resumed = train_extractor(quick_config(tmp_path / "run", num_epochs=3, loss="margin", resume=True), progress=False)
     assert len(resumed.epoch_seconds) == 2  # epochs 2 and 3 only
     rows = list(csv.DictReader(open(resumed.log)))
@@ -163,6 +165,17 @@ def test_an_interrupted_run_resumes(tmp_path):
     assert load_checkpoint(resumed.last).spec.training["epoch"] == 3
     # The cosine schedule of the 3 epochs asked for now, not of the first run's 1 (which fell to 0).
     assert [float(r["lr"]) for r in rows[2:]] == pytest.approx([0.75 * 1e-4, 0.25 * 1e-4])
+
+
+def test_a_resume_that_cannot_continue_is_refused_in_one_line(tmp_path):
+    with pytest.warns(UserWarning, match="does not exist, so training starts afresh"):
+        train_extractor(quick_config(tmp_path / "run", num_epochs=1, resume=True), progress=False)
+    with pytest.raises(CbirError, match=r"this run changes .*\(--num_features 16 -> 32; --loss arcface -> margin\)"):
+        train_extractor(quick_config(tmp_path / "run", num_epochs=2, loss="margin", num_features=32, resume=True),
+                        progress=False)
+    (tmp_path / "run" / "state.pt").write_bytes(b"half a state")
+    with pytest.raises(CbirError, match="not a readable training state"):
+        train_extractor(quick_config(tmp_path / "run", num_epochs=2, resume=True), progress=False)
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "step", "exponential", "none"])
