@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -58,6 +59,31 @@ def _real(minimum: float, maximum: float = math.inf, *, above: bool = False, bel
     return number
 
 
+def _output(folder: bool = False):
+    """argparse type: a file (or with ``folder``, a folder) this command may write or make, checked
+    before the work whose results it would hold. Files are written beside their final name first,
+    so it is the folder that must be writable."""
+    def output_path(text: str) -> str:
+        path = Path(text).absolute()
+        try:
+            path.stat()
+        except (FileNotFoundError, NotADirectoryError):  # to be made; a file on the way is named below
+            pass
+        except OSError as exc:  # a name too long, a loop of links
+            raise argparse.ArgumentTypeError(f"{text}: {exc.strerror}") from None
+        if path.exists() and path.is_dir() != folder:
+            raise argparse.ArgumentTypeError(f"{text} is a {'file' if folder else 'folder'}, not a "
+                                             f"{'folder' if folder else 'file'}")
+        existing = next(p for p in ([path] if folder else []) + list(path.parents) if p.exists())
+        if not existing.is_dir():
+            raise argparse.ArgumentTypeError(f"{existing} is a file, so {text} cannot be made in it")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"{existing} is not writable")
+        return text
+    return output_path
+
+
+OUTPUT_FILE, OUTPUT_FOLDER = _output(), _output(folder=True)
 COUNT = _whole(1)  # sizes, counts, k
 NON_NEGATIVE = _whole(0)  # seeds, worker numbers
 POSITIVE = _real(0, above=True)  # rates, temperatures
@@ -333,9 +359,11 @@ def _cmd_evaluate(args) -> int:
 
     from .evaluation import ProtocolOptions, Queries, Support, SUPPORT_MEASURES, EvaluationSettings, run_protocols
     from .indexing import extractor_for_store
-    from .report import format_table, save_figures, write_json, write_workbook
+    from .report import format_table, open_workbook, save_figures, write_json, write_workbook
     from .trained_index import search_index
 
+    excel = Path(args.excel_path or Path(args.results_dir) / f"accuracy_{args.db_name}.xlsx")
+    workbook = open_workbook(excel)
     store = _open_store(args)
     store.require()
     measures = list(dict.fromkeys(args.measure))
@@ -375,8 +403,7 @@ def _cmd_evaluate(args) -> int:
               "split": args.split if args.path else "", "index": index.kind, "k": " ".join(map(str, args.k)),
               "vote": args.vote, "seed": args.seed, "cbir": __version__, "torch": torch.__version__,
               "faiss": faiss.__version__, "numpy": np.__version__}
-    excel = Path(args.excel_path or Path(args.results_dir) / f"accuracy_{args.db_name}.xlsx")
-    sheets = write_workbook(excel, results, config, name=args.name)
+    sheets = write_workbook(excel, results, config, name=args.name, workbook=workbook)
     print(f"\nexcel: {excel} (sheets {', '.join(sheets)})")
     if not args.no_picture:
         for path in save_figures(results, excel.parent, excel.stem + (f"_{args.name}" if args.name else "")):
@@ -425,13 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     _source_arguments(retrieve, "an image; a folder with one sub-folder per class or a MedMNIST-style .npz "
                                  "(one random image per class); or a folder of unlabelled images (each one)")
     retrieve.add_argument("--nrt_neigh", type=COUNT, default=10, help="neighbours to return (default: 10)")
-    retrieve.add_argument("--results_dir", default="results", help="where the picture goes (default: results)")
-    retrieve.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    retrieve.add_argument("--results_dir", type=OUTPUT_FOLDER, default=Path("results"),
+                          help="where the picture goes (default: results)")
+    retrieve.add_argument("--json", type=OUTPUT_FILE, default=None, help="also write the results as JSON to this file")
     retrieve.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed for picking the queries of a folder/.npz")
     retrieve.add_argument("--n_queries", type=COUNT, default=None,
                           help="queries of a folder/.npz, classes taking turns (default: one per class; of "
                                "unlabelled images: all), picked at random (--seed)")
-    retrieve.add_argument("--html", default=None,
+    retrieve.add_argument("--html", type=OUTPUT_FILE, default=None,
                           help=f"also write every query's row as a self-contained HTML page here (the picture "
                                f"shows the first {PICTURE_ROWS})")
     retrieve.add_argument("--weights", default=None,
@@ -471,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_index.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the training and tuning samples")
     train_index.add_argument("--delete", action="store_true",
                              help="delete the trained index (searches become exact)")
-    train_index.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    train_index.add_argument("--json", type=OUTPUT_FILE, default=None,
+                             help="also write the report as JSON to this file")
     train_index.set_defaults(run=_cmd_train_index)
 
     train = commands.add_parser("train", help="train a metric-learned feature extractor",
@@ -484,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validation folder (default: the .npz val split, else a stratified --val_fraction)")
     train.add_argument("--val_fraction", type=_real(0, 1, below=True), default=0.15,
                        help="hold-out share of a folder (default: 0.15)")
-    train.add_argument("--weights", required=True, help="output folder for checkpoints, log and curves")
+    train.add_argument("--weights", type=OUTPUT_FOLDER, required=True,
+                       help="output folder for checkpoints, log and curves")
     train.add_argument("--model", default="densenet121",
                        help="backbone (default densenet121; efficientnet_lite0 has offline ImageNet weights)")
     train.add_argument("--backbone_weights", default=None, help="backbone weights file to start from (e.g. KimiaNet)")
@@ -538,15 +568,18 @@ def build_parser() -> argparse.ArgumentParser:
     tsne.add_argument("--max_points", type=COUNT, default=5000, help="sample size for large databases (default: 5000)")
     tsne.add_argument("--by_project", action="store_true", help="add a second panel coloured by project")
     tsne.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the sample and of t-SNE")
-    tsne.add_argument("--out", default=None, help="PNG to write (default: <out_dir>/tsne_<db_name>.png)")
-    tsne.add_argument("--out_dir", default="data_visualization", help="default folder of --out")
+    tsne.add_argument("--out", type=OUTPUT_FILE, default=None,
+                      help="PNG to write (default: <out_dir>/tsne_<db_name>.png)")
+    tsne.add_argument("--out_dir", type=OUTPUT_FOLDER, default=Path("data_visualization"),
+                      help="default folder of --out")
     tsne.set_defaults(run=_cmd_tsne)
 
     dataset = commands.add_parser("dataset", help="overview pictures of a folder or .npz of images",
                                   description="Images per class, image sizes, mean intensities per class, and a "
                                               "grid of sample images per class.")
     _source_arguments(dataset, f"the dataset: {SOURCES}")
-    dataset.add_argument("--out_dir", default="data_visualization", help="where pictures go (default: data_visualization)")
+    dataset.add_argument("--out_dir", type=OUTPUT_FOLDER, default=Path("data_visualization"),
+                         help="where pictures go (default: data_visualization)")
     dataset.add_argument("--name", default=None, help="file name prefix (default: the source's name)")
     dataset.add_argument("--per_class", type=COUNT, default=6, help="sample images per class in the grid (default: 6)")
     dataset.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the sample images")
@@ -586,11 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="CSV project,group: 'similar project' hits count neighbours of the same group")
     evaluate.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of random/stat/incremental/removal (default: 0)")
     evaluate.add_argument("--exact", action="store_true", help="exact search even if an index was trained")
-    evaluate.add_argument("--excel_path", default=None,
+    evaluate.add_argument("--excel_path", type=OUTPUT_FILE, default=None,
                           help="workbook to write or extend (default: <results_dir>/accuracy_<db_name>.xlsx)")
     evaluate.add_argument("--name", default=None, help="sheet name of this run (default: the measure)")
-    evaluate.add_argument("--results_dir", default="results", help="where the workbook and pictures go")
-    evaluate.add_argument("--json", default=None, help="also write the numbers as JSON to this file")
+    evaluate.add_argument("--results_dir", type=OUTPUT_FOLDER, default=Path("results"),
+                          help="where the workbook and pictures go")
+    evaluate.add_argument("--json", type=OUTPUT_FILE, default=None, help="also write the numbers as JSON to this file")
     evaluate.add_argument("--no_picture", action="store_true", help="no confusion matrices or curves")
     evaluate.add_argument("--weights", default=None, help="the database's checkpoint, if it moved")
     evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -611,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
             return args.run(args)
     except CbirError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the checks before the work could not foresee (a full disk, /proc)
+        print(f"error: {exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else f"error: {exc}",
+              file=sys.stderr)
         return 2
     except (KeyboardInterrupt, interrupts.Terminated) as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"

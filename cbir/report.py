@@ -17,6 +17,7 @@ from openpyxl.styles import Font
 from openpyxl.utils import get_column_letter
 
 from . import plots
+from .errors import CbirError
 from .evaluation import ProtocolResult, confusion
 from .files import written_whole
 
@@ -104,16 +105,28 @@ def _sheet_with_header(workbook: Workbook, title: str, columns: list[str]):
     return sheet, list(columns)
 
 
-def write_workbook(path: str | Path, results: Sequence[ProtocolResult], config: dict,
-                   name: str | None = None) -> list[str]:
-    """Add the results (and a config row) to the workbook at ``path``; returns the new sheet names."""
+def open_workbook(path: str | Path) -> Workbook:
+    """The workbook at ``path`` to extend, or a new one if there is none. Opened before the
+    protocols run, so a file that is no workbook costs no evaluation."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        workbook = load_workbook(path)
-    else:
+    if not path.exists():
         workbook = Workbook()
         workbook.remove(workbook.active)
+        return workbook
+    try:
+        return load_workbook(path)
+    except Exception as exc:  # openpyxl raises what its zip and XML readers meet first
+        raise CbirError(f"{path}: not an Excel workbook that can be extended ({type(exc).__name__}: {exc}); "
+                        "give another --excel_path or move the file away") from exc
+
+
+def write_workbook(path: str | Path, results: Sequence[ProtocolResult], config: dict,
+                   name: str | None = None, workbook: Workbook | None = None) -> list[str]:
+    """Add the results (and a config row) to the workbook at ``path`` (or to ``workbook``, opened
+    from there by :func:`open_workbook`) and save it there; returns the new sheet names."""
+    path = Path(path)
+    workbook = workbook or open_workbook(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     summary, summary_header = _sheet_with_header(workbook, "summary", SUMMARY_COLUMNS)
     created = []
     for result in results:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from cbir import cli
 from cbir.cli import main
 
 
@@ -33,3 +34,50 @@ def test_good_numbers_pass():
     args = build_parser().parse_args(["evaluate", "--db_name", "d", "--k", "1", "11", "--temperature", "0.5",
                                       "--seed", "0"])
     assert args.k == [1, 11] and args.temperature == 0.5 and args.seed == 0
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize("flags,message", [
+    (lambda tmp, f: ["retrieve", "--db_name", "d", "--path", "q", "--json", str(tmp)], "is a folder, not a file"),
+    (lambda tmp, f: ["retrieve", "--db_name", "d", "--path", "q", "--results_dir", str(f)], "is a file, not a folder"),
+    (lambda tmp, f: ["retrieve", "--db_name", "d", "--path", "q", "--html", str(f / "a.html")],
+     "is a file, so"),
+    (lambda tmp, f: ["train", "--training_data", "t", "--weights", str(f / "run")], "is a file, so"),
+    (lambda tmp, f: ["evaluate", "--db_name", "d", "--excel_path", str(tmp)], "is a folder, not a file"),
+])
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(flags, message, tmp_path, a_file, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(flags(tmp_path, a_file))
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_workbook_to_extend_that_is_no_workbook_is_refused_before_the_protocols_run(a_file, capsys):
+    damaged = a_file.with_suffix(".xlsx")
+    damaged.write_text("not a workbook")
+    # The database does not exist: the workbook is refused before the store is even opened.
+    assert main(["evaluate", "--db_name", "no_such_db", "--redis-url", "redis://127.0.0.1:1",
+                 "--excel_path", str(damaged)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {damaged}: not an Excel workbook that can be extended "
+                                               "(BadZipFile: File is not a zip file); give another --excel_path "
+                                               "or move the file away")
+
+
+def test_a_name_too_long_is_refused_as_the_flag_is_parsed(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--training_data", "t", "--weights", str(tmp_path / ("r" * 300))])
+    assert capsys.readouterr().err.splitlines()[-1].endswith("File name too long")
+
+
+def test_a_file_error_the_checks_could_not_foresee_is_one_line(tmp_path, monkeypatch, capsys):
+    """A full disk, say: main reports any OSError as the file and the reason."""
+    missing = tmp_path / "gone" / "stats.png"
+    monkeypatch.setattr(cli, "_cmd_dataset", lambda args: missing.write_bytes(b""))
+    assert main(["dataset", "--path", "p"]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: No such file or directory\n"
