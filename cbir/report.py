@@ -125,7 +125,7 @@ def write_workbook(path: str | Path, results: Sequence[ProtocolResult], config: 
     """Add the results (and a config row) to the workbook at ``path`` (or to ``workbook``, opened
     from there by :func:`open_workbook`) and save it there; returns the new sheet names."""
     path = Path(path)
-    workbook = workbook or open_workbook(path)
+    workbook = open_workbook(path) if workbook is None else workbook
     path.parent.mkdir(parents=True, exist_ok=True)
     summary, summary_header = _sheet_with_header(workbook, "summary", SUMMARY_COLUMNS)
     created = []
