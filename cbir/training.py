@@ -518,8 +518,7 @@ def _keep_log_rows(path: Path, last_epoch: int) -> None:
     repeats that epoch when resumed."""
     if not path.exists():
         return
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _log_rows(path)
     kept = [row for row in rows if int(row["epoch"]) <= last_epoch]
     if len(kept) < len(rows):
         with written_whole(path) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
@@ -569,7 +568,11 @@ def _append_log(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def _best_row(path: Path) -> dict:
+def _log_rows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+        return list(csv.DictReader(handle))
+
+
+def _best_row(path: Path) -> dict:
+    rows = _log_rows(path)
     return max(rows, key=lambda r: (float(r["precision_at_1"]), float(r["mean_average_precision_at_r"]))) if rows else {}
