@@ -358,7 +358,7 @@ def query_items(path: str | os.PathLike, split: str = "train", seed: int = 0, co
     if path.is_dir() and not class_folders(path):
         items = folder_items(path, project="", label="")
         if count is not None:
-            items = [items[p] for p in per_class_in_turn([""] * len(items), count, seed)]
+            items = one_per_class(items, seed=seed, count=count)  # one class, the empty label
         return QuerySet(items, labelled=False, one_image=False)
     items = load_items(path, split=split)
     if path.is_dir() or path.suffix == ".npz":
