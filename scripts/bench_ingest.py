@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cbir.cli import COUNT  # noqa: E402
+from cbir.cli import COUNT, NON_NEGATIVE  # noqa: E402
 from cbir.connection import describe, scratch  # noqa: E402
 from cbir.data import load_items  # noqa: E402
 from cbir.indexing import (BackgroundWriter, decode_batches, decodes_beside, default_workers,  # noqa: E402
@@ -173,8 +173,8 @@ def main() -> None:
     parser.add_argument("--baseline_vectors", type=COUNT, default=200_000, help="vectors for the naive baseline")
     parser.add_argument("--redis-url", dest="redis_url", default=None, help="default: a fresh embedded Redis")
     parser.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/busi")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--batch_size", type=COUNT, default=32)
+    parser.add_argument("--workers", type=NON_NEGATIVE, default=None,
                         help="decoding threads, processes beside an accelerator (default: one per core)")
     parser.add_argument("--repeats", type=COUNT, default=3, help="end-to-end runs, each between two forward runs")
     parser.add_argument("--ingest_repeats", type=COUNT, default=3,
