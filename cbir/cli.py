@@ -98,7 +98,8 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
                              f"Default: ${URL_ENV}, else an embedded Redis under $CBIR_HOME")
 
 
-SOURCES = "a folder with one sub-folder per class, a MedMNIST-style .npz, or an image"
+SOURCES = ("a folder with one sub-folder per class, a MedMNIST-style .npz, or an image (any format Pillow "
+           "reads, or DICOM)")
 
 
 def _source_arguments(parser: argparse.ArgumentParser, path_help: str) -> None:
@@ -449,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "random image per class of a folder/.npz, or of every image of "
                                                "a folder without sub-folders), their kNN vote, and save a picture.")
     _store_arguments(retrieve)
-    _source_arguments(retrieve, "an image; a folder with one sub-folder per class or a MedMNIST-style .npz "
-                                 "(one random image per class); or a folder of unlabelled images (each one)")
+    _source_arguments(retrieve, "an image (or DICOM file); a folder with one sub-folder per class or a "
+                                 "MedMNIST-style .npz (one random image per class); or a folder of unlabelled "
+                                 "images (each one)")
     retrieve.add_argument("--nrt_neigh", type=COUNT, default=10, help="neighbours to return (default: 10)")
     retrieve.add_argument("--results_dir", type=OUTPUT_FOLDER, default=Path("results"),
                           help="where the picture goes (default: results)")

@@ -2,7 +2,7 @@
 
 A source is a list of :class:`ImageItem`; each knows its name (unique within its source, the
 key of the database), label, project and how to read its bytes. Decoding is robust to the
-images found in practice (grey, RGB, RGBA, palette, 16-bit, EXIF rotation) and refuses
+images found in practice (grey, RGB, RGBA, palette, 16-bit, EXIF rotation, DICOM) and refuses
 decompression bombs; a file that cannot be decoded raises :class:`ImageError` naming it.
 """
 from __future__ import annotations
@@ -20,8 +20,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from .dicom import MAGIC_END as DICOM_MAGIC_END
+from .dicom import SUFFIXES as DICOM_SUFFIXES
+from .dicom import dicom_header, dicom_image, is_dicom
 from .errors import DataSourceError, DataSourceWarning, ImageError
 from .files import written_whole
+from .pixels import to_8_bits
 
 NPZ_SPLITS = ("train", "val", "test")
 
@@ -79,12 +83,17 @@ class ImageItem:
 def decode_image(data: bytes, where: str) -> Image.Image:
     """Decode ``data`` into an upright 8-bit RGB image, or raise ImageError naming ``where``.
 
+    Any format Pillow reads, and DICOM files (recognised by their content, not their name) as a
+    viewer displays them (:mod:`cbir.dicom`).
+
     An image of more pixels than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``,
     89 million unless the application changes it) is refused before its pixels are decoded. No
     global state is touched, so threads may decode at the same time.
     """
     if not data:
         raise ImageError(f"{where}: empty file")
+    if is_dicom(data):
+        return dicom_image(data, where, Image.MAX_IMAGE_PIXELS)
     try:
         image = Image.open(io.BytesIO(data))
         limit = Image.MAX_IMAGE_PIXELS
@@ -96,6 +105,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{where}: refused, too many pixels ({exc})") from exc
     except Image.UnidentifiedImageError as exc:
+        if where.lower().endswith(DICOM_SUFFIXES):
+            raise ImageError(f"{where}: not a DICOM file of the standard's format (no 'DICM' after a 128-byte "
+                             f"preamble; files without the file meta header are not read)") from exc
         raise ImageError(f"{where}: not an image file") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{where}: unreadable or truncated image ({exc})") from exc
@@ -104,17 +116,6 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     except Exception:  # a broken EXIF block must not cost the image; keep its stored orientation
         pass
     return _to_rgb(image, where)
-
-
-def _stretch_to_8_bits(array: np.ndarray) -> np.ndarray:
-    """High-bit-depth or real-valued pixels (16-bit scans, CT in Hounsfield units): the used range
-    stretched to 8 bits rather than clipped."""
-    array = array.astype(np.float64)
-    finite = array[np.isfinite(array)]  # NaN (a mask, say) is black; infinities are the ends
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    with np.errstate(invalid="ignore"):
-        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.where(array > low, 255.0, 0.0)
-    return np.nan_to_num(np.clip(scaled, 0, 255), nan=0.0).astype(np.uint8)
 
 
 # An image array: (H, W) or (H, W, C), channels last, of any number type (bool, int, uint, float).
@@ -134,8 +135,26 @@ def array_image(array: np.ndarray, where: str) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.dtype != np.uint8:
-        array = _stretch_to_8_bits(array)
+        array = to_8_bits(array)
     return _to_rgb(Image.fromarray(array), where)
+
+
+def check_header(path: str) -> None:
+    """Read only the header of the image file at ``path``, a cheap check of many files before long
+    work; raise ImageError naming the file and the reason."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(DICOM_MAGIC_END)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if is_dicom(start):
+        dicom_header(path, path, Image.MAX_IMAGE_PIXELS, defer_size="64 KB")
+        return
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # Pillow raises many types for broken files
+        raise ImageError(f"{path}: not an image file, or a damaged one ({type(exc).__name__})") from exc
 
 
 def _to_rgb(image: Image.Image, where: str) -> Image.Image:
@@ -143,7 +162,7 @@ def _to_rgb(image: Image.Image, where: str) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return Image.fromarray(_stretch_to_8_bits(np.asarray(image))).convert("RGB")
+        return Image.fromarray(to_8_bits(np.asarray(image))).convert("RGB")
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode

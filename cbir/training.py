@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .data import ImageItem, class_folders, load_items, printable
+from .data import ImageItem, check_header, class_folders, load_items, printable
 from .errors import CbirError, ImageError
 from .files import written_whole
 from .models import Extractor, create_extractor
@@ -125,16 +125,13 @@ def split_training_data(config: TrainConfig) -> tuple[list[ImageItem], list[Imag
 
 
 def check_readable(items: Sequence[ImageItem]) -> None:
-    """Open every image file's header; one error naming the unreadable files, before any training."""
-    from PIL import Image
-
+    """Read every image file's header; one error naming the unreadable files, before any training."""
     bad = []
     for item in items:
         try:
-            with Image.open(item.location) as image:
-                image.verify()
-        except Exception as exc:  # PIL raises many types for broken files
-            bad.append(f"{item.location} ({type(exc).__name__})")
+            check_header(item.location)
+        except ImageError as exc:
+            bad.append(str(exc))
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise CbirError(f"{len(bad)} training image(s) cannot be read: {'; '.join(bad[:5])}{more}")

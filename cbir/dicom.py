@@ -1,0 +1,123 @@
+"""DICOM files as images: the pixels a viewer shows by default, as 8-bit grey or RGB.
+
+Scanners store what they measured (CT in Hounsfield units after the rescale, MR and X-ray in
+12 or 16 bits, MONOCHROME1 with white as zero) and say how to display it (window centre and
+width, a VOI LUT). Retrieval should compare what a reader of the image sees, so the display
+pipeline of DICOM PS3.4 is applied: modality LUT (rescale), then the VOI window or LUT, then
+MONOCHROME1 inverted; without a window the used range is stretched, as for 16-bit PNGs. A
+multi-frame object (a cine loop, a stack) is represented by its middle frame, and only that
+frame is decoded. The header's patient data is read by pydicom and never stored.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from .errors import ImageError
+from .pixels import to_8_bits
+
+# A DICOM file (PS3.10) is a 128-byte preamble then these four bytes.
+MAGIC_OFFSET, MAGIC = 128, b"DICM"
+MAGIC_END = MAGIC_OFFSET + len(MAGIC)
+SUFFIXES = (".dcm", ".dicom")
+PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def is_dicom(data: bytes) -> bool:
+    """Whether ``data`` (or at least its first :data:`MAGIC_END` bytes) is a DICOM file."""
+    return data[MAGIC_OFFSET:MAGIC_END] == MAGIC
+
+
+# pydicom warns of irregularities it has read past (excess padding, a VR other than the one
+# declared); the image is read either way, and a warning a file would bury the run's summary. Set
+# once here: changing filters around each decode is not safe with decoding threads.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+def _unreadable(where: str, exc: Exception) -> ImageError:
+    detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+    return ImageError(f"{where}: unreadable or truncated DICOM ({type(exc).__name__}: {detail})")
+
+
+def _decoder_problem(exc: RuntimeError) -> str:
+    """pydicom's account of its decoding plugins (a line each) as one line: the packages that would
+    decode the data, or why each installed plugin failed."""
+    first, *plugins = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "missing dependencies" in first:
+        return "no decoder for it is installed; any of these would do: " + "; ".join(
+            plugin.split(" - requires ", 1)[-1] for plugin in plugins)
+    return "; ".join(plugins) or first
+
+
+def dicom_header(source: str | io.BytesIO, where: str, pixel_limit: int | None, defer_size: str | None = None):
+    """The dataset of a DICOM file, checked to hold an image of at most ``pixel_limit`` pixels a frame;
+    ``defer_size`` leaves larger values (the pixel data) unread until used."""
+    import pydicom  # here: most sources hold no DICOM, and pydicom takes time to import
+
+    try:
+        dataset = pydicom.dcmread(source, defer_size=defer_size)
+        if not any(keyword in dataset for keyword in PIXEL_DATA_KEYWORDS):
+            kind = dataset.get("Modality") or dataset.get("SOPClassUID", "unknown")
+            raise ImageError(f"{where}: a DICOM file with no image (modality {kind})")
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+    except ImageError:
+        raise
+    except Exception as exc:  # pydicom raises many types for damaged headers
+        raise _unreadable(where, exc) from exc
+    if pixel_limit is not None and rows * columns > pixel_limit:
+        raise ImageError(f"{where}: refused, too many pixels ({columns} x {rows}, more than the limit of "
+                         f"{pixel_limit:,})")
+    return dataset
+
+
+def dicom_array(data: bytes, where: str, pixel_limit: int | None) -> np.ndarray:
+    """The display pixels of a DICOM file: ``uint8``, (H, W) grey or (H, W, 3) RGB."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+
+    dataset = dicom_header(io.BytesIO(data), where, pixel_limit)
+    try:
+        frames = int(dataset.get("NumberOfFrames") or 1)
+        pixels = pixel_array(dataset, index=frames // 2 if frames > 1 else None)
+    except RuntimeError as exc:  # pydicom: no plugin decodes this compression, or none is installed
+        syntax = dataset.file_meta.TransferSyntaxUID
+        raise ImageError(f"{where}: cannot decode its {syntax.name} pixel data ({_decoder_problem(exc)})") from exc
+    except Exception as exc:
+        raise _unreadable(where, exc) from exc
+
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    try:
+        if photometric == "PALETTE COLOR":
+            coloured = apply_color_lut(pixels, dataset)
+            return to_8_bits(coloured, 0, np.iinfo(coloured.dtype).max)
+        if pixels.ndim == 3:  # RGB; pydicom has already turned YBR into RGB
+            return to_8_bits(pixels, 0, 2 ** int(dataset.get("BitsStored") or 8) - 1)
+        grey = _windowed(apply_modality_lut(pixels, dataset), dataset)
+    except Exception as exc:  # a window of width 0 or without a centre, a LUT that does not fit the pixels
+        raise ImageError(f"{where}: DICOM display values unusable ({type(exc).__name__}: {exc})") from exc
+    return 255 - grey if photometric == "MONOCHROME1" else grey
+
+
+def _windowed(values: np.ndarray, dataset) -> np.ndarray:
+    """The file's VOI LUT or window mapped onto 0-255 (a LUT first, as viewers do); without either,
+    the used range."""
+    from pydicom.pixels import apply_voi_lut, apply_windowing
+
+    if dataset.get("VOILUTSequence"):
+        if not np.issubdtype(values.dtype, np.integer):  # a rescale made floats; the table takes integers
+            values = np.rint(np.nan_to_num(values)).astype(np.int64)
+        # The table's entries have the bit depth of its descriptor's third value (PS3.3 C.11.2.1.1).
+        depth = int(dataset.VOILUTSequence[0].LUTDescriptor[2])
+        return to_8_bits(apply_voi_lut(values, dataset), 0, 2 ** depth - 1)
+    if "WindowCenter" in dataset:
+        # The window's output range is what it gives the lowest and highest possible input: pydicom
+        # derives it from the bit depth and rescale, so ask it rather than repeat its rules.
+        low, high = apply_windowing(np.array([-np.inf, np.inf]), dataset)
+        return to_8_bits(apply_windowing(values, dataset), low, high)
+    return to_8_bits(values)
+
+
+def dicom_image(data: bytes, where: str, pixel_limit: int | None) -> Image.Image:
+    return Image.fromarray(dicom_array(data, where, pixel_limit)).convert("RGB")

@@ -1,0 +1,191 @@
+"""DICOM files: real scans shipped with pydicom, and hand-made ones whose display values are known."""
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, HTJ2KLossless, SecondaryCaptureImageStorage, generate_uid
+
+from cbir.data import check_header, decode_image, load_items
+from cbir.errors import ImageError
+from cbir.indexing import index_images, register_model
+from cbir.retrieval import Retriever
+
+from .conftest import ROOT
+
+
+def real_file(name: str) -> bytes:
+    """A file of the test set inside pydicom's wheel (get_testdata_file would download any other)."""
+    with open(get_testdata_file(name), "rb") as file:
+        return file.read()
+
+
+def grey(data: bytes, where: str = "scan.dcm") -> np.ndarray:
+    image = np.asarray(decode_image(data, where))
+    assert (image == image[..., :1]).all(), "a grey DICOM is grey in all three channels"
+    return image[..., 0]
+
+
+def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", **elements) -> bytes:
+    """A DICOM file in the standard's format holding ``pixels`` (frames first when 3-D and grey)."""
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.Modality = "CT"
+    dataset.set_pixel_data(pixels, photometric_interpretation=photometric,
+                           bits_stored=8 * pixels.dtype.itemsize)
+    for keyword, value in elements.items():
+        setattr(dataset, keyword, value)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+# With the CT rescale below: -1024 (air), -160, 40, 240, 976 and 2976 Hounsfield units.
+STORED = np.array([[0, 864], [1064, 1264], [2000, 4000]], dtype=np.uint16)
+
+
+def test_the_window_of_the_file_is_applied_to_hounsfield_units():
+    # A soft-tissue window, 40 +/- 200 HU: black up to -160 HU, mid-grey at 40, white from 240.
+    data = dicom_bytes(STORED, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+    assert grey(data).tolist() == [[0, 0], [127, 255], [255, 255]]
+    wide = dicom_bytes(STORED, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=976, WindowWidth=2001)
+    assert grey(wide).tolist() == [[0, 0], [8, 33], [127, 255]]
+
+
+def test_a_window_no_viewer_could_apply_is_an_error_naming_the_file():
+    with pytest.raises(ImageError, match=r"^flat.dcm: DICOM display values unusable \(ValueError: The \(0028,1051\) "
+                                         r"Window Width must be greater than or equal to 1"):
+        decode_image(dicom_bytes(STORED, WindowCenter=40, WindowWidth=0), "flat.dcm")
+
+
+def test_without_a_window_the_used_range_is_stretched():
+    assert grey(dicom_bytes(STORED)).tolist() == [[0, 55], [67, 80], [127, 255]]
+
+
+def test_monochrome1_is_inverted_so_that_white_means_the_same_as_in_monochrome2():
+    assert (grey(dicom_bytes(STORED, photometric="MONOCHROME1")) == 255 - grey(dicom_bytes(STORED))).all()
+
+
+def test_a_voi_lut_sequence_maps_the_values_through_its_table():
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 0, 16]  # four entries, the first for stored value 0, 16-bit output
+    lut.LUTData = np.array([0, 65535, 65535, 65535], dtype="<u2").tobytes()
+    data = dicom_bytes(np.array([[0, 1], [2, 3]], dtype=np.uint16), VOILUTSequence=[lut])
+    assert grey(data).tolist() == [[0, 255], [255, 255]]
+
+
+def test_a_multi_frame_object_is_represented_by_its_middle_frame():
+    frames = np.zeros((5, 4, 4), dtype=np.uint8)
+    for index in range(5):
+        frames[index, index % 4, 0] = 255  # each frame lights its own row
+    image = grey(dicom_bytes(frames, NumberOfFrames=5))
+    assert image[:, 0].tolist() == [0, 0, 255, 0]
+
+
+def test_real_scans_decode_alike_in_every_encoding_pydicom_reads():
+    """The same MR slice, stored as explicit and implicit VR, big endian, RLE, JPEG 2000 and JPEG-LS."""
+    reference = grey(real_file("MR_small.dcm"))
+    assert reference.shape == (64, 64) and reference.max() == 255
+    for encoding in ["MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm",
+                     "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_padded.dcm"]:
+        assert (grey(real_file(encoding)) == reference).all(), encoding
+    ct = grey(real_file("CT_small.dcm"))
+    assert ct.shape == (128, 128) and ct.min() == 0 and ct.max() == 255
+
+
+def test_irregularities_pydicom_reads_past_print_no_warning_a_file():
+    """pydicom warns of, say, excess padding after the pixel data; an add of many such files must
+    not print a warning for each. (Run apart: pytest resets warning filters around each test.)"""
+    decode = ("from pydicom.data import get_testdata_file; from cbir.data import decode_image; "
+              "from pathlib import Path; path = get_testdata_file('MR_small_padded.dcm'); "
+              "decode_image(Path(path).read_bytes(), path)")
+    run = subprocess.run([sys.executable, "-W", "default", "-c", decode], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert "Warning" not in run.stderr, run.stderr
+
+
+def test_colour_dicom_becomes_rgb_whatever_its_colour_space_or_depth():
+    rgb = np.asarray(decode_image(real_file("SC_rgb_rle.dcm"), "x.dcm"))
+    assert rgb.shape == (100, 100, 3) and not (rgb == rgb[..., :1]).all()
+    inverse = np.asarray(decode_image(real_file("SC_rgb_rle_2frame.dcm"), "x.dcm")).astype(int)
+    assert (inverse == 255 - rgb).all(), "the second of two frames (its inverse) is the middle one"
+    for same_picture in ["SC_rgb_rle_16bit.dcm", "SC_rgb_gdcm_KY.dcm", "SC_rgb_jpeg_gdcm.dcm", "SC_rgb_rle_32bit.dcm",
+                         "SC_ybr_full_422_uncompressed.dcm"]:
+        other = np.asarray(decode_image(real_file(same_picture), "x.dcm")).astype(int)
+        assert np.abs(other - rgb).mean() < 1, same_picture  # YBR 4:2:2 differs a little at edges
+    palette = np.asarray(decode_image(real_file("examples_palette.dcm"), "x.dcm"))
+    assert palette.shape == (350, 800, 3) and not (palette == palette[..., :1]).all()
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("rtplan.dcm", "a DICOM file with no image (modality RTPLAN)"),
+    ("MR_truncated.dcm", "unreadable or truncated DICOM"),
+    ("JPEG-lossy.dcm", "cannot decode its JPEG Extended (Process 2 and 4) pixel data (gdcm: GDCM does not support "
+                       "'JPEG Extended' for samples with 12-bit precision; pillow: Pillow does not support"),
+    ("no_meta.dcm", "not a DICOM file of the standard's format"),
+])
+def test_a_dicom_that_cannot_be_shown_is_one_error_naming_file_and_reason(name, reason):
+    with pytest.raises(ImageError) as error:
+        decode_image(real_file(name), f"cases/{name}")
+    assert str(error.value).startswith(f"cases/{name}: ") and reason in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_compression_no_installed_decoder_reads_names_the_packages_that_would():
+    relabelled = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
+    relabelled.file_meta.TransferSyntaxUID = HTJ2KLossless  # GDCM and Pillow read no High-Throughput JPEG 2000
+    buffer = io.BytesIO()
+    relabelled.save_as(buffer)
+    with pytest.raises(ImageError, match=r"^mr.dcm: cannot decode its High-Throughput JPEG 2000 Image Compression "
+                                         r"\(Lossless Only\) pixel data \(no decoder for it is installed; any of "
+                                         r"these would do: pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0\)$"):
+        decode_image(buffer.getvalue(), "mr.dcm")
+
+
+def test_the_pixel_limit_refuses_a_huge_dicom_before_its_pixels_are_decoded(monkeypatch):
+    data = dicom_bytes(np.zeros((4, 4), dtype=np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 15)
+    with pytest.raises(ImageError, match=r"huge.dcm: refused, too many pixels \(4 x 4, more than the limit of 15\)"):
+        decode_image(data, "huge.dcm")
+
+
+def test_the_header_check_before_training_reads_dicom_too(tmp_path):
+    scan, report = tmp_path / "scan.dcm", tmp_path / "report.dcm"
+    scan.write_bytes(real_file("CT_small.dcm"))
+    report.write_bytes(real_file("test-SR.dcm"))
+    check_header(str(scan))
+    with pytest.raises(ImageError, match="report.dcm: a DICOM file with no image"):
+        check_header(str(report))
+
+
+def test_a_folder_of_dicom_scans_is_indexed_and_each_scan_retrieves_itself(store, tmp_path, extractor):
+    folder = tmp_path / "scans"
+    for label, names in {"ct": ["CT_small.dcm", "693_J2KI.dcm"],
+                         "mr": ["MR_small.dcm", "examples_overlay.dcm"],
+                         "us": ["examples_ybr_color.dcm", "examples_rgb_color.dcm"]}.items():
+        (folder / label).mkdir(parents=True)
+        for name in names:
+            shutil.copy(get_testdata_file(name), folder / label / name)
+    items = load_items(folder)
+    register_model(store, extractor)
+    report = index_images(store, items, extractor, batch_size=4, workers=1, progress=False)
+    assert report.new == 6 and not report.failures
+    retrievals, failures = Retriever(store, extractor).query(items, k=2)
+    assert not failures
+    for item, retrieval in zip(items, retrievals):
+        top = retrieval.neighbours[0]
+        assert (top.name, top.label) == (item.name, item.label)
+        assert top.score == pytest.approx(1.0, abs=1e-4)
