@@ -60,8 +60,10 @@ def dicom_header(source: str | io.BytesIO, where: str, pixel_limit: int | None, 
     try:
         dataset = pydicom.dcmread(source, defer_size=defer_size)
         if not any(keyword in dataset for keyword in PIXEL_DATA_KEYWORDS):
-            kind = dataset.get("Modality") or dataset.get("SOPClassUID", "unknown")
-            raise ImageError(f"{where}: a DICOM file with no image (modality {kind})")
+            modality = dataset.get("Modality")
+            kind = (f"modality {modality}" if modality
+                    else getattr(dataset.get("SOPClassUID"), "name", "no modality given"))
+            raise ImageError(f"{where}: a DICOM file with no image ({kind})")
         rows, columns = int(dataset.Rows), int(dataset.Columns)
     except ImageError:
         raise
