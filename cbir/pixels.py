@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def finite_range(values: np.ndarray) -> tuple[float, float]:
+def _finite_range(values: np.ndarray) -> tuple[float, float]:
     """The lowest and highest finite value (NaN marks a mask, say); (0, 0) when there is none."""
     finite = values[np.isfinite(values)]
     return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
@@ -15,7 +15,7 @@ def to_8_bits(values: np.ndarray, low: float | None = None, high: float | None =
     by default the used range is stretched rather than clipped. NaN is black; infinities are the
     ends. A range of one value makes everything above it white."""
     if low is None or high is None:
-        low, high = finite_range(values)
+        low, high = _finite_range(values)
     if values.dtype == np.uint8 and (low, high) == (0, 255):
         return values
     values = values.astype(np.float64)
