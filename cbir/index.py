@@ -173,7 +173,9 @@ class SearchIndex:
         # ``params``; it keeps FAISS's own numpy search as search_numpy.
         search = getattr(self.index, "search_numpy", self.index.search)
         scores, positions = search(queries, k, params=self._search_parameters(k))
-        ids = np.where(positions >= 0, self.ids[np.maximum(positions, 0)], -1)
+        ids = np.full(positions.shape, -1, np.int64)
+        found = positions >= 0
+        ids[found] = self.ids[positions[found]]
         return scores, ids
 
     def search_excluding(self, queries: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from .data import ImageItem
+from .errors import StoreError
 from .index import SearchIndex
 from .indexing import embed_items
 from .models import Extractor
@@ -79,6 +80,10 @@ class Retriever:
     index: SearchIndex = field(init=False)
 
     def __post_init__(self) -> None:
+        self.store.require()
+        if not self.store.count():
+            raise StoreError(f"database '{self.store.name}' holds no images (every one was removed): "
+                             f"add images first")
         self.index = search_index(self.store, exact=self.exact)
 
     def neighbours(self, vectors: np.ndarray, k: int = DEFAULT_NEIGHBOURS) -> list[list[Neighbour]]:

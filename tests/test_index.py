@@ -72,6 +72,8 @@ def test_no_neighbours_is_an_error_not_one_neighbour():
     assert searcher.search(vectors[:2], 1000)[1].shape == (2, 100)  # k beyond the index: all it holds
     with pytest.raises(ValueError, match="k must be at least 1, got 0"):
         searcher.search(vectors[:2], 0)
+    empty = SearchIndex.exact(np.empty(0, np.int64), np.empty((0, 8), np.float32))
+    assert (empty.search(vectors[:2], 5)[1] == -1).all()  # the ids of nothing, not an IndexError
 
 
 def test_removed_entries_are_skipped_inside_the_search():

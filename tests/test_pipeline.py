@@ -18,6 +18,7 @@ from PIL import Image
 from cbir.cli import main
 from cbir.connection import connect
 from cbir.data import load_items
+from cbir.errors import StoreError
 from cbir.evaluation import leave_one_out
 from cbir.indexing import decode_batches, extractor_for_store, index_images, register_model
 from cbir.retrieval import Retriever, majority_vote
@@ -119,6 +120,11 @@ def test_removed_images_are_never_returned(store, busi, extractor):
     retrievals, _ = Retriever(store, extractor).query([target], k=10)
     assert target.name not in [n.name for n in retrievals[0].neighbours]
     assert len(retrievals[0].neighbours) == 10
+    with store.writing():
+        store.remove_labels(sorted({item.label for item in items}))
+    with pytest.raises(StoreError, match=rf"^database '{store.name}' holds no images \(every one was removed\): "
+                                         r"add images first$"):
+        Retriever(store, extractor)  # was an IndexError inside the search
 
 
 def test_the_database_rebuilds_its_own_extractor(store, extractor):
