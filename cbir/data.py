@@ -293,9 +293,15 @@ def _read_npz_split(path: str, split: str, mtime_ns: int, size: int) -> tuple[np
             if f"{split}_images" not in archive:
                 present = sorted(k[: -len("_images")] for k in archive.files if k.endswith("_images"))
                 raise DataSourceError(f"{path}: no split '{split}' (has: {', '.join(present) or 'none'})")
-            return archive[f"{split}_images"], archive[f"{split}_labels"].reshape(-1)
+            if f"{split}_labels" not in archive:
+                raise DataSourceError(f"{path}: {split}_images has no {split}_labels beside it")
+            images, labels = archive[f"{split}_images"], archive[f"{split}_labels"]
     except (OSError, ValueError, KeyError) as exc:
         raise DataSourceError(f"{path}: not a MedMNIST-style .npz ({exc})") from exc
+    if labels.ndim > 2 or (labels.ndim == 2 and labels.shape[1] != 1):
+        raise DataSourceError(f"{path}: {split}_labels has shape {labels.shape}; one class per image is needed, "
+                              f"shape (N,) or (N, 1) (multi-label sets such as ChestMNIST are not supported)")
+    return images, labels.reshape(-1)
 
 
 def npz_class_names(path: Path) -> list[str] | None:
@@ -308,6 +314,8 @@ def npz_class_names(path: Path) -> list[str] | None:
 def npz_items(path: Path, split: str, project: str | None = None) -> list[ImageItem]:
     """One item per image of ``split``; names are ``<split>/<index>`` (zero-padded)."""
     images, labels = _npz_split(str(path.resolve()), split)
+    if not len(images):
+        raise DataSourceError(f"{path}: the {split} split holds no images")
     if len(images) != len(labels):
         raise DataSourceError(f"{path}: {split}_images has shape {images.shape}, labels {labels.shape}")
     if not _is_image_shape(images.shape[1:]):

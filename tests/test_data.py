@@ -214,6 +214,21 @@ def test_npz_arrays_that_are_no_images_are_one_error(tmp_path, shape, dtype, rea
         _npz(tmp_path / "bad.npz", np.zeros(shape, dtype))
 
 
+@pytest.mark.parametrize("arrays,reason", [
+    ({"train_images": np.zeros((4, 8, 8), np.uint8), "train_labels": np.zeros((4, 14), np.uint8)},
+     r"train_labels has shape \(4, 14\); one class per image is needed, shape \(N,\) or \(N, 1\) \(multi-label "
+     r"sets such as ChestMNIST are not supported\)$"),
+    ({"train_images": np.zeros((0, 8, 8), np.uint8), "train_labels": np.zeros((0, 1), np.uint8)},
+     r"the train split holds no images$"),
+    ({"train_images": np.zeros((4, 8, 8), np.uint8)}, r"train_images has no train_labels beside it$"),
+])
+def test_npz_labels_that_cannot_label_the_images_are_one_error(tmp_path, arrays, reason):
+    """Multi-label rows were flattened into a list four times too long; an empty split was 'added'."""
+    np.savez(tmp_path / "set.npz", **arrays)
+    with pytest.raises(DataSourceError, match=rf"^{tmp_path / 'set.npz'}: {reason}"):
+        load_items(tmp_path / "set.npz")
+
+
 def test_links_are_followed_once_and_broken_ones_reported(tmp_path):
     pool = tmp_path / "pool"
     (pool / "scans").mkdir(parents=True)
