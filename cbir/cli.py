@@ -89,6 +89,20 @@ NON_NEGATIVE = _whole(0)  # seeds, worker numbers
 POSITIVE = _real(0, above=True)  # rates, temperatures
 NON_NEGATIVE_REAL = _real(0)  # weights that 0 turns off
 
+SOME_FILES_SKIPPED = 1  # the work is done, and a script can tell that some files were not part of it
+EXIT_STATUSES = ("exit status: 0 done; 1 done, but some input files were skipped (listed last on stderr); "
+                 "2 an error (one line on stderr); 130 / 143 interrupted by Ctrl-C / SIGTERM")
+
+
+def _skipped_summary(failures: list[str]) -> int:
+    """List the files a command skipped (file: reason) at the end of its output; its exit status."""
+    if not failures:
+        return 0
+    print(f"{len(failures)} file(s) skipped:", file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure}", file=sys.stderr)
+    return SOME_FILES_SKIPPED
+
 
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db_name", required=True, help="database name (its keys live under cbir:<db_name>:)")
@@ -151,11 +165,7 @@ def _cmd_add(args) -> int:
     print(f"'{args.db_name}': {report.new} new, {report.updated} updated, "
           f"{report.unchanged} unchanged, {report.duplicates} duplicate names, {len(report.failures)} failed "
           f"in {report.seconds:.1f} s ({rate:.1f} images/s embedded); {store.count()} images stored")
-    if report.failures:
-        print(f"{len(report.failures)} file(s) skipped:", file=sys.stderr)
-        for failure in report.failures:
-            print(f"  {failure}", file=sys.stderr)
-    return 0
+    return _skipped_summary(report.failures)
 
 
 # ------------------------------------------------------------------ retrieve
@@ -169,8 +179,6 @@ def _cmd_retrieve(args) -> int:
     retriever = Retriever(store, extractor, exact=args.exact)
     retrievals, failures = retriever.query(queries.items, k=args.nrt_neigh, known_labels=queries.labelled,
                                            progress=len(queries.items) > DEFAULT_BATCH_SIZE)
-    for failure in failures:
-        print(f"skipped {failure}", file=sys.stderr)
     for retrieval in retrievals:
         label = f" (label: {retrieval.query_label})" if retrieval.query_label else ""
         print(f"\nquery: {retrieval.query}{label}")
@@ -198,7 +206,7 @@ def _cmd_retrieve(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload[0] if len(payload) == 1 and queries.one_image else payload, indent=2))
         print(f"json: {args.json}")
-    return 0
+    return _skipped_summary(failures)
 
 
 # -------------------------------------------------------------------- remove
@@ -302,15 +310,13 @@ def _cmd_dataset(args) -> int:
     items = load_items(args.path, split=args.split)
     name = args.name or Path(args.path).stem + (f"_{args.split}" if str(args.path).endswith(".npz") else "")
     stats = dataset_stats(items, progress=not args.quiet)
-    for failure in stats.failures:
-        print(f"skipped {failure}", file=sys.stderr)
     pictures = [p.path for p in save_dataset_charts(stats, args.out_dir, name)]
     pictures.append(save_class_samples(items, Path(args.out_dir) / f"{name}_samples.png", args.per_class, args.seed))
     print(f"{len(stats.labels)} images, {len(set(stats.labels))} classes, sizes "
           f"{stats.widths.min()}-{stats.widths.max()} x {stats.heights.min()}-{stats.heights.max()} px")
     for picture in pictures:
         print(f"picture: {picture}")
-    return 0
+    return _skipped_summary(stats.failures)
 
 
 # ---------------------------------------------------------------------- info
@@ -370,7 +376,7 @@ def _cmd_evaluate(args) -> int:
     measures = list(dict.fromkeys(args.measure))
     groups = _read_mapping(args.groups, "groups")
     support = Support.from_store(store, groups)
-    queries, head = None, None
+    queries, head, failures = None, None, []
     if args.path or "interpolate" in measures:
         extractor = extractor_for_store(store, weights=args.weights, device=args.device)
         if extractor.classifier is not None:
@@ -378,8 +384,6 @@ def _cmd_evaluate(args) -> int:
     if args.path:
         queries, failures = Queries.embed(load_items(args.path, split=args.split), extractor, groups,
                                           progress=not args.quiet)
-        for failure in failures:
-            print(f"skipped {failure}", file=sys.stderr)
     elif set(measures) - set(SUPPORT_MEASURES):
         raise CbirError(f"--measure {' '.join(measures)} needs --path with the query images "
                         f"(only {', '.join(SUPPORT_MEASURES)} run on the stored images alone)")
@@ -412,7 +416,7 @@ def _cmd_evaluate(args) -> int:
     if args.json:
         write_json(args.json, results, config)
         print(f"json: {args.json}")
-    return 0
+    return _skipped_summary(failures)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -632,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_cmd_evaluate)
+    for command_parser in (parser, *commands.choices.values()):
+        command_parser.epilog = EXIT_STATUSES
     return parser
 
 

@@ -161,6 +161,29 @@ def cli(*args) -> int:
     return main([str(a) for a in args])
 
 
+def test_the_exit_status_tells_a_script_that_files_were_skipped(cli_env, db_name, tmp_path, capsys):
+    """0 all done, 1 done with files skipped (listed last on stderr), 2 an error."""
+    folder = tmp_path / "cases" / "normal"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.load(BREASTMNIST)["val_images"][3]).save(folder / "good.png")
+    (folder / "notes.txt").write_text("a clinician's note")
+    skipped = f"1 file(s) skipped:\n  {folder / 'notes.txt'}: not an image file\n"
+    add = ["add", "--db_name", db_name, "--path", tmp_path / "cases", "--input_size", TEST_INPUT_SIZE, "--quiet",
+           "--workers", 0]
+    try:
+        assert cli(*add) == 1 and capsys.readouterr().err.endswith(skipped)
+        assert cli("retrieve", "--db_name", db_name, "--path", folder, "--no_picture") == 1
+        answered = capsys.readouterr()
+        assert "good.png" in answered.out and answered.err.endswith(skipped)
+        assert cli("dataset", "--path", tmp_path / "cases", "--out_dir", tmp_path / "charts", "--quiet") == 1
+        assert capsys.readouterr().err.endswith(skipped)
+        (folder / "notes.txt").unlink()
+        assert cli(*add) == 0 and "1 unchanged" in capsys.readouterr().out
+        assert cli("retrieve", "--db_name", db_name, "--path", folder / "notes.txt") == 2
+    finally:
+        VectorStore(connect(cli_env), db_name).drop()
+
+
 @pytest.mark.parametrize("cli_env", ["standalone", "tls"], indirect=True)
 def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsys):
     try:
