@@ -152,11 +152,14 @@ def _start_cluster(binary: str, root: Path, processes: list[subprocess.Popen], c
     subprocess.run([cli, *cli_options, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
                     "--cluster-replicas", "0", "--cluster-yes"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
-    node = redis.Redis(host="127.0.0.1", port=ports[0], password=password, **_tls_options(certificate))
+    # Every node, not the first alone: each learns the others' slots by gossip, and a command sent to
+    # one that has not yet was answered "CLUSTERDOWN The cluster is down" (a flaky first test).
+    nodes = [redis.Redis(host="127.0.0.1", port=port, password=password, **_tls_options(certificate))
+             for port in ports]
     deadline = time.time() + 30
-    while node.cluster("info").get("cluster_state") != "ok":
+    while any(node.cluster("info").get("cluster_state") != "ok" for node in nodes):
         if time.time() > deadline:
-            raise RuntimeError("the test cluster did not reach state ok")
+            raise RuntimeError("the test cluster did not reach state ok on every node")
         time.sleep(0.2)
     return ports
 
