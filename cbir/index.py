@@ -90,9 +90,11 @@ class SearchIndex:
             index.hnsw.efConstruction = HNSW_BUILD_BREADTH
         else:
             params["nlist"] = nlist or default_nlist(count)
-            if count < params["nlist"] * MIN_POINTS_PER_CENTROID // 4 or params["nlist"] < 1:
-                raise CbirError(f"{count} vectors cannot train {params['nlist']} inverted lists; "
-                                f"use a smaller --nlist or the flat index")
+            needed = params["nlist"] * MIN_POINTS_PER_CENTROID // 4
+            if count < needed or params["nlist"] < 1:
+                smaller = "a smaller --nlist or " if params["nlist"] > 1 else ""
+                raise CbirError(f"{count} vectors cannot train {params['nlist']} inverted list(s) (that needs "
+                                f"{max(needed, 1)} or more); use {smaller}the flat index")
             if kind == "ivf":
                 factory = f"IVF{params['nlist']},Flat"
             else:

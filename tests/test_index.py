@@ -7,6 +7,7 @@ import pytest
 from cbir.cli import main
 from cbir.connection import connect
 from cbir.data import load_items
+from cbir.errors import CbirError
 from cbir.index import SearchIndex, default_nlist, default_pq_m, recall_at
 from cbir.indexing import embed_items, register_model
 from cbir.store import ImageRecord, VectorStore
@@ -74,6 +75,15 @@ def test_no_neighbours_is_an_error_not_one_neighbour():
         searcher.search(vectors[:2], 0)
     empty = SearchIndex.exact(np.empty(0, np.int64), np.empty((0, 8), np.float32))
     assert (empty.search(vectors[:2], 5)[1] == -1).all()  # the ids of nothing, not an IndexError
+
+
+def test_too_few_vectors_for_an_inverted_file_name_the_way_out():
+    with pytest.raises(CbirError, match=r"^4 vectors cannot train 1 inverted list\(s\) \(that needs 9 or more\); "
+                                        r"use the flat index$"):  # not "a smaller --nlist": 1 is the least
+        SearchIndex.build("ivf", np.arange(4), clustered(4, 8))
+    with pytest.raises(CbirError, match=r"^100 vectors cannot train 50 inverted list\(s\) \(that needs 487 or "
+                                        r"more\); use a smaller --nlist or the flat index$"):
+        SearchIndex.build("ivfpq", np.arange(100), clustered(100, 8), nlist=50)
 
 
 def test_removed_entries_are_skipped_inside_the_search():
