@@ -417,6 +417,8 @@ def protocol_incremental(support: Support, queries: Queries, settings: Evaluatio
         index.add(support.ids[fresh], support.vectors[fresh])
         present.append(fresh)
         seen = support.take(np.concatenate(present))
+        if not len(seen):  # classes of fewer images than steps bring none in the first steps
+            continue
         ranking = rank_all(index, seen, queries)
         sample_rows.append({"step": step, "support_fraction": step / steps, "support": len(seen),
                             **metrics(ranking, settings)})
@@ -439,6 +441,8 @@ def protocol_removal(support: Support, queries: Queries, settings: EvaluationSet
         deleted = order[: int(round(fraction * len(support)))]
         index.remove(support.ids[deleted])
         kept = support.take(np.setdiff1d(np.arange(len(support)), deleted))
+        if not len(kept):  # 90 % of a handful of images rounds to all of them: nothing left to ask
+            break
         ranking = rank_all(index, kept, queries)
         found = kept.ids[ranking.positions[ranking.positions >= 0]]
         if np.isin(found, support.ids[deleted]).any():

@@ -174,6 +174,21 @@ def test_removal_and_incremental_curves():
     assert by_sample.rows[-1]["top1"] == everything.rows[0]["top1"]
 
 
+def test_steps_that_leave_no_support_are_left_out():
+    """Classes of 2 images bring none in the first 4 of 10 sample-incremental steps, and removing 90 % of
+    4 images removes all: those steps crashed (the max of nothing)."""
+    vectors = unit(np.eye(4, 8) + 0.01)
+    support = make_support(vectors, ["a", "a", "b", "b"])
+    queries = make_queries(vectors[[0, 2]], ["a", "b"])
+    _, by_sample = run_protocols(["incremental"], support, queries, SearchIndex.exact(support.ids, support.vectors),
+                                 EvaluationSettings(ks=(1,)), ProtocolOptions(seed=0))
+    assert [r["step"] for r in by_sample.rows] == [5, 6, 7, 8, 9, 10]
+    assert [r["support"] for r in by_sample.rows] == [2, 2, 2, 2, 2, 4]
+    removal, = run_protocols(["removal"], support, queries, SearchIndex.exact(support.ids, support.vectors),
+                             EvaluationSettings(ks=(1,)), ProtocolOptions(seed=0))
+    assert [r["support"] for r in removal.rows][-3:] == [2, 1, 1]  # 90 % of 4 rounds to 4: no row for it
+
+
 def test_interpolation_spans_knn_to_head_and_picks_lambda_on_validation():
     from cbir.evaluation import linear_probe, protocol_interpolate
 
