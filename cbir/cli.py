@@ -355,6 +355,10 @@ def _read_mapping(path: str | None, what: str) -> dict[str, str] | None:
             rows = [row for row in csv.reader(handle) if row]
     except OSError as exc:
         raise CbirError(f"{path}: cannot read the {what} CSV ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:  # a picture or a spreadsheet given for the CSV
+        raise CbirError(f"{path}: the {what} CSV is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+    except csv.Error as exc:
+        raise CbirError(f"{path}: the {what} CSV cannot be parsed ({exc})") from exc
     if not rows or any(len(row) < 2 for row in rows):
         raise CbirError(f"{path}: the {what} CSV needs two columns per line")
     return {row[0]: row[1] for row in rows}

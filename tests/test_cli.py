@@ -1,10 +1,13 @@
 """The command line's argument checks: refused before anything runs, naming the flag and the reason."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from cbir import cli
 from cbir.cli import main
+from cbir.errors import CbirError
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -81,3 +84,15 @@ def test_a_file_error_the_checks_could_not_foresee_is_one_line(tmp_path, monkeyp
     monkeypatch.setattr(cli, "_cmd_dataset", lambda args: missing.write_bytes(b""))
     assert main(["dataset", "--path", "p"]) == 2
     assert capsys.readouterr().err == f"error: {missing}: No such file or directory\n"
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x89PNG\r\n\x1a\n", "the groups CSV is not UTF-8 text (byte 0: invalid start byte)"),
+    (b"only one column\n", "the groups CSV needs two columns per line"),
+])
+def test_a_groups_csv_that_is_no_two_column_text_is_one_error(tmp_path, content, message):
+    """A picture given for --groups was a UnicodeDecodeError traceback."""
+    path = tmp_path / "groups.csv"
+    path.write_bytes(content)
+    with pytest.raises(CbirError, match=rf"^{path}: {re.escape(message)}$"):
+        cli._read_mapping(str(path), "groups")
