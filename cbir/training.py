@@ -120,7 +120,14 @@ def split_training_data(config: TrainConfig) -> tuple[list[ImageItem], list[Imag
     if len(counts) < 2:
         raise CbirError(f"{config.training_data}: training needs at least two classes, found {sorted(counts)}")
     if not validation:
-        raise CbirError(f"{config.training_data}: no validation images (give --validation_data or --val_fraction)")
+        advice = "give --validation_data"
+        if path.is_dir() and not config.validation_data:
+            largest = max(counts.values())  # a class gives validation images only from 3 images up
+            advice += (" or a --val_fraction above 0" if config.val_fraction == 0 else
+                       f" or a larger --val_fraction ({config.val_fraction:g} of the largest class, "
+                       f"{largest} images, rounds to none)" if largest > 2 else
+                       " (classes of 2 images or fewer give none to validation)")
+        raise CbirError(f"{config.training_data}: no validation images; {advice}")
     return train, validation, unseen
 
 

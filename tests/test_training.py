@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 
 import numpy as np
@@ -100,6 +101,26 @@ def test_bad_training_data_is_refused(tmp_path):
         split_training_data(TrainConfig(training_data=str(folder), out_dir=""))
     with pytest.raises(CbirError, match="unknown --loss"):
         TrainConfig(training_data="", out_dir="", loss="magic").check()
+
+
+def test_no_validation_images_says_which_flag_would_give_some(tmp_path):
+    """The advice was '--val_fraction' even where that flag could not help."""
+    source = next((SHARED_DATA / "busi" / "benign").iterdir())
+    for label, count in (("a", 5), ("b", 2)):
+        (tmp_path / label).mkdir()
+        for index in range(count):
+            shutil.copy(source, tmp_path / label / f"{index}.png")
+    for fraction, advice in [
+        (0.0, "give --validation_data or a --val_fraction above 0"),
+        (0.05, "give --validation_data or a larger --val_fraction (0.05 of the largest class, 5 images, rounds "
+               "to none)"),
+    ]:
+        with pytest.raises(CbirError, match=rf"^{tmp_path}: no validation images; {re.escape(advice)}$"):
+            split_training_data(TrainConfig(training_data=str(tmp_path), out_dir="", val_fraction=fraction))
+    for index in range(2, 5):
+        (tmp_path / "a" / f"{index}.png").unlink()
+    with pytest.raises(CbirError, match=r"give --validation_data \(classes of 2 images or fewer give none"):
+        split_training_data(TrainConfig(training_data=str(tmp_path), out_dir="", val_fraction=0.5))
 
 
 def test_generalise_keeps_classes_unseen():
