@@ -122,11 +122,14 @@ def split_training_data(config: TrainConfig) -> tuple[list[ImageItem], list[Imag
     if not validation:
         advice = "give --validation_data"
         if path.is_dir() and not config.validation_data:
-            largest = max(counts.values())  # a class gives validation images only from 3 images up
-            advice += (" or a --val_fraction above 0" if config.val_fraction == 0 else
-                       f" or a larger --val_fraction ({config.val_fraction:g} of the largest class, "
-                       f"{largest} images, rounds to none)" if largest > 2 else
-                       " (classes of 2 images or fewer give none to validation)")
+            largest = max(counts.values())
+            if config.val_fraction == 0:
+                advice += " or a --val_fraction above 0"
+            elif largest > 2:  # stratified_split takes validation images only from classes of 3 or more
+                advice += (f" or a larger --val_fraction ({config.val_fraction:g} of the largest class, "
+                           f"{largest} images, rounds to none)")
+            else:
+                advice += " (classes of 2 images or fewer give none to validation)"
         raise CbirError(f"{config.training_data}: no validation images; {advice}")
     return train, validation, unseen
 
