@@ -21,6 +21,7 @@ from . import __version__, interrupts
 from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, load_items, query_items
 from .errors import CbirError
+from .files import write_text
 from .options import INDEX_KINDS, LOSSES, MEASURES, PICTURE_ROWS, SCHEDULERS, VOTES
 from .store import VectorStore
 
@@ -204,7 +205,7 @@ def _cmd_retrieve(args) -> int:
     if args.json:
         payload = [r.to_json() for r in retrievals]
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload[0] if len(payload) == 1 and queries.one_image else payload, indent=2))
+        write_text(args.json, json.dumps(payload[0] if len(payload) == 1 and queries.one_image else payload, indent=2))
         print(f"json: {args.json}")
     return _skipped_summary(failures)
 
@@ -257,10 +258,21 @@ def _cmd_train_index(args) -> int:
                   f"{point.queries_per_second:>10.0f}{mark}")
         if not report.tuning.reached:
             print(f"  recall@10 {report.tuning.chosen.recall10:.3f} stays under the target {args.target_recall}: "
-                  f"{'the PQ codes limit it (try a larger --m, or ivf)' if args.index == 'ivfpq' else 'try a larger --nlist or --m'}")
+                  f"{_recall_advice(args.index, args.nprobe, report.tuning.chosen.breadth)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+        write_text(args.json, json.dumps(report.as_dict(), indent=2))
     return 0
+
+
+def _recall_advice(kind: str, chosen_breadth: int | None, breadth: int) -> str:
+    """What would raise the recall of an index that stays under its target."""
+    if kind == "ivfpq":
+        return "the PQ codes limit it (try a larger --m, or ivf)"
+    if chosen_breadth is not None:
+        return f"try a larger --nprobe than {breadth}, or leave it out to have it tuned"
+    if kind == "hnsw":
+        return "more search breadth stopped helping; try a larger --m"
+    return f"more lists visited stopped helping; try --nprobe above {breadth}"
 
 
 # --------------------------------------------------------------------- train

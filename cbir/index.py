@@ -16,6 +16,7 @@ import io
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import faiss
 import numpy as np
@@ -25,6 +26,7 @@ from .options import INDEX_KINDS
 
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS's k-means warns that centroids are poorly trained
 TRAINING_POINTS_PER_CENTROID = 64
+PQ_CENTROIDS = 256  # per sub-quantiser of 8-bit codes; k-means needs at least as many vectors
 HNSW_NEIGHBOURS = 32
 # FAISS's default efConstruction (40) leaves clustered data poorly linked: 0.94 recall@10 at
 # efSearch 1024 on 1M clustered vectors; 100 reaches 1.0 at efSearch 64 for 2.3x the build time.
@@ -81,10 +83,15 @@ class SearchIndex:
             raise CbirError(f"unknown index kind '{kind}'; choose one of {', '.join(INDEX_KINDS)}")
         vectors = _unit_rows(vectors)
         count, dim = vectors.shape
+        for name, value, kinds in (("nlist", nlist, ("ivf", "ivfpq")), ("m", m, ("ivfpq", "hnsw"))):
+            if value is not None and kind not in kinds:
+                raise CbirError(f"--{name} applies to the {' and '.join(kinds)} indexes, not {kind}")
         if kind == "flat":
             return cls.exact(ids, vectors)
         params: dict = {}
         if kind == "hnsw":
+            if m is not None and m < 2:  # FAISS draws node levels with 1/log(M): M=1 crashes it
+                raise CbirError(f"--m {m}: an hnsw index needs at least 2 links per node")
             params["m"] = m or HNSW_NEIGHBOURS
             index = faiss.IndexHNSWFlat(dim, params["m"], faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = HNSW_BUILD_BREADTH
@@ -98,6 +105,9 @@ class SearchIndex:
             if kind == "ivf":
                 factory = f"IVF{params['nlist']},Flat"
             else:
+                if count < PQ_CENTROIDS:
+                    raise CbirError(f"{count} vectors cannot train the 8-bit codes of an ivfpq index (that needs "
+                                    f"{PQ_CENTROIDS} or more); use the ivf or flat index")
                 params["m"] = m or default_pq_m(dim)
                 if dim % params["m"]:
                     raise CbirError(f"--m {params['m']} must divide the vector size {dim}")
@@ -108,7 +118,7 @@ class SearchIndex:
                 # Fewer than 39·256 vectors still train usable codebooks; FAISS would warn per sub-quantiser.
                 index.pq.cp.min_points_per_centroid = 1
             sample = min(count, max(params["nlist"] * TRAINING_POINTS_PER_CENTROID,
-                                    256 * MIN_POINTS_PER_CENTROID if kind == "ivfpq" else 0))
+                                    PQ_CENTROIDS * MIN_POINTS_PER_CENTROID if kind == "ivfpq" else 0))
             rows = np.random.default_rng(seed).choice(count, sample, replace=False) if sample < count else slice(None)
             index.cp.seed = seed
             index.train(vectors[rows])
@@ -236,24 +246,27 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 
 def tune(searcher: SearchIndex, exact: SearchIndex, query_ids: np.ndarray, queries: np.ndarray,
-         target_recall: float = 0.95, k: int = 10) -> Tuning:
+         target_recall: float = 0.95, k: int = 10, breadths: Sequence[int] | None = None) -> Tuning:
     """The smallest search breadth whose recall@k against ``exact`` reaches the target.
 
     Queries are stored vectors whose own entry is excluded on both sides, so each acts as an
     unseen image near the data. Without a breadth that reaches the target (IVF-PQ's codes
-    cap its recall) the best one tried is chosen.
+    cap its recall) the best one tried is chosen. ``breadths`` replaces the breadths tried,
+    e.g. with the one a user chose, to measure it.
     """
     _, truth = exact.search_excluding(queries, k, query_ids)
     tried: list[RecallPoint] = []
     if searcher.kind == "flat":
         return Tuning(chosen=RecallPoint(0, 1.0, 1.0, 0.0), tried=[], reached=True)
-    limit = searcher.params.get("nlist", BREADTHS["hnsw"][-1])
-    for breadth in (b for b in BREADTHS["hnsw" if searcher.kind == "hnsw" else "ivf"] if b <= limit):
+    if breadths is None:
+        limit = searcher.params.get("nlist", BREADTHS["hnsw"][-1])
+        breadths = [b for b in BREADTHS["hnsw" if searcher.kind == "hnsw" else "ivf"] if b <= limit]
+    for breadth in breadths:
         searcher.set_breadth(breadth)
         started = time.perf_counter()
         _, found = searcher.search_excluding(queries, k, query_ids)
         rate = len(queries) / max(time.perf_counter() - started, 1e-9)
-        tried.append(RecallPoint(breadth, recall_at(found, truth, 1), recall_at(found, truth, k), rate))
+        tried.append(RecallPoint(searcher.breadth, recall_at(found, truth, 1), recall_at(found, truth, k), rate))
         if tried[-1].recall10 >= target_recall:
             break
         if len(tried) >= 3 and tried[-1].recall10 <= tried[-3].recall10 + 1e-3:

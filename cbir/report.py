@@ -19,7 +19,7 @@ from openpyxl.utils import get_column_letter
 from . import plots
 from .errors import CbirError
 from .evaluation import ProtocolResult, confusion
-from .files import written_whole
+from .files import write_text, written_whole
 
 SUMMARY_COLUMNS = ["date", "sheet", "measure", "database", "queries", "top1", "top5", "majority5",
                    "project_top1", "similar_top1", "precision5", "precision10", "map_at_r"]
@@ -154,8 +154,7 @@ def write_json(path: str | Path, results: Sequence[ProtocolResult], config: dict
     clean = lambda rows: [{k: _cell(v) for k, v in row.items()} for row in rows]  # noqa: E731  (NaN -> null)
     payload = {"config": config,
                "results": {r.measure: clean(r.rows) if len(r.rows) > 1 else clean(r.rows)[0] for r in results}}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2, default=str))
+    write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def save_figures(results: Sequence[ProtocolResult], directory: str | Path, stem: str) -> list[Path]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import StoreError
+from .errors import CbirError, StoreError
 from .index import SearchIndex, Tuning, tune
 from .store import VectorStore
 
@@ -69,6 +69,8 @@ def train_index(store: VectorStore, kind: str = "ivf", nlist: int | None = None,
 
     ``breadth`` (nprobe / efSearch) is tuned on up to 1000 stored vectors unless given.
     """
+    if breadth is not None and kind == "flat":
+        raise CbirError("--nprobe applies to the ivf, ivfpq and hnsw indexes, not flat")
     store.require()
     started = time.perf_counter()
     with store.writing():  # no change may land between the snapshot and its version
@@ -83,11 +85,8 @@ def train_index(store: VectorStore, kind: str = "ivf", nlist: int | None = None,
     started = time.perf_counter()
     rows = np.random.default_rng(seed).choice(len(ids), min(TUNING_QUERIES, len(ids)), replace=False)
     exact = SearchIndex.exact(ids, vectors)
-    if breadth:
-        searcher.set_breadth(breadth)
-        tuning = tune(searcher, exact, ids[rows], vectors[rows], target_recall=0.0)
-    else:
-        tuning = tune(searcher, exact, ids[rows], vectors[rows], target_recall=target_recall)
+    tuning = tune(searcher, exact, ids[rows], vectors[rows], target_recall=target_recall,
+                  breadths=None if breadth is None else [breadth])
     tune_seconds = time.perf_counter() - started
     blob = searcher.to_bytes()
     save_index(store, blob, searcher, version, journal_start, tuning)

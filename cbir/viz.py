@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 from .data import ImageItem  # noqa: E402
 from .errors import CbirError  # noqa: E402
+from .files import write_text  # noqa: E402
 from .options import PICTURE_ROWS  # noqa: E402
 from .retrieval import Retrieval  # noqa: E402
 
@@ -138,7 +139,5 @@ figure{{margin:0;border:4px solid;padding:4px;width:170px}} img{{max-width:160px
 figcaption{{font-size:11px;word-break:break-all}} .missing{{height:120px;background:#eee;font-size:11px}}
 h2{{font-size:15px;margin-bottom:2px}}</style></head><body><h1>{escape(title)}</h1>
 <p>Green frame: same label as the query; red: another label.</p>{"".join(rows)}</body></html>"""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    write_text(path, page)
+    return Path(path)

@@ -1,6 +1,8 @@
 """FAISS indices: recall against exact search, persistence in Redis, changes after training."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -86,11 +88,29 @@ def test_too_few_vectors_for_an_inverted_file_name_the_way_out():
         SearchIndex.build("ivfpq", np.arange(100), clustered(100, 8), nlist=50)
 
 
+def test_too_few_vectors_for_pq_codes_is_an_error_not_a_faiss_traceback():
+    with pytest.raises(CbirError, match=r"^255 vectors cannot train the 8-bit codes of an ivfpq index \(that needs "
+                                        r"256 or more\); use the ivf or flat index$"):
+        SearchIndex.build("ivfpq", np.arange(255), clustered(255, 8), nlist=1)
+    assert SearchIndex.build("ivfpq", np.arange(256), clustered(256, 8), nlist=1).size == 256
+
+
+@pytest.mark.parametrize("kind,options,message", [
+    ("hnsw", {"m": 1}, "--m 1: an hnsw index needs at least 2 links per node"),  # FAISS segfaults on M=1
+    ("hnsw", {"nlist": 4}, "--nlist applies to the ivf and ivfpq indexes, not hnsw"),
+    ("flat", {"nlist": 4}, "--nlist applies to the ivf and ivfpq indexes, not flat"),
+    ("ivf", {"m": 4}, "--m applies to the ivfpq and hnsw indexes, not ivf"),
+])
+def test_parameters_of_another_kind_are_refused(kind, options, message):
+    with pytest.raises(CbirError, match=f"^{message}$"):
+        SearchIndex.build(kind, np.arange(500), clustered(500, 8), **options)
+
+
 def test_removed_entries_are_skipped_inside_the_search():
     vectors = clustered(5000, 16)
     ids = np.arange(5000)
     for kind in ("flat", "ivf", "ivfpq", "hnsw"):
-        searcher = SearchIndex.build(kind, ids, vectors, m=4)
+        searcher = SearchIndex.build(kind, ids, vectors, m=4 if kind in ("ivfpq", "hnsw") else None)
         searcher.set_breadth(10_000)
         gone = ids[:2500]
         searcher.remove(gone)
@@ -159,6 +179,17 @@ def test_an_index_that_cannot_catch_up_falls_back_to_exact(mednist_store, mednis
     assert searcher.kind == "flat" and searcher.size == 2390
 
 
+@pytest.mark.parametrize("kind,breadth,saved", [("ivf", 3, 3), ("ivf", 500, 61), ("hnsw", 20, 20)])
+def test_a_chosen_breadth_is_measured_and_kept(mednist_store, kind, breadth, saved):
+    report = train_index(mednist_store, kind, breadth=breadth)
+    assert [p.breadth for p in report.tuning.tried] == [saved]  # beyond nlist: every list, no more
+    assert report.tuning.chosen.breadth == saved
+    _loaded.clear()
+    assert search_index(mednist_store).breadth == saved
+    with pytest.raises(CbirError, match="^--nprobe applies to the ivf, ivfpq and hnsw indexes, not flat$"):
+        train_index(mednist_store, "flat", breadth=breadth)
+
+
 def test_retraining_replaces_the_old_index_and_drop_removes_it(mednist_store):
     first = train_index(mednist_store, "ivf")
     first_build = index_info(mednist_store)["build"]
@@ -179,9 +210,13 @@ def test_cli_trains_and_reports(cli_env, db_name, mednist_embeddings, extractor,
     with store.writing():
         store.add([ImageRecord(name=i.name, label=i.label, sha256=s) for i, s in zip(items, shas)], vectors)
     try:
-        assert main(["train-index", "--db_name", db_name, "--index", "ivf", "--json", str(tmp_path / "r.json")]) == 0
+        report_path = tmp_path / "not" / "yet" / "r.json"  # folders on the way are made
+        assert main(["train-index", "--db_name", db_name, "--index", "ivf", "--json", str(report_path)]) == 0
         printed = capsys.readouterr().out
         assert "nlist=61" in printed and "<- chosen" in printed and "bytes/vector" in printed
+        assert json.loads(report_path.read_text())["params"]["nlist"] == 61
+        assert main(["train-index", "--db_name", db_name, "--index", "ivf", "--nprobe", "1"]) == 0
+        assert "try a larger --nprobe than 1, or leave it out to have it tuned" in capsys.readouterr().out
         assert main(["info", "--db_name", db_name]) == 0
         assert "index: ivf" in capsys.readouterr().out
         assert main(["train-index", "--db_name", db_name, "--delete"]) == 0
