@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .errors import ModelError
+from .errors import CbirError, ModelError
 from .files import written_whole
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -424,6 +424,9 @@ def create_extractor(name: str = "efficientnet_lite0", weights: str | Path | Non
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
+COMPUTE_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
 def retain_freed_memory() -> None:
     """Make glibc's malloc keep freed memory for reuse instead of giving it back to the kernel.
 
@@ -443,4 +446,20 @@ def retain_freed_memory() -> None:
 
 
 def _device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The torch device named (default: cuda if available, else cpu), checked to be present."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError):
+        chosen = None
+    if chosen is None or chosen.type not in COMPUTE_DEVICES:
+        raise CbirError(f"--device {device}: not a device to compute on ({', '.join(COMPUTE_DEVICES)}; "
+                        "e.g. cuda:1 for the second GPU)")
+    if chosen.type != "cpu":
+        backend = getattr(torch, chosen.type)
+        present = backend.device_count() if backend.is_available() else 0
+        if chosen.index is not None and chosen.index >= present or not present:
+            raise CbirError(f"--device {device}: PyTorch {torch.__version__} sees {present} {chosen.type} "
+                            f"device(s) here{', numbered from 0' if present else ''}")
+    return chosen

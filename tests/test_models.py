@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cbir.errors import ModelError
+from cbir.errors import CbirError, ModelError
 from cbir.models import BACKBONES, create_extractor, load_checkpoint, resolve_backbone
 from cbir.data import npz_items
 
@@ -97,6 +97,17 @@ def test_a_backbone_without_offline_weights_fails_clearly_when_offline(monkeypat
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="cannot download ImageNet weights for resnet18"):
         create_extractor("resnet18", input_size=64)
+
+
+@pytest.mark.parametrize("device,message", [
+    ("tpu", "not a device to compute on"),
+    ("meta", "not a device to compute on"),  # a torch device, but one that holds no pixels
+    (f"cuda:{torch.cuda.device_count()}", f"sees {torch.cuda.device_count()} cuda device"),  # one past the last
+])
+def test_a_device_that_is_not_there_is_one_clear_error(extractor, device, message):
+    with pytest.raises(CbirError, match=f"^--device {device}: .*{message}"):
+        extractor.for_inference(device)
+    assert extractor.for_inference("cpu:0").device.type == "cpu"
 
 
 FAULTS_OF_THREE_PASSES = """
