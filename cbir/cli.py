@@ -22,7 +22,7 @@ from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, load_items, query_items
 from .errors import CbirError
 from .files import write_text
-from .options import INDEX_KINDS, LOSSES, MEASURES, PICTURE_ROWS, SCHEDULERS, VOTES
+from .options import INDEX_KINDS, LOSSES, MEASURES, MIN_TSNE_POINTS, PICTURE_ROWS, SCHEDULERS, VOTES
 from .store import VectorStore
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
@@ -85,6 +85,17 @@ def _output(folder: bool = False):
 
 
 OUTPUT_FILE, OUTPUT_FOLDER = _output(), _output(folder=True)
+PICTURE_TYPES = ("png", "jpg", "jpeg", "pdf", "svg", "tif", "tiff", "webp", "eps")  # matplotlib writes each
+
+
+def _picture_file(text: str) -> str:
+    """argparse type: an OUTPUT_FILE whose suffix names a picture type matplotlib writes."""
+    suffix = Path(text).suffix.lower().lstrip(".")
+    if suffix not in PICTURE_TYPES:
+        raise argparse.ArgumentTypeError(f"{text}: the name must end in a picture type "
+                                         f"({', '.join('.' + t for t in PICTURE_TYPES)})")
+    return OUTPUT_FILE(text)
+
 COUNT = _whole(1)  # sizes, counts, k
 NON_NEGATIVE = _whole(0)  # seeds, worker numbers
 POSITIVE = _real(0, above=True)  # rates, temperatures
@@ -587,11 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            "class; large databases are sampled (stratified, seeded).")
     _store_arguments(tsne)
     tsne.add_argument("--perplexity", type=POSITIVE, default=30.0, help="t-SNE perplexity (default: 30)")
-    tsne.add_argument("--max_points", type=COUNT, default=5000, help="sample size for large databases (default: 5000)")
+    tsne.add_argument("--max_points", type=_whole(MIN_TSNE_POINTS), default=5000,
+                      help="sample size for large databases (default: 5000)")
     tsne.add_argument("--by_project", action="store_true", help="add a second panel coloured by project")
     tsne.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the sample and of t-SNE")
-    tsne.add_argument("--out", type=OUTPUT_FILE, default=None,
-                      help="PNG to write (default: <out_dir>/tsne_<db_name>.png)")
+    tsne.add_argument("--out", type=_picture_file, default=None,
+                      help="picture to write, .png, .pdf, .svg, ... (default: <out_dir>/tsne_<db_name>.png)")
     tsne.add_argument("--out_dir", type=OUTPUT_FOLDER, default=Path("data_visualization"),
                       help="default folder of --out")
     tsne.set_defaults(run=_cmd_tsne)

@@ -11,3 +11,4 @@ SCHEDULERS = ("cosine", "step", "exponential", "none")
 # Queries drawn in one retrieval picture: a row of 10 neighbours took 0.23 s and 95 kB (BUSI), so
 # a folder of 780 queries would draw for 3 minutes into a picture 171,600 pixels high.
 PICTURE_ROWS = 20
+MIN_TSNE_POINTS = 5  # fewer points show no structure worth a t-SNE picture

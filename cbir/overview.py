@@ -15,6 +15,7 @@ from tqdm import tqdm
 from . import plots
 from .data import ImageItem
 from .errors import CbirError
+from .options import MIN_TSNE_POINTS
 from .store import VectorStore
 
 PCA_DIMS = 50  # t-SNE on 50 principal components: the usual speed-up, little change in the picture
@@ -33,7 +34,11 @@ def stratified_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels.astype(str), return_counts=True)
-    quota = np.maximum(1, np.floor(counts * limit / len(labels))).astype(int)
+    shares = counts * limit / len(labels)
+    quota = np.maximum(1, np.floor(shares)).astype(int)
+    # Rows left by rounding down go to the largest remainders, so the sample is ``limit`` rows.
+    left = max(0, limit - int(quota.sum()))
+    quota[np.argsort(quota - shares, kind="stable")[:left]] += 1
     rows = [rng.choice(np.flatnonzero(labels.astype(str) == c), q, replace=False) for c, q in zip(classes, quota)]
     return np.sort(np.concatenate(rows))
 
@@ -43,8 +48,8 @@ def tsne_2d(vectors: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np.
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    if len(vectors) < 5:
-        raise CbirError(f"t-SNE needs at least 5 images, the database has {len(vectors)}")
+    if len(vectors) < MIN_TSNE_POINTS:
+        raise CbirError(f"t-SNE needs at least {MIN_TSNE_POINTS} images, got {len(vectors)}")
     reduced = vectors
     if vectors.shape[1] > PCA_DIMS and len(vectors) > PCA_DIMS:
         reduced = PCA(n_components=PCA_DIMS, random_state=seed).fit_transform(vectors)
@@ -56,8 +61,10 @@ def save_tsne(store: VectorStore, path: str | Path, perplexity: float = 30.0, ma
               by_project: bool = False, seed: int = 0) -> Picture:
     """The database's vectors in 2-D coloured by class (and, optionally, a panel by project)."""
     ids, vectors, records = store.load_with_records()
+    if len(ids) < MIN_TSNE_POINTS:
+        raise CbirError(f"t-SNE needs at least {MIN_TSNE_POINTS} images, database '{store.name}' holds {len(ids)}")
     labels = np.array([r.label for r in records], dtype=object)
-    rows = stratified_sample(labels, max_points, seed)
+    rows = stratified_sample(labels, max(max_points, MIN_TSNE_POINTS), seed)
     points = tsne_2d(vectors[rows], perplexity, seed)
     sampled = f"{len(rows):,} of {len(ids):,} images, stratified sample" if len(rows) < len(ids) else f"{len(ids):,} images"
     panels = [("class", labels[rows])]

@@ -22,7 +22,7 @@ from cbir.errors import CbirError
     (["train", "--training_data", "t", "--weights", "w", "--val_fraction", "1"], "must be in [0, 1), got 1"),
     (["train", "--training_data", "t", "--weights", "w", "--decay", "-0.1"], "--decay: must be at least 0, got -0.1"),
     (["evaluate", "--db_name", "d", "--k", "1", "0"], "--k: must be at least 1, got 0"),
-    (["tsne", "--db_name", "d", "--max_points", "0"], "--max_points: must be at least 1, got 0"),
+    (["tsne", "--db_name", "d", "--max_points", "4"], "--max_points: must be at least 5, got 4"),
 ])
 def test_bad_numbers_are_refused_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -53,6 +53,8 @@ def a_file(tmp_path):
      "is a file, so"),
     (lambda tmp, f: ["train", "--training_data", "t", "--weights", str(f / "run")], "is a file, so"),
     (lambda tmp, f: ["evaluate", "--db_name", "d", "--excel_path", str(tmp)], "is a folder, not a file"),
+    (lambda tmp, f: ["tsne", "--db_name", "d", "--out", str(tmp / "tsne.txt")], "must end in a picture type (.png"),
+    (lambda tmp, f: ["tsne", "--db_name", "d", "--out", str(tmp / "tsne")], "must end in a picture type (.png"),
 ])
 def test_outputs_that_cannot_be_written_are_refused_before_the_work(flags, message, tmp_path, a_file, capsys):
     with pytest.raises(SystemExit) as exit_:

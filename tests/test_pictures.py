@@ -37,6 +37,10 @@ def test_stratified_sample_keeps_every_class():
     assert kept == {"big": 95, "small": 4, "rare": 1}
     assert rows.tolist() == stratified_sample(labels, 100, seed=0).tolist()
     assert len(stratified_sample(labels, 5000, seed=0)) == 1000
+    # Rounding each class down (1.3 and 3.7 rows) must not leave the sample short of its size.
+    two = np.array(["malignant"] * 21 + ["benign"] * 57, dtype=object)
+    kept = dict(zip(*np.unique(two[stratified_sample(two, 5, seed=0)], return_counts=True)))
+    assert kept == {"malignant": 1, "benign": 4}
 
 
 @pytest.mark.parametrize("deployment", ["embedded"], indirect=True)
