@@ -85,17 +85,21 @@ def _output(folder: bool = False):
 
 
 OUTPUT_FILE, OUTPUT_FOLDER = _output(), _output(folder=True)
-PICTURE_TYPES = ("png", "jpg", "jpeg", "pdf", "svg", "tif", "tiff", "webp", "eps")  # matplotlib writes each
 
 
-def _picture_file(text: str) -> str:
-    """argparse type: an OUTPUT_FILE whose suffix names a picture type matplotlib writes."""
-    suffix = Path(text).suffix.lower().lstrip(".")
-    if suffix not in PICTURE_TYPES:
-        raise argparse.ArgumentTypeError(f"{text}: the name must end in a picture type "
-                                         f"({', '.join('.' + t for t in PICTURE_TYPES)})")
-    return OUTPUT_FILE(text)
+def _typed_file(suffixes: tuple[str, ...], what: str):
+    """argparse type: an OUTPUT_FILE whose name ends in one of ``suffixes`` (the writer goes by it)."""
+    def typed_output_file(text: str) -> str:
+        OUTPUT_FILE(text)
+        if Path(text).suffix.lower().lstrip(".") not in suffixes:
+            raise argparse.ArgumentTypeError(f"{text}: the name of {what} must end in "
+                                             f"{', '.join('.' + s for s in suffixes)}")
+        return text
+    return typed_output_file
 
+
+PICTURE_FILE = _typed_file(("png", "jpg", "jpeg", "pdf", "svg", "tif", "tiff", "webp", "eps"), "a picture")
+WORKBOOK_FILE = _typed_file(("xlsx",), "an Excel workbook")  # openpyxl writes and reads back only these
 COUNT = _whole(1)  # sizes, counts, k
 NON_NEGATIVE = _whole(0)  # seeds, worker numbers
 POSITIVE = _real(0, above=True)  # rates, temperatures
@@ -388,19 +392,24 @@ def _read_mapping(path: str | None, what: str) -> dict[str, str] | None:
 
 
 def _cmd_evaluate(args) -> int:
+    from dataclasses import replace
+
     import faiss
     import torch
 
-    from .evaluation import ProtocolOptions, Queries, Support, SUPPORT_MEASURES, EvaluationSettings, run_protocols
+    from .evaluation import ProtocolOptions, Queries, Support, EvaluationSettings, check_protocol_options, run_protocols
     from .indexing import extractor_for_store
     from .report import format_table, open_workbook, save_figures, write_json, write_workbook
     from .trained_index import search_index
 
+    measures = list(dict.fromkeys(args.measure))
+    options = ProtocolOptions(n_queries=args.n_queries, repeats=args.repeats,
+                              exclude_classes=args.exclude_classes, seed=args.seed)
+    check_protocol_options(measures, options, with_queries=bool(args.path))
     excel = Path(args.excel_path or Path(args.results_dir) / f"accuracy_{args.db_name}.xlsx")
     workbook = open_workbook(excel)
     store = _open_store(args)
     store.require()
-    measures = list(dict.fromkeys(args.measure))
     groups = _read_mapping(args.groups, "groups")
     support = Support.from_store(store, groups)
     queries, head, failures = None, None, []
@@ -411,15 +420,10 @@ def _cmd_evaluate(args) -> int:
     if args.path:
         queries, failures = Queries.embed(load_items(args.path, split=args.split), extractor, groups,
                                           progress=not args.quiet)
-    elif set(measures) - set(SUPPORT_MEASURES):
-        raise CbirError(f"--measure {' '.join(measures)} needs --path with the query images "
-                        f"(only {', '.join(SUPPORT_MEASURES)} run on the stored images alone)")
     index = search_index(store, exact=args.exact)
     settings = EvaluationSettings(ks=args.k, vote=args.vote, temperature=args.temperature,
                                   project_groups=_read_mapping(args.project_groups, "project groups"))
-    options = ProtocolOptions(n_queries=args.n_queries, repeats=args.repeats,
-                              exclude_classes=args.exclude_classes, seed=args.seed, head=head)
-    results = run_protocols(measures, support, queries, index, settings, options, store=store)
+    results = run_protocols(measures, support, queries, index, settings, replace(options, head=head), store=store)
     what = f"{len(queries)} queries from {args.path}" if queries is not None else "the stored images (leave-one-out)"
     print(f"'{args.db_name}': {len(support)} stored images, {what}; "
           f"{'exact search' if index.kind == 'flat' else index.kind + ' index'}, kNN vote {args.vote}")
@@ -602,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sample size for large databases (default: 5000)")
     tsne.add_argument("--by_project", action="store_true", help="add a second panel coloured by project")
     tsne.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the sample and of t-SNE")
-    tsne.add_argument("--out", type=_picture_file, default=None,
+    tsne.add_argument("--out", type=PICTURE_FILE, default=None,
                       help="picture to write, .png, .pdf, .svg, ... (default: <out_dir>/tsne_<db_name>.png)")
     tsne.add_argument("--out_dir", type=OUTPUT_FOLDER, default=Path("data_visualization"),
                       help="default folder of --out")
@@ -653,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="CSV project,group: 'similar project' hits count neighbours of the same group")
     evaluate.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of random/stat/incremental/removal (default: 0)")
     evaluate.add_argument("--exact", action="store_true", help="exact search even if an index was trained")
-    evaluate.add_argument("--excel_path", type=OUTPUT_FILE, default=None,
+    evaluate.add_argument("--excel_path", type=WORKBOOK_FILE, default=None,
                           help="workbook to write or extend (default: <results_dir>/accuracy_<db_name>.xlsx)")
     evaluate.add_argument("--name", default=None, help="sheet name of this run (default: the measure)")
     evaluate.add_argument("--results_dir", type=OUTPUT_FOLDER, default=Path("results"),

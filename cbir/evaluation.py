@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
 from .data import ImageItem, per_class_in_turn
-from .errors import CbirError
+from .errors import CbirError, DataSourceWarning
 from .options import MEASURES, VOTES
 from .index import SearchIndex
 from .indexing import embed_items
@@ -364,6 +364,9 @@ def protocol_remove(ranking: Ranking, settings: EvaluationSettings, exclude_clas
     if unknown:
         raise CbirError(f"--exclude_classes: no query has class {', '.join(sorted(unknown))}")
     kept = ranking.take(np.flatnonzero(~np.isin(ranking.queries.labels, list(exclude_classes))))
+    if not len(kept.queries):
+        raise CbirError(f"--exclude_classes {', '.join(exclude_classes)} leaves out every query; the remove "
+                        "protocol needs queries of another class")
     row = {"excluded": ", ".join(exclude_classes), **metrics(kept, settings)}
     return ProtocolResult("remove", [row], ["excluded"], ranking=kept)
 
@@ -541,6 +544,25 @@ class ProtocolOptions:
     head: tuple | None = None  # (class names, vectors -> probabilities): the interpolate protocol's classifier
 
 
+def check_protocol_options(measures: Sequence[str], options: ProtocolOptions, with_queries: bool) -> None:
+    """Refuse measures and options that do not go together, before any image is read."""
+    unknown = set(measures) - set(MEASURES)
+    if unknown:
+        raise CbirError(f"unknown --measure {', '.join(sorted(unknown))}; choose from {', '.join(MEASURES)}")
+    if not with_queries and set(measures) - set(SUPPORT_MEASURES):
+        raise CbirError(f"--measure {' '.join(measures)} needs --path with the query images "
+                        f"(only {', '.join(SUPPORT_MEASURES)} run on the stored images alone)")
+    if "remove" in measures and not options.exclude_classes:
+        raise CbirError("--measure remove needs --exclude_classes (the query classes it leaves out)")
+    if options.exclude_classes and "remove" not in measures:
+        raise CbirError("--exclude_classes applies to --measure remove only; add remove to --measure")
+
+
+def _some(labels: np.ndarray, shown: int = 5) -> str:
+    names = sorted(set(map(str, labels.tolist())))
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
 def run_protocols(measures: Sequence[str], support: Support, queries: Queries | None, index: SearchIndex,
                   settings: EvaluationSettings, options: ProtocolOptions,
                   store: VectorStore | None = None) -> list[ProtocolResult]:
@@ -549,13 +571,12 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
     ``index`` answers the query-based protocols (a trained index, or exact); incremental and
     removal build their own exact indices step by step.
     """
-    unknown = set(measures) - set(MEASURES)
-    if unknown:
-        raise CbirError(f"unknown --measure {', '.join(sorted(unknown))}; choose from {', '.join(MEASURES)}")
+    check_protocol_options(measures, options, with_queries=queries is not None)
     if len(support) < 2:
         raise CbirError(f"the database holds {len(support)} image(s); protocols need at least 2")
-    if queries is None and set(measures) - set(SUPPORT_MEASURES):
-        raise CbirError("--path (the query images) is needed for " + ", ".join(sorted(set(measures) - set(SUPPORT_MEASURES))))
+    if queries is not None and not np.isin(queries.labels, support.labels).any():
+        warnings.warn(f"no query label ({_some(queries.labels)}) is among the stored labels ({_some(support.labels)}): "
+                      "every hit rate is 0; are the queries from another dataset?", DataSourceWarning, stacklevel=2)
     own = Queries.of_support(support)
     asked = queries if queries is not None else own
     ranking = rank_all(index, support, asked, store) if set(measures) - set(SUPPORT_MEASURES) else None

@@ -53,8 +53,8 @@ def a_file(tmp_path):
      "is a file, so"),
     (lambda tmp, f: ["train", "--training_data", "t", "--weights", str(f / "run")], "is a file, so"),
     (lambda tmp, f: ["evaluate", "--db_name", "d", "--excel_path", str(tmp)], "is a folder, not a file"),
-    (lambda tmp, f: ["tsne", "--db_name", "d", "--out", str(tmp / "tsne.txt")], "must end in a picture type (.png"),
-    (lambda tmp, f: ["tsne", "--db_name", "d", "--out", str(tmp / "tsne")], "must end in a picture type (.png"),
+    (lambda tmp, f: ["tsne", "--db_name", "d", "--out", str(tmp / "tsne.txt")], "the name of a picture must end in .png"),
+    (lambda tmp, f: ["tsne", "--db_name", "d", "--out", str(tmp / "tsne")], "the name of a picture must end in .png"),
 ])
 def test_outputs_that_cannot_be_written_are_refused_before_the_work(flags, message, tmp_path, a_file, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -67,7 +67,7 @@ def test_a_workbook_to_extend_that_is_no_workbook_is_refused_before_the_protocol
     damaged = a_file.with_suffix(".xlsx")
     damaged.write_text("not a workbook")
     # The database does not exist: the workbook is refused before the store is even opened.
-    assert main(["evaluate", "--db_name", "no_such_db", "--redis-url", "redis://127.0.0.1:1",
+    assert main(["evaluate", "--db_name", "no_such_db", "--redis-url", "redis://127.0.0.1:1", "--measure", "loo",
                  "--excel_path", str(damaged)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {damaged}: not an Excel workbook that can be extended "
                                                "(BadZipFile: File is not a zip file); give another --excel_path "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from openpyxl import load_workbook
 
 from cbir.cli import main
 from cbir.connection import connect
+from cbir.errors import CbirError, DataSourceWarning
 from cbir.evaluation import (EvaluationSettings, ProtocolOptions, Queries, Support, hit_rates, knn_predict,
                              leave_one_out, map_at_r, metrics, rank_all, run_protocols)
 from cbir.index import SearchIndex
@@ -210,6 +212,28 @@ def test_unknown_excluded_class_is_a_clear_error():
     with pytest.raises(Exception, match="no query has class zebra"):
         run_protocols(["remove"], support, queries, SearchIndex.exact(support.ids, support.vectors),
                       EvaluationSettings(), ProtocolOptions(exclude_classes=["zebra"]))
+
+
+@pytest.mark.parametrize("measures,excluded,message", [
+    (["remove"], [], "--measure remove needs --exclude_classes"),  # was: every query, called 'remove'
+    (["all"], ["a"], "--exclude_classes applies to --measure remove only"),  # was: silently ignored
+    (["remove"], ["a", "b", "c"], "--exclude_classes a, b, c leaves out every query"),
+])
+def test_remove_and_its_classes_go_together(measures, excluded, message):
+    support, queries = clustered_case()
+    with pytest.raises(CbirError, match=f"^{message}"):
+        run_protocols(measures, support, queries, SearchIndex.exact(support.ids, support.vectors),
+                      EvaluationSettings(), ProtocolOptions(exclude_classes=excluded))
+
+
+def test_queries_that_share_no_label_with_the_database_are_pointed_out():
+    support, queries = clustered_case()
+    strangers = replace(queries, labels=np.array(["grade 0", "grade 1"] * (len(queries) // 2), dtype=object))
+    with pytest.warns(DataSourceWarning, match=r"^no query label \(grade 0, grade 1\) is among the stored labels "
+                                               r"\(a, b, c\): every hit rate is 0"):
+        result = run_protocols(["all"], support, strangers, SearchIndex.exact(support.ids, support.vectors),
+                               EvaluationSettings(), ProtocolOptions())
+    assert result[0].rows[0]["top1"] == 0.0
 
 
 # ---------------------------------------------------------------- reports
