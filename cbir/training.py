@@ -40,6 +40,8 @@ from .options import LOSSES, SCHEDULERS
 
 # Losses whose per-element terms belong to one batch sample (its anchor): kNN re-weighting applies.
 SAMPLE_ANCHORED = ("margin", "triplet", "contrastive", "ntxent", "normsoftmax", "arcface", "cross_entropy")
+# Losses that compare the samples of a batch with each other: a batch of one class has no negatives.
+PAIR_LOSSES = ("margin", "triplet", "contrastive", "ntxent")
 CLASSIFIER_SCALE = 16.0  # logits = scale * cosine(embedding, class weight) for the cross-entropy head
 
 
@@ -88,6 +90,15 @@ class TrainConfig:
             raise CbirError(f"--knn_weighting needs a loss with per-sample terms ({', '.join(SAMPLE_ANCHORED)})")
         if self.num_epochs < 1 or self.batch_size < 2:
             raise CbirError("--num_epochs must be >= 1 and --batch_size >= 2")
+        if self.loss in PAIR_LOSSES and self.batch_size < 2 * self.m_per_class:
+            raise CbirError(f"--batch_size {self.batch_size} holds one class of --m_per_class {self.m_per_class} "
+                            f"images, and the {self.loss} loss needs other classes in a batch to learn from: make "
+                            f"--batch_size at least {2 * self.m_per_class} or --m_per_class at most "
+                            f"{max(1, self.batch_size // 2)}")
+        if self.train_classes and not self.generalise:
+            raise CbirError("--train_classes applies with --generalise only; add --generalise")
+        if len(set(self.train_classes)) == 1:
+            raise CbirError(f"--train_classes names one class ({self.train_classes[0]}); training needs at least two")
 
 
 # ---------------------------------------------------------------------- data

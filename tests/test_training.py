@@ -103,6 +103,21 @@ def test_bad_training_data_is_refused(tmp_path):
         TrainConfig(training_data="", out_dir="", loss="magic").check()
 
 
+@pytest.mark.parametrize("changes,message", [
+    # MPerClassSampler would fill each batch with one class: a pair loss then has no negatives.
+    ({"batch_size": 8, "m_per_class": 100}, "--batch_size 8 holds one class of --m_per_class 100 images, and the "
+                                            "margin loss needs other classes in a batch to learn from: make "
+                                            "--batch_size at least 200 or --m_per_class at most 4"),
+    ({"batch_size": 3, "loss": "triplet"}, "--batch_size 3 holds one class of --m_per_class 4 images"),
+    ({"train_classes": ["a", "b"]}, "--train_classes applies with --generalise only; add --generalise"),
+    ({"train_classes": ["a"], "generalise": True}, r"--train_classes names one class \(a\); training needs at least two"),
+])
+def test_settings_that_would_train_nothing_are_refused(changes, message):
+    with pytest.raises(CbirError, match=f"^{message}"):
+        TrainConfig(training_data="", out_dir="", **changes).check()
+    TrainConfig(training_data="", out_dir="", batch_size=3, loss="arcface").check()  # proxies are the negatives
+
+
 def test_no_validation_images_says_which_flag_would_give_some(tmp_path):
     """The advice was '--val_fraction' even where that flag could not help."""
     source = next((SHARED_DATA / "busi" / "benign").iterdir())
