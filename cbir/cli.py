@@ -106,8 +106,10 @@ POSITIVE = _real(0, above=True)  # rates, temperatures
 NON_NEGATIVE_REAL = _real(0)  # weights that 0 turns off
 
 SOME_FILES_SKIPPED = 1  # the work is done, and a script can tell that some files were not part of it
+OUTPUT_CLOSED = 128 + signal.SIGPIPE  # what a shell reports for a tool its pipe reader left
 EXIT_STATUSES = ("exit status: 0 done; 1 done, but some input files were skipped (listed last on stderr); "
-                 "2 an error (one line on stderr); 130 / 143 interrupted by Ctrl-C / SIGTERM")
+                 "2 an error (one line on stderr); 130 / 143 interrupted by Ctrl-C / SIGTERM; 141 the "
+                 "output's reader left (| head)")
 
 
 def _skipped_summary(failures: list[str]) -> int:
@@ -219,7 +221,6 @@ def _cmd_retrieve(args) -> int:
         print(f"html: {page}")
     if args.json:
         payload = [r.to_json() for r in retrievals]
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text(args.json, json.dumps(payload[0] if len(payload) == 1 and queries.one_image else payload, indent=2))
         print(f"json: {args.json}")
     return _skipped_summary(failures)
@@ -686,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     except CbirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of the output left (`cbir info | head`): stop as quietly as it did
+        # Python flushes stdout once more at exit; pointing it at /dev/null keeps that from failing too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OUTPUT_CLOSED
     except OSError as exc:  # a file the checks before the work could not foresee (a full disk, /proc)
         print(f"error: {exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else f"error: {exc}",
               file=sys.stderr)

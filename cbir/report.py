@@ -126,7 +126,6 @@ def write_workbook(path: str | Path, results: Sequence[ProtocolResult], config: 
     from there by :func:`open_workbook`) and save it there; returns the new sheet names."""
     path = Path(path)
     workbook = open_workbook(path) if workbook is None else workbook
-    path.parent.mkdir(parents=True, exist_ok=True)
     summary, summary_header = _sheet_with_header(workbook, "summary", SUMMARY_COLUMNS)
     created = []
     for result in results:

@@ -22,7 +22,7 @@ from cbir.errors import StoreError
 from cbir.evaluation import leave_one_out
 from cbir.indexing import decode_batches, extractor_for_store, index_images, register_model
 from cbir.retrieval import Retriever, majority_vote
-from cbir.store import VectorStore
+from cbir.store import ImageRecord, VectorStore
 
 from .conftest import BREASTMNIST, ROOT, TEST_INPUT_SIZE
 
@@ -303,5 +303,23 @@ def test_killed_indexing_rerun_stores_every_image_exactly_once(where, kill, requ
         names = [record.name for _, record in store.iter_records()]
         assert len(ids) == 780 and len(names) == 780 and len(set(names)) == 780
         assert f"{780 - partial} new" in rerun.stdout, rerun.stdout
+    finally:
+        store.drop()
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(standalone_url, db_name):
+    """`cbir info | head -1`: no 'Broken pipe' error line, the shell's status for it, the store untouched."""
+    store = VectorStore(connect(standalone_url), db_name)
+    store.ensure_model("fp", {}, 2)
+    with store.writing():
+        store.add([ImageRecord(name=f"i{i}", label=f"class {i}") for i in range(3)], np.eye(3, 2, dtype=np.float32))
+    try:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), CBIR_REDIS_URL=standalone_url)
+        reader = subprocess.Popen([sys.executable, "-m", "cbir", "info", "--db_name", db_name], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        reader.stdout.close()  # before the command has started printing: its first line finds no reader
+        _, errors = reader.communicate(timeout=120)
+        assert reader.returncode == 128 + signal.SIGPIPE and errors == b""
+        assert store.count() == 3
     finally:
         store.drop()
