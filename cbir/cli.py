@@ -156,6 +156,22 @@ def _extractor_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------- add
+def _check_model_flags(args, spec) -> None:
+    """A self-describing checkpoint sets the model; flags that say otherwise are refused, not ignored."""
+    from .models import resolve_backbone
+
+    if args.extractor and resolve_backbone(args.extractor).name != spec.architecture:
+        raise CbirError(f"--extractor {args.extractor}, but {args.weights} is a checkpoint of {spec.architecture}; "
+                        "leave --extractor out (a checkpoint describes its model)")
+    if args.input_size and args.input_size != spec.input_size:
+        raise CbirError(f"--input_size {args.input_size}, but {args.weights} takes {spec.input_size} px "
+                        "images; leave --input_size out (a checkpoint describes its model)")
+    if args.num_features and args.num_features != spec.embedding_dim:
+        way_out = "a checkpoint sets its own size" if args.weights else "train a checkpoint with --num_features for another"
+        raise CbirError(f"--num_features {args.num_features}, but {args.weights or spec.description} gives "
+                        f"{spec.embedding_dim}-d vectors ({way_out})")
+
+
 def _cmd_add(args) -> int:
     from .indexing import extractor_for_store, index_images, register_model
     from .models import create_extractor
@@ -171,9 +187,7 @@ def _cmd_add(args) -> int:
                                      input_size=args.input_size, device=args.device)
     else:
         extractor = extractor_for_store(store, device=args.device)
-    if args.num_features and args.num_features != extractor.spec.embedding_dim:
-        raise CbirError(f"--num_features {args.num_features}, but {extractor.spec.description} gives "
-                        f"{extractor.spec.embedding_dim}-d vectors (a checkpoint sets its own size)")
+    _check_model_flags(args, extractor.spec)
     register_model(store, extractor, weights=args.weights, chunk_size=args.chunk_size)
     print(f"{len(items)} images from {args.path} -> '{args.db_name}' on {describe(store.client)}, "
           f"model {extractor.spec.description}, {extractor.spec.embedding_dim}-d")

@@ -60,6 +60,27 @@ def test_checkpoint_describes_itself(tmp_path):
     assert via_flags.spec.architecture == "resnet18"
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--extractor", "densenet121"], "--extractor densenet121, but {path} is a checkpoint of resnet18; leave "
+                                     "--extractor out"),
+    (["--input_size", "128"], "--input_size 128, but {path} takes 64 px images; leave --input_size out"),
+    (["--num_features", "64"], "--num_features 64, but {path} gives 32-d vectors (a checkpoint sets its own size)"),
+])
+def test_add_refuses_flags_a_checkpoint_contradicts(cli_env, db_name, tmp_path, flags, message, capsys):
+    """They were silently ignored: the user believed the database was built at 128 px."""
+    from cbir.cli import main
+    from cbir.connection import connect
+    from cbir.store import VectorStore
+
+    path = create_extractor("resnet18", input_size=64, pretrained=False, embedding_dim=32).save(tmp_path / "m.safetensors")
+    argv = ["add", "--db_name", db_name, "--path", str(BREASTMNIST), "--split", "val", "--weights", str(path)]
+    assert main(argv + flags) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message.format(path=path)}")
+    assert not VectorStore(connect(cli_env), db_name).exists
+    assert main(argv + ["--extractor", "ResNet18", "--input_size", "64", "--num_features", "32", "--quiet"]) == 0
+    VectorStore(connect(cli_env), db_name).drop()
+
+
 def test_backbone_weights_file_loads_safely(tmp_path):
     source = create_extractor("resnet18", input_size=64, pretrained=False, device="cpu")
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.backbone.state_dict().items()}},
