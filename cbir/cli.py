@@ -22,14 +22,15 @@ from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, load_items, query_items
 from .errors import CbirError
 from .files import write_text
-from .options import INDEX_KINDS, LOSSES, MEASURES, MIN_TSNE_POINTS, PICTURE_ROWS, SCHEDULERS, VOTES
+from .options import (INDEX_KINDS, LOSSES, MEASURES, MIN_TSNE_POINTS, PICTURE_ROWS, SAMPLE_COLUMNS, SCHEDULERS,
+                      VOTES)
 from .store import VectorStore
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
 
 
-def _whole(minimum: int):
-    """argparse type: a whole number of at least ``minimum``."""
+def _whole(minimum: int, maximum: int | None = None):
+    """argparse type: a whole number of at least ``minimum`` (and at most ``maximum``)."""
     def whole_number(text: str) -> int:
         try:
             value = int(text)
@@ -37,6 +38,8 @@ def _whole(minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
     return whole_number
 
@@ -634,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--out_dir", type=OUTPUT_FOLDER, default=Path("data_visualization"),
                          help="where pictures go (default: data_visualization)")
     dataset.add_argument("--name", default=None, help="file name prefix (default: the source's name)")
-    dataset.add_argument("--per_class", type=COUNT, default=6, help="sample images per class in the grid (default: 6)")
+    dataset.add_argument("--per_class", type=_whole(1, SAMPLE_COLUMNS), default=6,
+                         help=f"sample images per class in the grid (default: 6, at most {SAMPLE_COLUMNS})")
     dataset.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the sample images")
     dataset.add_argument("--quiet", action="store_true", help="no progress bar")
     dataset.set_defaults(run=_cmd_dataset)

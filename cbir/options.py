@@ -12,3 +12,6 @@ SCHEDULERS = ("cosine", "step", "exponential", "none")
 # a folder of 780 queries would draw for 3 minutes into a picture 171,600 pixels high.
 PICTURE_ROWS = 20
 MIN_TSNE_POINTS = 5  # fewer points show no structure worth a t-SNE picture
+# Images per class in a dataset's sample grid: 437 (BUSI's benign class) made a picture 176,000
+# pixels wide, 20 MB, past Pillow's decompression-bomb limit for whoever opens it.
+SAMPLE_COLUMNS = 30

@@ -80,6 +80,7 @@ def save_class_samples(items: Sequence[ImageItem], path: str | Path, per_class: 
         raise CbirError("no images to show")
     rng = random.Random(seed)
     rows = sorted(by_class)
+    per_class = min(per_class, max(len(members) for members in by_class.values()))  # no empty columns
     figure, axes = plt.subplots(len(rows), per_class, figsize=(1.6 * per_class, 1.8 * len(rows)), squeeze=False)
     for axis_row, label in zip(axes, rows):
         chosen = rng.sample(by_class[label], min(per_class, len(by_class[label])))

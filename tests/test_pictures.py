@@ -63,6 +63,8 @@ def test_dataset_overview_pictures(tmp_path):
     assert all(p.path.stat().st_size > 10_000 for p in pictures)
     grid = save_class_samples(items, tmp_path / "samples.png", per_class=5)
     assert Image.open(grid).size == (round(1.6 * 5 * 110), round(1.8 * 2 * 110))  # 2 classes, 5 columns
+    few = save_class_samples([i for i in items if i.label == items[0].label][:3], tmp_path / "few.png", per_class=30)
+    assert Image.open(few).size[0] == round(1.6 * 3 * 110)  # no empty columns beyond the largest class
 
 
 def make_retrievals(location: str) -> list[Retrieval]:
