@@ -22,8 +22,8 @@ from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, load_items, query_items
 from .errors import CbirError
 from .files import write_text
-from .options import (INDEX_KINDS, LOSSES, MEASURES, MIN_TSNE_POINTS, PICTURE_ROWS, SAMPLE_COLUMNS, SCHEDULERS,
-                      VOTES)
+from .options import (INDEX_KINDS, LOSSES, MEASURES, MIN_TSNE_POINTS, PICTURE_COLUMNS, PICTURE_ROWS,
+                      SAMPLE_COLUMNS, SCHEDULERS, VOTES)
 from .store import VectorStore
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
@@ -228,8 +228,10 @@ def _cmd_retrieve(args) -> int:
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
         picture = save_retrieval_grid(retrievals, Path(args.results_dir) / f"retrieval_{args.db_name}_{stamp}.png")
-        part = (f" (the first {PICTURE_ROWS} of {len(retrievals)} queries; --html and --json take them all)"
-                if len(retrievals) > PICTURE_ROWS else "")
+        left_out = [f"the first {PICTURE_ROWS} of {len(retrievals)} queries"] if len(retrievals) > PICTURE_ROWS else []
+        if args.nrt_neigh > PICTURE_COLUMNS:
+            left_out.append(f"the first {PICTURE_COLUMNS} of {args.nrt_neigh} neighbours")
+        part = f" ({', '.join(left_out)}; --html and --json take them all)" if left_out else ""
         print(f"\npicture: {picture}{part}")
     if args.html and retrievals:
         from .viz import save_retrieval_html
@@ -516,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "unlabelled images: all), picked at random (--seed)")
     retrieve.add_argument("--html", type=OUTPUT_FILE, default=None,
                           help=f"also write every query's row as a self-contained HTML page here (the picture "
-                               f"shows the first {PICTURE_ROWS})")
+                               f"shows the first {PICTURE_ROWS} queries, {PICTURE_COLUMNS} neighbours each)")
     retrieve.add_argument("--weights", default=None,
                           help="the database's checkpoint, if it moved since the database was built")
     retrieve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

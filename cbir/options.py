@@ -11,6 +11,8 @@ SCHEDULERS = ("cosine", "step", "exponential", "none")
 # Queries drawn in one retrieval picture: a row of 10 neighbours took 0.23 s and 95 kB (BUSI), so
 # a folder of 780 queries would draw for 3 minutes into a picture 171,600 pixels high.
 PICTURE_ROWS = 20
+# Neighbours drawn per query: 500 made a picture 93,687 pixels wide in 24 s.
+PICTURE_COLUMNS = 20
 MIN_TSNE_POINTS = 5  # fewer points show no structure worth a t-SNE picture
 # Images per class in a dataset's sample grid: 437 (BUSI's benign class) made a picture 176,000
 # pixels wide, 20 MB, past Pillow's decompression-bomb limit for whoever opens it.

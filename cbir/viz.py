@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from .data import ImageItem  # noqa: E402
 from .errors import CbirError  # noqa: E402
 from .files import write_text  # noqa: E402
-from .options import PICTURE_ROWS  # noqa: E402
+from .options import PICTURE_COLUMNS, PICTURE_ROWS  # noqa: E402
 from .retrieval import Retrieval  # noqa: E402
 
 MATCH, MISMATCH, NEUTRAL = "#2e7d32", "#c62828", "#9e9e9e"
@@ -47,11 +47,12 @@ def _panel(ax, pixels: np.ndarray | None, title: str, colour: str) -> None:
     ax.set_title(title, fontsize=8)
 
 
-def save_retrieval_grid(retrievals: Sequence[Retrieval], path: str | Path, max_rows: int = PICTURE_ROWS) -> Path:
-    """One row per query, the first ``max_rows``: the query, then its neighbours (green frame: same
-    label, red: not)."""
+def save_retrieval_grid(retrievals: Sequence[Retrieval], path: str | Path, max_rows: int = PICTURE_ROWS,
+                        max_neighbours: int = PICTURE_COLUMNS) -> Path:
+    """One row per query, the first ``max_rows``: the query, then its first ``max_neighbours``
+    neighbours (green frame: same label, red: not)."""
     retrievals = retrievals[:max_rows]
-    columns = 1 + max(len(r.neighbours) for r in retrievals)
+    columns = 1 + min(max_neighbours, max(len(r.neighbours) for r in retrievals))
     rows = len(retrievals)
     figure, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 2.0 * rows), squeeze=False)
     for axis_row, retrieval in zip(axes, retrievals):

@@ -84,6 +84,8 @@ def test_retrieval_gallery_png_and_html(tmp_path):
     assert Image.open(grid).size == (round(1.7 * 4 * 110), round(2.0 * 2 * 110))  # 2 rows of query + 3
     first = save_retrieval_grid(retrievals, tmp_path / "first.png", max_rows=1)
     assert Image.open(first).size == (round(1.7 * 4 * 110), round(2.0 * 1 * 110))
+    narrow = save_retrieval_grid(retrievals, tmp_path / "narrow.png", max_neighbours=2)
+    assert Image.open(narrow).size == (round(1.7 * 3 * 110), round(2.0 * 2 * 110))  # query + 2 of 3 neighbours
     page = save_retrieval_html(retrievals, tmp_path / "gallery.html").read_text()
     assert page.count("<section>") == 2 and page.count("<figure") == 8
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 8
