@@ -299,11 +299,11 @@ def _cmd_train_index(args) -> int:
     return 0
 
 
-def _recall_advice(kind: str, chosen_breadth: int | None, breadth: int) -> str:
-    """What would raise the recall of an index that stays under its target."""
+def _recall_advice(kind: str, given_breadth: int | None, breadth: int) -> str:
+    """What would raise the recall of an index that stays under its target at search ``breadth``."""
     if kind == "ivfpq":
         return "the PQ codes limit it (try a larger --m, or ivf)"
-    if chosen_breadth is not None:
+    if given_breadth is not None:
         return f"try a larger --nprobe than {breadth}, or leave it out to have it tuned"
     if kind == "hnsw":
         return "more search breadth stopped helping; try a larger --m"

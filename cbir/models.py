@@ -424,9 +424,6 @@ def create_extractor(name: str = "efficientnet_lite0", weights: str | Path | Non
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
-COMPUTE_DEVICES = ("cpu", "cuda", "mps", "xpu")
-
-
 def retain_freed_memory() -> None:
     """Make glibc's malloc keep freed memory for reuse instead of giving it back to the kernel.
 
@@ -445,6 +442,9 @@ def retain_freed_memory() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap between batches
 
 
+COMPUTE_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
 def _device(device: str | None) -> torch.device:
     """The torch device named (default: cuda if available, else cpu), checked to be present."""
     if not device:
@@ -459,7 +459,7 @@ def _device(device: str | None) -> torch.device:
     if chosen.type != "cpu":
         backend = getattr(torch, chosen.type)
         present = backend.device_count() if backend.is_available() else 0
-        if chosen.index is not None and chosen.index >= present or not present:
+        if not present or (chosen.index is not None and chosen.index >= present):
             raise CbirError(f"--device {device}: PyTorch {torch.__version__} sees {present} {chosen.type} "
                             f"device(s) here{', numbered from 0' if present else ''}")
     return chosen
