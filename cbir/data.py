@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -335,14 +336,24 @@ def npz_items(path: Path, split: str, project: str | None = None) -> list[ImageI
             for i, y in enumerate(labels.tolist())]
 
 
+def source_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path that exists; an empty path (it would mean the working folder) and a URL are refused."""
+    text = os.fspath(path)
+    if not text.strip():
+        raise DataSourceError("the path of the images is empty")
+    if not Path(text).exists():
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
+            raise DataSourceError(f"{text}: a URL; download the file and give its path")
+        raise DataSourceError(f"{text}: no such file or folder")
+    return Path(text)
+
+
 def load_items(path: str | os.PathLike, split: str = "train", project: str | None = None,
                projects_in_names: bool = False, label: str | None = None) -> list[ImageItem]:
     """The items of a folder, a ``.npz`` split, or a single image file. ``label``: the class of
     every image of a folder or of the single file (default: a file's folder name; a folder's
     class sub-folders); an ``.npz`` carries its own labels."""
-    path = Path(path)
-    if not path.exists():
-        raise DataSourceError(f"{path}: no such file or folder")
+    path = source_path(path)
     if path.is_dir():
         return folder_items(path, project, projects_in_names, label)
     if path.suffix == ".npz":
@@ -381,7 +392,7 @@ def query_items(path: str | os.PathLike, split: str = "train", seed: int = 0, co
     sub-folders holds unlabelled queries (new cases, say): every image, or ``count`` random ones.
     An image file is the one query; its folder is no label of it.
     """
-    path = Path(path)
+    path = source_path(path)
     if path.is_dir() and not class_folders(path):
         items = folder_items(path, project="", label="")
         if count is not None:

@@ -131,6 +131,21 @@ def test_empty_sources_are_clear_errors(tmp_path):
         load_items(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("path,message", [
+    ("", "^the path of the images is empty$"),  # Path("") is the working folder: it was read whole
+    ("  ", "^the path of the images is empty$"),
+    ("https://example.org/scan.png", "^https://example.org/scan.png: a URL; download the file and give its path$"),
+    ("no/such//scan.png", "^no/such//scan.png: no such file or folder$"),  # named as given
+])
+def test_paths_that_name_no_source_are_one_error(path, message, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"")
+    for read in (load_items, query_items):
+        with pytest.raises(DataSourceError, match=message):
+            read(path)
+
+
 def test_npz_source_reads_medmnist_files():
     items = npz_items(BREASTMNIST, "test")
     assert len(items) == 156 and items[0].name == "test/000"
