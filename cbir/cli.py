@@ -22,8 +22,8 @@ from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, load_items, query_items
 from .errors import CbirError
 from .files import write_text
-from .options import (INDEX_KINDS, LOSSES, MEASURES, MIN_TSNE_POINTS, PICTURE_COLUMNS, PICTURE_ROWS,
-                      SAMPLE_COLUMNS, SCHEDULERS, VOTES)
+from .options import (INDEX_KINDS, LOSSES, MAX_EMBEDDING_DIM, MEASURES, MIN_TSNE_POINTS, PICTURE_COLUMNS,
+                      PICTURE_ROWS, SAMPLE_COLUMNS, SCHEDULERS, VOTES)
 from .store import VectorStore
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
@@ -578,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no_pretrained", action="store_true", help="start from random weights")
     train.add_argument("--input_size", type=COUNT, default=None, help="image side in pixels (default: the backbone's)")
     train.add_argument("--loss", default="margin", choices=LOSSES, help="metric-learning loss (default: margin)")
-    train.add_argument("--num_features", type=COUNT, default=128, help="embedding size (default: 128)")
+    train.add_argument("--num_features", type=_whole(1, MAX_EMBEDDING_DIM), default=128,
+                       help=f"embedding size (default: 128, at most {MAX_EMBEDDING_DIM})")
     train.add_argument("--num_epochs", type=COUNT, default=10, help="epochs (default: 10)")
     train.add_argument("--batch_size", type=COUNT, default=32, help="images per batch (default: 32)")
     train.add_argument("--m_per_class", type=COUNT, default=4, help="images per class in a batch (default: 4)")

@@ -17,3 +17,6 @@ MIN_TSNE_POINTS = 5  # fewer points show no structure worth a t-SNE picture
 # Images per class in a dataset's sample grid: 437 (BUSI's benign class) made a picture 176,000
 # pixels wide, 20 MB, past Pillow's decompression-bomb limit for whoever opens it.
 SAMPLE_COLUMNS = 30
+# Embedding size of a trained head: --num_features 1000000 (a slip for 1000) asked for a 5 GB head
+# and its optimiser state, and the kernel killed training on 24 GiB; metric learning uses 64-2048.
+MAX_EMBEDDING_DIM = 8192

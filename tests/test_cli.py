@@ -24,6 +24,8 @@ from cbir.errors import CbirError
     (["evaluate", "--db_name", "d", "--k", "1", "0"], "--k: must be at least 1, got 0"),
     (["tsne", "--db_name", "d", "--max_points", "4"], "--max_points: must be at least 5, got 4"),
     (["dataset", "--path", "p", "--per_class", "31"], "--per_class: must be at most 30, got 31"),
+    (["train", "--training_data", "t", "--weights", "w", "--num_features", "1000000"],
+     "--num_features: must be at most 8192, got 1000000"),
 ])
 def test_bad_numbers_are_refused_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
