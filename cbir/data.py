@@ -336,6 +336,12 @@ def npz_items(path: Path, split: str, project: str | None = None) -> list[ImageI
             for i, y in enumerate(labels.tolist())]
 
 
+def some_labels(labels, shown: int = 5) -> str:
+    """The distinct labels, sorted and quoted (labels may hold commas), the first ``shown`` of them."""
+    names = sorted(set(map(str, labels)))
+    return ", ".join(repr(name) for name in names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
 def source_path(path: str | os.PathLike) -> Path:
     """``path`` as a Path that exists; an empty path (it would mean the working folder) and a URL are refused."""
     text = os.fspath(path)

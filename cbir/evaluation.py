@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
-from .data import ImageItem, per_class_in_turn
+from .data import ImageItem, per_class_in_turn, some_labels
 from .errors import CbirError, DataSourceWarning
 from .options import MEASURES, VOTES
 from .index import SearchIndex
@@ -558,11 +558,6 @@ def check_protocol_options(measures: Sequence[str], options: ProtocolOptions, wi
         raise CbirError("--exclude_classes applies to --measure remove only; add remove to --measure")
 
 
-def _some(labels: np.ndarray, shown: int = 5) -> str:
-    names = sorted(set(map(str, labels.tolist())))
-    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
-
-
 def run_protocols(measures: Sequence[str], support: Support, queries: Queries | None, index: SearchIndex,
                   settings: EvaluationSettings, options: ProtocolOptions,
                   store: VectorStore | None = None) -> list[ProtocolResult]:
@@ -575,8 +570,9 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
     if len(support) < 2:
         raise CbirError(f"the database holds {len(support)} image(s); protocols need at least 2")
     if queries is not None and not np.isin(queries.labels, support.labels).any():
-        warnings.warn(f"no query label ({_some(queries.labels)}) is among the stored labels ({_some(support.labels)}): "
-                      "every hit rate is 0; are the queries from another dataset?", DataSourceWarning, stacklevel=2)
+        warnings.warn(f"no query label ({some_labels(queries.labels.tolist())}) is among the stored labels "
+                      f"({some_labels(support.labels.tolist())}): every hit rate is 0; are the queries from "
+                      "another dataset?", DataSourceWarning, stacklevel=2)
     own = Queries.of_support(support)
     asked = queries if queries is not None else own
     ranking = rank_all(index, support, asked, store) if set(measures) - set(SUPPORT_MEASURES) else None

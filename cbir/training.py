@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .data import ImageItem, check_header, class_folders, load_items, printable
+from .data import ImageItem, check_header, class_folders, load_items, printable, some_labels
 from .errors import CbirError, ImageError
 from .files import written_whole
 from .models import Extractor, create_extractor
@@ -142,6 +142,10 @@ def split_training_data(config: TrainConfig) -> tuple[list[ImageItem], list[Imag
             else:
                 advice += " (classes of 2 images or fewer give none to validation)"
         raise CbirError(f"{config.training_data}: no validation images; {advice}")
+    shared = {item.label for item in validation} & set(counts)
+    if not shared:  # every validation image would count as a miss: the best epoch would be chance
+        raise CbirError(f"{config.validation_data}: no validation class is a training class (validation: "
+                        f"{some_labels(item.label for item in validation)}; training: {some_labels(counts)})")
     return train, validation, unseen
 
 

@@ -229,8 +229,8 @@ def test_remove_and_its_classes_go_together(measures, excluded, message):
 def test_queries_that_share_no_label_with_the_database_are_pointed_out():
     support, queries = clustered_case()
     strangers = replace(queries, labels=np.array(["grade 0", "grade 1"] * (len(queries) // 2), dtype=object))
-    with pytest.warns(DataSourceWarning, match=r"^no query label \(grade 0, grade 1\) is among the stored labels "
-                                               r"\(a, b, c\): every hit rate is 0"):
+    with pytest.warns(DataSourceWarning, match=r"^no query label \('grade 0', 'grade 1'\) is among the stored "
+                                               r"labels \('a', 'b', 'c'\): every hit rate is 0"):
         result = run_protocols(["all"], support, strangers, SearchIndex.exact(support.ids, support.vectors),
                                EvaluationSettings(), ProtocolOptions())
     assert result[0].rows[0]["top1"] == 0.0

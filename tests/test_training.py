@@ -138,6 +138,14 @@ def test_no_validation_images_says_which_flag_would_give_some(tmp_path):
         split_training_data(TrainConfig(training_data=str(tmp_path), out_dir="", val_fraction=0.5))
 
 
+def test_validation_data_without_a_training_class_is_refused():
+    """RetinaMNIST's grades cannot validate BreastMNIST's classes: every epoch would score 0."""
+    config = TrainConfig(training_data=str(BREASTMNIST), out_dir="", validation_data=str(SHARED_DATA / "retinamnist.npz"))
+    with pytest.raises(CbirError, match=r"retinamnist.npz: no validation class is a training class \(validation: "
+                                        r"'0', '1', '2', '3', '4'; training: 'malignant', 'normal, benign'\)$"):
+        split_training_data(config)
+
+
 def test_generalise_keeps_classes_unseen():
     config = TrainConfig(training_data=str(SHARED_DATA / "mednist_12k.npz"), out_dir="", generalise=True, seed=3)
     train, validation, unseen = split_training_data(config)
