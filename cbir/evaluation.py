@@ -569,7 +569,10 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
     check_protocol_options(measures, options, with_queries=queries is not None)
     if len(support) < 2:
         raise CbirError(f"the database holds {len(support)} image(s); protocols need at least 2")
-    if queries is not None and not np.isin(queries.labels, support.labels).any():
+    if len(set(support.labels.tolist())) == 1:
+        warnings.warn(f"the database holds one class ({some_labels(support.labels.tolist())}): every neighbour has "
+                      "it, so the hit rates say nothing about retrieval", DataSourceWarning, stacklevel=2)
+    elif queries is not None and not np.isin(queries.labels, support.labels).any():
         warnings.warn(f"no query label ({some_labels(queries.labels.tolist())}) is among the stored labels "
                       f"({some_labels(support.labels.tolist())}): every hit rate is 0; are the queries from "
                       "another dataset?", DataSourceWarning, stacklevel=2)

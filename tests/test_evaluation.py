@@ -226,7 +226,7 @@ def test_remove_and_its_classes_go_together(measures, excluded, message):
                       EvaluationSettings(), ProtocolOptions(exclude_classes=excluded))
 
 
-def test_queries_that_share_no_label_with_the_database_are_pointed_out():
+def test_hit_rates_that_say_nothing_are_pointed_out():
     support, queries = clustered_case()
     strangers = replace(queries, labels=np.array(["grade 0", "grade 1"] * (len(queries) // 2), dtype=object))
     with pytest.warns(DataSourceWarning, match=r"^no query label \('grade 0', 'grade 1'\) is among the stored "
@@ -234,6 +234,10 @@ def test_queries_that_share_no_label_with_the_database_are_pointed_out():
         result = run_protocols(["all"], support, strangers, SearchIndex.exact(support.ids, support.vectors),
                                EvaluationSettings(), ProtocolOptions())
     assert result[0].rows[0]["top1"] == 0.0
+    one_class = replace(support, labels=np.full(len(support), "a", dtype=object))
+    with pytest.warns(DataSourceWarning, match=r"^the database holds one class \('a'\): every neighbour has it"):
+        run_protocols(["loo"], one_class, None, SearchIndex.exact(support.ids, support.vectors),
+                      EvaluationSettings(), ProtocolOptions())
 
 
 # ---------------------------------------------------------------- reports
