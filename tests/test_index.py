@@ -97,6 +97,8 @@ def test_too_few_vectors_for_pq_codes_is_an_error_not_a_faiss_traceback():
 
 @pytest.mark.parametrize("kind,options,message", [
     ("hnsw", {"m": 1}, "--m 1: an hnsw index needs at least 2 links per node"),  # FAISS segfaults on M=1
+    ("hnsw", {"m": 100_000}, r"--m 100000: an hnsw index takes at most 256 links per node \(16-64 is usual; "
+                             r"memory grows with them\)"),
     ("hnsw", {"nlist": 4}, "--nlist applies to the ivf and ivfpq indexes, not hnsw"),
     ("flat", {"nlist": 4}, "--nlist applies to the ivf and ivfpq indexes, not flat"),
     ("ivf", {"m": 4}, "--m applies to the ivfpq and hnsw indexes, not ivf"),
