@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import logging
 import platform
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -364,6 +365,25 @@ def _strip_prefixes(state: dict[str, torch.Tensor], reference: dict[str, torch.T
     return state
 
 
+def _download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:
+    """timm's ImageNet-pretrained ``backbone``, from the Hugging Face Hub or its cache."""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its line per retry; the reason is in our one line
+    try:
+        return timm.create_model(backbone.timm_name, pretrained=True, num_classes=0,
+                                 **({"img_size": input_size} if backbone.fixed_input_size else {}))
+    except Exception as exc:
+        reason = exc
+        while reason.__cause__ or reason.__context__:  # the network's own words, under the hub's
+            reason = reason.__cause__ or reason.__context__
+        raise ModelError(f"cannot download ImageNet weights for {backbone.name} from the Hugging Face Hub "
+                         f"({type(reason).__name__}: {str(reason).splitlines()[0] if str(reason) else 'no reason'}); "
+                         "without internet pass --weights FILE, or use efficientnet_lite0 (packaged weights)") from exc
+    finally:
+        hub_log.setLevel(level)
+
+
 def create_extractor(name: str = "efficientnet_lite0", weights: str | Path | None = None,
                      input_size: int | None = None, pretrained: bool = True,
                      embedding_dim: int | None = None, device: str | None = None,
@@ -398,14 +418,7 @@ def create_extractor(name: str = "efficientnet_lite0", weights: str | Path | Non
         module.load_state_dict(backbone.offline_weights())
         source = "imagenet"
     elif pretrained:
-        try:
-            module = timm.create_model(backbone.timm_name, pretrained=True, num_classes=0,
-                                       **({"img_size": size} if backbone.fixed_input_size else {}))
-        except Exception as exc:
-            raise ModelError(
-                f"cannot download ImageNet weights for {backbone.name} ({type(exc).__name__}); "
-                "without internet pass --weights FILE, or use efficientnet_lite0 (packaged weights)"
-            ) from exc
+        module = _download_pretrained(backbone, size)
         source = "imagenet"
     else:
         source = "random"

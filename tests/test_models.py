@@ -116,7 +116,9 @@ def test_a_backbone_without_offline_weights_fails_clearly_when_offline(monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # read once at import: without this the hub tries the network first (46 s here, no internet)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelError, match="cannot download ImageNet weights for resnet18"):
+    with pytest.raises(ModelError, match=r"^cannot download ImageNet weights for resnet18 from the Hugging Face Hub "
+                                         r"\(OfflineModeIsEnabled: Cannot reach https://huggingface.co/.*\); without "
+                                         r"internet pass --weights FILE"):
         create_extractor("resnet18", input_size=64)
 
 
