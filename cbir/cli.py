@@ -323,7 +323,7 @@ def _cmd_train(args) -> int:
         beta_lr=args.beta_lr, decay=args.decay, scheduler=args.scheduler, step_size=args.step_size,
         gamma=args.gamma, freeze=args.freeze, dr_model=args.dr_model, head_init=args.head_init, knn_weighting=args.knn_weighting, knn_boost=args.knn_boost,
         generalise=args.generalise, train_classes=args.train_classes, seed=args.seed, workers=args.workers,
-        device=args.device, max_batches=args.max_batches, resume=args.load)
+        device=args.device, max_batches=args.max_batches, resume=args.load, overwrite=args.overwrite)
     report = train_extractor(config, progress=not args.quiet)
     best = report.best_metrics
     mean_epoch = sum(report.epoch_seconds) / max(len(report.epoch_seconds), 1)
@@ -610,11 +610,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=NON_NEGATIVE, default=None, help="decoding processes (default: min(4, cores))")
     train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     train.add_argument("--max_batches", type=COUNT, default=None, help="batches per epoch at most (quick runs)")
-    train.add_argument("--load", "--resume", dest="load", action="store_true",
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--load", "--resume", dest="load", action="store_true",
                        help="resume the run in --weights from its last finished epoch; a larger "
                             "--num_epochs trains on, the learning-rate schedule stretched to it; the flags that "
                             "shape the model (--model, --input_size, --num_features, --loss, --optimizer, "
                             "--freeze, --dr_model) and the classes must stay as they were")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --weights (without it or --load, a folder holding "
+                            "checkpoints is refused: databases built with them find them there)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(run=_cmd_train)
 

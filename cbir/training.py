@@ -42,6 +42,7 @@ from .options import LOSSES, SCHEDULERS
 SAMPLE_ANCHORED = ("margin", "triplet", "contrastive", "ntxent", "normsoftmax", "arcface", "cross_entropy")
 # Losses that compare the samples of a batch with each other: a batch of one class has no negatives.
 PAIR_LOSSES = ("margin", "triplet", "contrastive", "ntxent")
+RUN_FILES = ("best.safetensors", "last.safetensors", "state.pt")  # what a run leaves in its folder
 CLASSIFIER_SCALE = 16.0  # logits = scale * cosine(embedding, class weight) for the cross-entropy head
 
 
@@ -80,6 +81,7 @@ class TrainConfig:
     device: str | None = None
     max_batches: int | None = None  # per epoch, for quick runs
     resume: bool = False
+    overwrite: bool = False  # replace a finished or interrupted run in out_dir
 
     def check(self) -> None:
         if self.loss not in LOSSES:
@@ -370,6 +372,12 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
     config.check()
     _seed_everything(config.seed)
     out = Path(config.out_dir)
+    previous = [name for name in RUN_FILES if (out / name).exists()]
+    if previous and not (config.resume or config.overwrite):
+        # A database built with best.safetensors finds it by path: replacing it silently would
+        # leave that database unable to rebuild its extractor.
+        raise CbirError(f"{out} holds a training run ({', '.join(previous)}): --load resumes it, --overwrite "
+                        "replaces it, or give another --weights folder")
     out.mkdir(parents=True, exist_ok=True)
     train_items, validation_items, unseen = split_training_data(config)
     class_names = sorted({item.label for item in train_items})
@@ -422,7 +430,8 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
         if config.resume:
             warnings.warn(f"--load: {state_path} does not exist, so training starts afresh")
         log_path.unlink(missing_ok=True)
-    training_notes = {k: v for k, v in asdict(config).items() if k not in ("out_dir", "workers", "device", "resume")}
+    training_notes = {k: v for k, v in asdict(config).items()
+                      if k not in ("out_dir", "workers", "device", "resume", "overwrite")}
     report = TrainReport(best=out / "best.safetensors", last=out / "last.safetensors", log=log_path,
                          curves=out / "curves.png", best_epoch=best_epoch, best_metrics=best_metrics,
                          unseen_classes=unseen)

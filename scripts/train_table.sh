@@ -24,7 +24,7 @@ while read -r set size loss epochs; do
     out=results/trained/$set
     python train_extractor.py --training_data "$DATA/$set.npz" --model efficientnet_lite0 --input_size $size \
         --loss $loss --num_features 128 --num_epochs $epochs --batch_size 32 --freeze --lr 1e-3 --knn_weighting \
-        --weights $out --quiet
+        --weights $out --overwrite --quiet
     read -r per_epoch best <<< "$(python -c "import csv; a=list(csv.DictReader(open('$out/log.csv'))); r=a[1:]; b=max(a, key=lambda x: (float(x['precision_at_1']), float(x['mean_average_precision_at_r']))); print(f\"{sum(float(x['seconds']) for x in r)/len(r):.0f} {b['epoch']}\")")"
     python add_images.py --db_name ${set}_frozen$size --path "$DATA/$set.npz" --split train --input_size $size --rewrite --quiet > /dev/null
     python add_images.py --db_name ${set}_trained --path "$DATA/$set.npz" --split train --weights $out/best.safetensors --rewrite --quiet > /dev/null

@@ -103,6 +103,19 @@ def test_bad_training_data_is_refused(tmp_path):
         TrainConfig(training_data="", out_dir="", loss="magic").check()
 
 
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_replaced(tmp_path):
+    """A second run into the same --weights silently replaced the checkpoints a database was built with."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(b"a database's checkpoint")
+    with pytest.raises(CbirError, match=rf"^{run} holds a training run \(best.safetensors\): --load resumes it, "
+                                        r"--overwrite replaces it, or give another --weights folder$"):
+        train_extractor(quick_config(run), progress=False)
+    assert (run / "best.safetensors").read_bytes() == b"a database's checkpoint"
+    report = train_extractor(quick_config(run, num_epochs=1, overwrite=True), progress=False)
+    assert load_checkpoint(report.best).spec.architecture == "efficientnet_lite0"
+
+
 @pytest.mark.parametrize("changes,message", [
     # MPerClassSampler would fill each batch with one class: a pair loss then has no negatives.
     ({"batch_size": 8, "m_per_class": 100}, "--batch_size 8 holds one class of --m_per_class 100 images, and the "
