@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--chunk_size", type=COUNT, default=None,
                      help="vectors per Redis chunk key of a new database (default: what fits in 512 KiB)")
     add.add_argument("--quiet", action="store_true", help="no progress bar")
-    add.set_defaults(run=_cmd_add)
+    add.set_defaults(run=_cmd_add, after_stop="what was stored is kept; re-run the same command to add the rest")
 
     retrieve = commands.add_parser("retrieve", help="find the stored images most similar to a query",
                                    description="Print the nearest stored images of a query image (or of one "
@@ -533,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arguments(remove)
     remove.add_argument("--name", nargs="+", default=[], help="image names (as stored, e.g. benign/x.png)")
     remove.add_argument("--label", nargs="+", default=[], help="remove every image of these labels")
-    remove.set_defaults(run=_cmd_remove)
+    remove.set_defaults(run=_cmd_remove, after_stop="what was removed stays removed; re-run the same command "
+                                                  "to remove the rest")
 
     train_index = commands.add_parser("train-index", help="train a FAISS index for approximate search",
                                       description="Read the database's vectors, train a FAISS index (cosine "
@@ -558,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="delete the trained index (searches become exact)")
     train_index.add_argument("--json", type=OUTPUT_FILE, default=None,
                              help="also write the report as JSON to this file")
-    train_index.set_defaults(run=_cmd_train_index)
+    train_index.set_defaults(run=_cmd_train_index, after_stop="the index trained before, if any, is kept")
 
     train = commands.add_parser("train", help="train a metric-learned feature extractor",
                                 description="Fine-tune a backbone with an embedding head so images of the same "
@@ -620,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace the run already in --weights (without it or --load, a folder holding "
                             "checkpoints is refused: databases built with them find them there)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
-    train.set_defaults(run=_cmd_train)
+    train.set_defaults(run=_cmd_train, after_stop="the checkpoints of the last finished epoch are kept; re-run the "
+                                                "same command with --load to resume")
 
     tsne = commands.add_parser("tsne", help="t-SNE picture of a database's vectors",
                                description="2-D t-SNE (PCA to 50 dims first) of the stored vectors, coloured by "
@@ -722,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, interrupts.Terminated) as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
-        print(f"{reason}: what was stored is kept; re-run the same command to continue", file=sys.stderr)
+        print(f"{reason}: {getattr(args, 'after_stop', 'no database was changed')}", file=sys.stderr)
         return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
 
 

@@ -101,3 +101,19 @@ def test_a_groups_csv_that_is_no_two_column_text_is_one_error(tmp_path, content,
     path.write_bytes(content)
     with pytest.raises(CbirError, match=rf"^{path}: {re.escape(message)}$"):
         cli._read_mapping(str(path), "groups")
+
+
+@pytest.mark.parametrize("argv,advice", [
+    # Re-running the same train command is refused now that its folder holds a run.
+    (["train", "--training_data", "t", "--weights", "w"],
+     "the checkpoints of the last finished epoch are kept; re-run the same command with --load to resume"),
+    (["add", "--db_name", "d", "--path", "p"], "what was stored is kept; re-run the same command to add the rest"),
+    (["info", "--db_name", "d"], "no database was changed"),
+])
+def test_an_interrupted_command_says_what_to_do_next(argv, advice, monkeypatch, capsys):
+    def stopped_by_ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"_cmd_{argv[0]}", stopped_by_ctrl_c)
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted: {advice}"
