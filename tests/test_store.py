@@ -375,6 +375,23 @@ def test_a_server_left_by_a_killed_command_is_stopped_by_the_next_without_leavin
     assert not _runtime_folders_serving(tmp_path)
 
 
+def test_commands_starting_at_once_share_one_server_and_one_database(tmp_path):
+    """Two `add` runs started together each started a redis-server on the same append-only file,
+    and the second read the half-created database as 'written by an older cbir'."""
+    script = ("import sys, time; from cbir.connection import connect; from cbir.store import VectorStore; "
+              "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); client = connect(home=sys.argv[1]); "
+              "VectorStore(client, 'db').ensure_model('fp', {}, 4); "
+              "print(client.info('server')['process_id'], flush=True); time.sleep(2)")
+    start = time.time() + 3  # all imports done: the starts race
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(start)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [run.communicate(timeout=60) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], [err for _, err in outputs]
+    servers = {int(out.split()[-1]) for out, _ in outputs}
+    assert len(servers) == 1, f"{len(servers)} servers on one append-only file"
+    assert not _runtime_folders_serving(tmp_path)
+
+
 def test_scratch_leaves_no_server_and_no_folder_behind():
     with scratch() as client:
         server = client.info("server")["process_id"]
