@@ -13,6 +13,8 @@ import os
 import re
 import urllib.request
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -287,17 +289,25 @@ def _npz_split(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return _read_npz_split(path, split, version.st_mtime_ns, version.st_size)
 
 
+def _npz_archive(path: str) -> np.lib.npyio.NpzFile:
+    archive = np.load(path, allow_pickle=False)
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # np.load reads a .npy whatever its name
+        raise DataSourceError(f"{path}: one .npy array, not an .npz of named arrays (train_images, "
+                              "train_labels, ...)")
+    return archive
+
+
 @lru_cache(maxsize=8)
 def _read_npz_split(path: str, split: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with _npz_archive(path) as archive:
             if f"{split}_images" not in archive:
                 present = sorted(k[: -len("_images")] for k in archive.files if k.endswith("_images"))
                 raise DataSourceError(f"{path}: no split '{split}' (has: {', '.join(present) or 'none'})")
             if f"{split}_labels" not in archive:
                 raise DataSourceError(f"{path}: {split}_images has no {split}_labels beside it")
             images, labels = archive[f"{split}_images"], archive[f"{split}_labels"]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # cut short, damaged
         raise DataSourceError(f"{path}: not a MedMNIST-style .npz ({exc})") from exc
     if labels.ndim > 2 or (labels.ndim == 2 and labels.shape[1] != 1):
         raise DataSourceError(f"{path}: {split}_labels has shape {labels.shape}; one class per image is needed, "
@@ -306,7 +316,7 @@ def _read_npz_split(path: str, split: str, mtime_ns: int, size: int) -> tuple[np
 
 
 def npz_class_names(path: Path) -> list[str] | None:
-    with np.load(path, allow_pickle=False) as archive:
+    with _npz_archive(str(path)) as archive:
         if "classes" in archive.files:
             return [str(c) for c in archive["classes"]]
     return MEDMNIST_CLASSES.get(path.stem.split("_")[0])

@@ -218,6 +218,40 @@ def test_npz_images_of_every_layout_and_number_type(tmp_path):
         assert (pixels[..., 0] == pixels[..., 1]).all() == (images.ndim == 3)
 
 
+def _damaged(good: bytes, how: str) -> bytes:
+    if how == "not a zip":
+        return b"PK\x03\x04 and nothing else"
+    if how == "cut short":
+        return good[: len(good) // 2]
+    damaged = bytearray(good)
+    damaged[200:208] = b"\xff" * 8  # inside the deflated images: zlib itself refuses the stream
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize("how,reason", [
+    ("not a zip", "not a MedMNIST-style .npz \\(File is not a zip file\\)"),
+    ("cut short", "not a MedMNIST-style .npz \\(File is not a zip file\\)"),
+    ("flipped bytes", "not a MedMNIST-style .npz \\(Error -3 while decompressing data"),  # was a zlib.error traceback
+])
+def test_a_damaged_npz_is_one_error(tmp_path, how, reason):
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, train_images=np.random.default_rng(0).integers(0, 255, (50, 28, 28), np.uint8),
+                        train_labels=np.zeros((50, 1), np.uint8))
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(_damaged(good.read_bytes(), how))
+    with pytest.raises(DataSourceError, match=f"^{damaged}: {reason}"):
+        load_items(damaged)
+
+
+def test_a_npy_named_npz_is_one_error(tmp_path):
+    """np.load reads a .npy whatever its name: a TypeError traceback before."""
+    path = tmp_path / "images.npz"
+    with open(path, "wb") as handle:
+        np.save(handle, np.zeros((4, 8, 8), np.uint8))
+    with pytest.raises(DataSourceError, match=r"images.npz: one .npy array, not an .npz of named arrays"):
+        load_items(path)
+
+
 @pytest.mark.parametrize("shape,dtype,reason", [
     ((2, 3, 8, 8), np.uint8, r"shape \(2, 3, 8, 8\).*channels first\? np.moveaxis\(images, 1, -1\)"),
     ((2, 8, 8, 2), np.uint8, r"shape \(2, 8, 8, 2\); expected N images of shape \(H, W\) or \(H, W, C\) with C = 1, 3 or 4$"),
