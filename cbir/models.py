@@ -309,6 +309,10 @@ def _load_failure(path: Path, exc: Exception) -> str:
 
 def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], ExtractorSpec | None]:
     """Tensors and, for a cbir checkpoint, its spec; never unpickles arbitrary objects."""
+    if path.is_dir():
+        best = path / "best.safetensors"
+        hint = f"; its best checkpoint is {best}" if best.is_file() else ""
+        raise ModelError(f"{path}: a folder, not a weights file{hint}")
     if not path.is_file():
         raise ModelError(f"{path}: no such weights file")
     try:

@@ -108,6 +108,11 @@ def test_backbone_weights_file_loads_safely(tmp_path):
         create_extractor("resnet18", weights=tmp_path / "junk.safetensors")
     with pytest.raises(ModelError, match="no such weights file"):
         create_extractor("resnet18", weights=tmp_path / "missing.pth")
+    (tmp_path / "run").mkdir()  # a training run's folder given for its checkpoint
+    (tmp_path / "run" / "best.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match=rf"run: a folder, not a weights file; its best checkpoint is "
+                                         rf"{tmp_path / 'run' / 'best.safetensors'}$"):
+        create_extractor("resnet18", weights=tmp_path / "run")
 
 
 def test_a_backbone_without_offline_weights_fails_clearly_when_offline(monkeypatch):
