@@ -60,6 +60,10 @@ class Support:
     def from_store(cls, store: VectorStore, groups: dict[str, str] | None = None) -> "Support":
         ids, vectors, records = store.load_with_records()
         names = _objects(r.name for r in records)
+        if groups and len(names) and not any(name in groups for name in names):
+            warnings.warn(f"--groups names no stored image (its first name is {next(iter(groups))!r}; stored names "
+                          f"look like {names[0]!r}): no neighbour is skipped for a shared group", DataSourceWarning,
+                          stacklevel=2)
         return cls(ids=ids, labels=_objects(r.label for r in records), projects=_objects(r.project for r in records),
                    sha256=_objects(r.sha256 for r in records), names=names, vectors=vectors,
                    groups=_groups_of(names, groups))

@@ -277,6 +277,9 @@ def test_loo_on_the_store_excludes_groups(store):
     assert leave_one_out(store)["top1"] == 0.0  # each twin is the other class
     groups = {f"img{i}": f"patient{i // 2}" for i in range(6)}
     assert leave_one_out(store, groups=groups)["queries"] == 6
+    with pytest.warns(DataSourceWarning, match=r"^--groups names no stored image \(its first name is 'scan0.png'; "
+                                               r"stored names look like 'img0'\)"):
+        assert leave_one_out(store, groups={"scan0.png": "patient0"})["top1"] == 0.0  # nothing skipped
 
 
 def test_cli_protocols_into_excel_on_real_images(cli_env, db_name, tmp_path, capsys):
