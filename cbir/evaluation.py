@@ -573,6 +573,9 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
     check_protocol_options(measures, options, with_queries=queries is not None)
     if len(support) < 2:
         raise CbirError(f"the database holds {len(support)} image(s); protocols need at least 2")
+    if settings.project_groups and len(support) and not set(support.projects.tolist()) & set(settings.project_groups):
+        warnings.warn(f"--project_groups names no stored project (stored: {some_labels(support.projects.tolist())}): "
+                      "'similar project' hits count the same project only", DataSourceWarning, stacklevel=2)
     if len(set(support.labels.tolist())) == 1:
         warnings.warn(f"the database holds one class ({some_labels(support.labels.tolist())}): every neighbour has "
                       "it, so the hit rates say nothing about retrieval", DataSourceWarning, stacklevel=2)

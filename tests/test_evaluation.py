@@ -234,6 +234,9 @@ def test_hit_rates_that_say_nothing_are_pointed_out():
         result = run_protocols(["all"], support, strangers, SearchIndex.exact(support.ids, support.vectors),
                                EvaluationSettings(), ProtocolOptions())
     assert result[0].rows[0]["top1"] == 0.0
+    with pytest.warns(DataSourceWarning, match=r"^--project_groups names no stored project \(stored: 'p'\)"):
+        run_protocols(["all"], support, queries, SearchIndex.exact(support.ids, support.vectors),
+                      EvaluationSettings(project_groups={"other": "g"}), ProtocolOptions())
     one_class = replace(support, labels=np.full(len(support), "a", dtype=object))
     with pytest.warns(DataSourceWarning, match=r"^the database holds one class \('a'\): every neighbour has it"):
         run_protocols(["loo"], one_class, None, SearchIndex.exact(support.ids, support.vectors),
