@@ -170,7 +170,8 @@ def _check_model_flags(args, spec) -> None:
         raise CbirError(f"--input_size {args.input_size}, but {args.weights} takes {spec.input_size} px "
                         "images; leave --input_size out (a checkpoint describes its model)")
     if args.num_features and args.num_features != spec.embedding_dim:
-        way_out = "a checkpoint sets its own size" if args.weights else "train a checkpoint with --num_features for another"
+        way_out = ("a checkpoint sets its own size" if args.weights
+                   else "train a checkpoint with --num_features for another")
         raise CbirError(f"--num_features {args.num_features}, but {args.weights or spec.description} gives "
                         f"{spec.embedding_dim}-d vectors ({way_out})")
 

@@ -349,7 +349,8 @@ def npz_items(path: Path, split: str, project: str | None = None) -> list[ImageI
 def some_labels(labels, shown: int = 5) -> str:
     """The distinct labels, sorted and quoted (labels may hold commas), the first ``shown`` of them."""
     names = sorted(set(map(str, labels)))
-    return ", ".join(repr(name) for name in names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(repr(name) for name in names[:shown]) + more
 
 
 def source_path(path: str | os.PathLike) -> Path:

@@ -381,9 +381,10 @@ def _download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:
         reason = exc
         while reason.__cause__ or reason.__context__:  # the network's own words, under the hub's
             reason = reason.__cause__ or reason.__context__
+        words = (str(reason).splitlines() or ["no reason given"])[0]
         raise ModelError(f"cannot download ImageNet weights for {backbone.name} from the Hugging Face Hub "
-                         f"({type(reason).__name__}: {str(reason).splitlines()[0] if str(reason) else 'no reason'}); "
-                         "without internet pass --weights FILE, or use efficientnet_lite0 (packaged weights)") from exc
+                         f"({type(reason).__name__}: {words}); without internet pass --weights FILE, or use "
+                         "efficientnet_lite0 (packaged weights)") from exc
     finally:
         hub_log.setLevel(level)
 
