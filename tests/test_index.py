@@ -139,6 +139,22 @@ def test_recall_counts_shared_neighbours():
     assert recall_at(np.array([[1, 0, 0], [4, 0, 0]]), truth, 1) == 1.0
 
 
+def test_recall_counts_a_tied_duplicate_as_found():
+    """Exact search lists one of two identical images; the index may return the other."""
+    vectors = clustered(200, 8)
+    vectors = np.concatenate([vectors, vectors[:50]])  # 50 images stored twice under other ids
+    ids = np.arange(250) * 2
+    exact = SearchIndex.exact(ids, vectors)
+    queries = vectors[:50] + 0.01
+    truth_scores, truth = exact.search(queries, 1)
+    twins = np.where(truth == ids[:50, None], ids[200:250, None], ids[:50, None])  # the other copy of each
+    assert recall_at(twins, truth, 1) == 0.0  # by id: every answer a miss
+    found_scores = exact.similarities(queries, twins)
+    np.testing.assert_allclose(found_scores, truth_scores, atol=1e-6)
+    assert recall_at(twins, truth, 1, found_scores, truth_scores) == 1.0
+    assert exact.similarities(queries[:1], np.array([[-1]]))[0, 0] == -np.inf
+
+
 # ------------------------------------------------- real embeddings, real Redis
 @pytest.mark.parametrize("kind,floor", [("ivf", 0.95), ("hnsw", 0.95), ("ivfpq", 0.4)])
 def test_trained_index_on_real_embeddings(mednist_store, mednist_embeddings, kind, floor):
