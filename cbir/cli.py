@@ -213,6 +213,10 @@ def _cmd_retrieve(args) -> int:
     extractor = extractor_for_store(store, weights=args.weights, device=args.device)
     queries = query_items(args.path, split=args.split, seed=args.seed, count=args.n_queries)
     retriever = Retriever(store, extractor, exact=args.exact)
+    stored = store.count()
+    if args.nrt_neigh > stored:
+        warnings.warn(f"--nrt_neigh {args.nrt_neigh} is more than the {stored} images of '{args.db_name}': "
+                      f"each query gets all {stored}")
     retrievals, failures = retriever.query(queries.items, k=args.nrt_neigh, known_labels=queries.labelled,
                                            progress=len(queries.items) > DEFAULT_BATCH_SIZE)
     for retrieval in retrievals:
@@ -230,8 +234,9 @@ def _cmd_retrieve(args) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         picture = save_retrieval_grid(retrievals, Path(args.results_dir) / f"retrieval_{args.db_name}_{stamp}.png")
         left_out = [f"the first {PICTURE_ROWS} of {len(retrievals)} queries"] if len(retrievals) > PICTURE_ROWS else []
-        if args.nrt_neigh > PICTURE_COLUMNS:
-            left_out.append(f"the first {PICTURE_COLUMNS} of {args.nrt_neigh} neighbours")
+        neighbours = max(len(retrieval.neighbours) for retrieval in retrievals)
+        if neighbours > PICTURE_COLUMNS:
+            left_out.append(f"the first {PICTURE_COLUMNS} of {neighbours} neighbours")
         part = f" ({', '.join(left_out)}; --html and --json take them all)" if left_out else ""
         print(f"\npicture: {picture}{part}")
     if args.html and retrievals:

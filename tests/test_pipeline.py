@@ -203,6 +203,10 @@ def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsy
                                         "project": "breastmnist", "score": pytest.approx(1.0, abs=1e-4)}
         pictures = list((tmp_path / "pictures").glob("retrieval_*.png"))
         assert len(pictures) == 1 and Image.open(pictures[0]).size[0] > 400
+        with pytest.warns(UserWarning, match=f"--nrt_neigh 100 is more than the 78 images of '{db_name}'"):
+            assert cli("retrieve", "--db_name", db_name, "--path", query, "--nrt_neigh", 100,
+                       "--results_dir", tmp_path / "pictures") == 0
+        assert "(the first 20 of 78 neighbours; --html and --json take them all)" in capsys.readouterr().out
         new_cases = tmp_path / "new cases"  # a folder of unlabelled images: each one is a query
         new_cases.mkdir()
         for index in (7, 9):
