@@ -16,6 +16,7 @@ copy), or from the query's own group (patient, slide) when groups are given, is 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -275,8 +276,7 @@ def metrics(ranking: Ranking, settings: EvaluationSettings) -> dict[str, float]:
     for k in settings.ks:
         predicted = knn_predict(labels, ranking.scores, k, settings.vote, settings.temperature).astype(str)
         out[f"knn{k}_accuracy"] = float((predicted == truth).mean())
-        with warnings.catch_warnings():  # one class only (a per-class row) is fine: recall of that class
-            warnings.simplefilter("ignore", UserWarning)
+        with _one_class_allowed():  # a per-class row: the recall of that class
             out[f"knn{k}_balanced_accuracy"] = float(balanced_accuracy_score(truth, predicted))
         out[f"knn{k}_macro_f1"] = float(f1_score(truth, predicted, labels=sorted(set(truth)), average="macro",
                                                  zero_division=0))
@@ -296,7 +296,16 @@ def confusion(ranking: Ranking, how: str = "top1") -> tuple[list[str], np.ndarra
     truth = ranking.queries.labels.astype(str)
     predicted = np.where(predicted == None, "(none)", predicted).astype(str)  # noqa: E711
     classes = sorted(set(truth) | set(predicted))
-    return classes, confusion_matrix(truth, predicted, labels=classes)
+    with _one_class_allowed():  # a one-class database was warned about once already
+        return classes, confusion_matrix(truth, predicted, labels=classes)
+
+
+@contextlib.contextmanager
+def _one_class_allowed():
+    """Quiet scikit-learn's warnings about one class (a 1 x 1 matrix, predictions of other classes)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"sklearn\.")
+        yield
 
 
 # -------------------------------------------------------------- protocols

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -11,8 +12,8 @@ from openpyxl import load_workbook
 from cbir.cli import main
 from cbir.connection import connect
 from cbir.errors import CbirError, DataSourceWarning
-from cbir.evaluation import (EvaluationSettings, ProtocolOptions, Queries, Support, hit_rates, knn_predict,
-                             leave_one_out, map_at_r, metrics, rank_all, run_protocols)
+from cbir.evaluation import (EvaluationSettings, ProtocolOptions, Queries, Support, confusion, hit_rates,
+                             knn_predict, leave_one_out, map_at_r, metrics, rank_all, run_protocols)
 from cbir.index import SearchIndex
 from cbir.report import write_json, write_workbook
 from cbir.store import ImageRecord, VectorStore
@@ -241,6 +242,10 @@ def test_hit_rates_that_say_nothing_are_pointed_out():
     with pytest.warns(DataSourceWarning, match=r"^the database holds one class \('a'\): every neighbour has it"):
         run_protocols(["loo"], one_class, None, SearchIndex.exact(support.ids, support.vectors),
                       EvaluationSettings(), ProtocolOptions())
+    with warnings.catch_warnings():  # warned once above; scikit-learn's own warning is not repeated
+        warnings.simplefilter("error")
+        classes, matrix = confusion(ranked(one_class, replace(queries, labels=np.full(len(queries), "a", object))))
+    assert classes == ["a"] and matrix.tolist() == [[len(queries)]]
 
 
 # ---------------------------------------------------------------- reports
