@@ -592,6 +592,10 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
         warnings.warn(f"no query label ({some_labels(queries.labels.tolist())}) is among the stored labels "
                       f"({some_labels(support.labels.tolist())}): every hit rate is 0; are the queries from "
                       "another dataset?", DataSourceWarning, stacklevel=2)
+    too_many = [k for k in settings.ks if k > len(support)]
+    if too_many:
+        warnings.warn(f"--k {' '.join(map(str, too_many))}: more than the {len(support)} stored images; such a vote "
+                      "counts all of them", DataSourceWarning, stacklevel=2)
     own = Queries.of_support(support)
     asked = queries if queries is not None else own
     ranking = rank_all(index, support, asked, store) if set(measures) - set(SUPPORT_MEASURES) else None

@@ -242,6 +242,9 @@ def test_hit_rates_that_say_nothing_are_pointed_out():
     with pytest.warns(DataSourceWarning, match=r"^the database holds one class \('a'\): every neighbour has it"):
         run_protocols(["loo"], one_class, None, SearchIndex.exact(support.ids, support.vectors),
                       EvaluationSettings(), ProtocolOptions())
+    with pytest.warns(DataSourceWarning, match=rf"^--k 100 500: more than the {len(support)} stored images"):
+        run_protocols(["loo"], support, None, SearchIndex.exact(support.ids, support.vectors),
+                      EvaluationSettings(ks=(1, 100, 500)), ProtocolOptions())
     with warnings.catch_warnings():  # warned once above; scikit-learn's own warning is not repeated
         warnings.simplefilter("error")
         classes, matrix = confusion(ranked(one_class, replace(queries, labels=np.full(len(queries), "a", object))))
