@@ -179,8 +179,12 @@ def _to_rgb(image: Image.Image, where: str) -> Image.Image:
 
 
 # ----------------------------------------------------------------- sources
+# Written by file managers beside images (macOS's zip archives add a __MACOSX folder); never data.
+_SYSTEM_FILES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"}
+
+
 def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
+    return name.startswith(".") or name.lower() in _SYSTEM_FILES
 
 
 def split_project(folder_name: str) -> tuple[str, str]:

@@ -74,10 +74,12 @@ def test_bad_files_raise_one_error_naming_the_file(data, reason):
 
 
 def test_folder_source_names_labels_and_projects(tmp_path):
-    for folder in ["camelyon_tumour", "camelyon_normal", ".hidden"]:
+    for folder in ["camelyon_tumour", "camelyon_normal", ".hidden", "__MACOSX"]:
         (tmp_path / folder).mkdir()
     (tmp_path / "camelyon_tumour" / "a (1) é.png").write_bytes(png_bytes(Image.new("L", (4, 4))))
-    (tmp_path / "camelyon_tumour" / ".DS_Store").write_bytes(b"junk")
+    for system_file in [".DS_Store", "Thumbs.db", "desktop.ini"]:  # file managers' files are no images
+        (tmp_path / "camelyon_tumour" / system_file).write_bytes(b"junk")
+    (tmp_path / "Thumbs.db").write_bytes(b"junk")
     (tmp_path / "camelyon_normal" / "sub").mkdir()
     (tmp_path / "camelyon_normal" / "sub" / "b.png").write_bytes(png_bytes(Image.new("L", (4, 4))))
     (tmp_path / "notes.txt").write_text("not a class")
