@@ -588,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num_features", type=_whole(1, MAX_EMBEDDING_DIM), default=128,
                        help=f"embedding size (default: 128, at most {MAX_EMBEDDING_DIM})")
     train.add_argument("--num_epochs", type=COUNT, default=10, help="epochs (default: 10)")
-    train.add_argument("--batch_size", type=COUNT, default=32, help="images per batch (default: 32)")
+    train.add_argument("--batch_size", type=_whole(2), default=32,
+                       help="images per batch, 2 or more: metric losses compare images (default: 32)")
     train.add_argument("--m_per_class", type=COUNT, default=4, help="images per class in a batch (default: 4)")
     train.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"], help="default: adamw")
     train.add_argument("--lr", type=POSITIVE, default=1e-4, help="learning rate of the model (default: 1e-4)")

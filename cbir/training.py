@@ -90,8 +90,10 @@ class TrainConfig:
             raise CbirError(f"unknown --scheduler '{self.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
         if self.knn_weighting and self.loss not in SAMPLE_ANCHORED:
             raise CbirError(f"--knn_weighting needs a loss with per-sample terms ({', '.join(SAMPLE_ANCHORED)})")
-        if self.num_epochs < 1 or self.batch_size < 2:
-            raise CbirError("--num_epochs must be >= 1 and --batch_size >= 2")
+        if self.num_epochs < 1:
+            raise CbirError(f"--num_epochs must be at least 1, got {self.num_epochs}")
+        if self.batch_size < 2:
+            raise CbirError(f"--batch_size must be at least 2 (metric losses compare images), got {self.batch_size}")
         if self.loss in PAIR_LOSSES and self.batch_size < 2 * self.m_per_class:
             raise CbirError(f"--batch_size {self.batch_size} holds one class of --m_per_class {self.m_per_class} "
                             f"images, and the {self.loss} loss needs other classes in a batch to learn from: make "

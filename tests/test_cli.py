@@ -21,6 +21,7 @@ from cbir.errors import CbirError
     (["train", "--training_data", "t", "--weights", "w", "--lr", "nan"], "--lr: must be above 0, got nan"),
     (["train", "--training_data", "t", "--weights", "w", "--val_fraction", "1"], "must be in [0, 1), got 1"),
     (["train", "--training_data", "t", "--weights", "w", "--decay", "-0.1"], "--decay: must be at least 0, got -0.1"),
+    (["train", "--training_data", "t", "--weights", "w", "--batch_size", "1"], "--batch_size: must be at least 2, got 1"),
     (["evaluate", "--db_name", "d", "--k", "1", "0"], "--k: must be at least 1, got 0"),
     (["tsne", "--db_name", "d", "--max_points", "4"], "--max_points: must be at least 5, got 4"),
     (["dataset", "--path", "p", "--per_class", "31"], "--per_class: must be at most 30, got 31"),
