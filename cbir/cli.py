@@ -22,8 +22,8 @@ from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, load_items, query_items
 from .errors import CbirError
 from .files import write_text
-from .options import (INDEX_KINDS, LOSSES, MAX_EMBEDDING_DIM, MEASURES, MIN_TSNE_POINTS, PICTURE_COLUMNS,
-                      PICTURE_ROWS, SAMPLE_COLUMNS, SCHEDULERS, VOTES)
+from .options import (DEFAULT_NEIGHBOURS, INDEX_KINDS, LOSSES, MAX_EMBEDDING_DIM, MEASURES, MIN_TSNE_POINTS,
+                      PICTURE_COLUMNS, PICTURE_ROWS, SAMPLE_COLUMNS, SCHEDULERS, VOTES)
 from .store import VectorStore
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
@@ -214,10 +214,11 @@ def _cmd_retrieve(args) -> int:
     queries = query_items(args.path, split=args.split, seed=args.seed, count=args.n_queries)
     retriever = Retriever(store, extractor, exact=args.exact)
     stored = store.count()
-    if args.nrt_neigh > stored:
+    if args.nrt_neigh is not None and args.nrt_neigh > stored:  # the default asks for no more than there is
         warnings.warn(f"--nrt_neigh {args.nrt_neigh} is more than the {stored} images of '{args.db_name}': "
                       f"each query gets all {stored}")
-    retrievals, failures = retriever.query(queries.items, k=args.nrt_neigh, known_labels=queries.labelled,
+    retrievals, failures = retriever.query(queries.items, k=args.nrt_neigh or DEFAULT_NEIGHBOURS,
+                                           known_labels=queries.labelled,
                                            progress=len(queries.items) > DEFAULT_BATCH_SIZE)
     for retrieval in retrievals:
         label = f" (label: {retrieval.query_label})" if retrieval.query_label else ""
@@ -514,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     _source_arguments(retrieve, "an image (or DICOM file); a folder with one sub-folder per class or a "
                                  "MedMNIST-style .npz (one random image per class); or a folder of unlabelled "
                                  "images (each one)")
-    retrieve.add_argument("--nrt_neigh", type=COUNT, default=10, help="neighbours to return (default: 10)")
+    retrieve.add_argument("--nrt_neigh", type=COUNT, default=None,
+                          help=f"neighbours to return (default: {DEFAULT_NEIGHBOURS}, or all where fewer are stored)")
     retrieve.add_argument("--results_dir", type=OUTPUT_FOLDER, default=Path("results"),
                           help="where the picture goes (default: results)")
     retrieve.add_argument("--json", type=OUTPUT_FILE, default=None, help="also write the results as JSON to this file")

@@ -8,6 +8,7 @@ VOTES = ("majority", "distance", "softmax")
 LOSSES = ("margin", "proxy_nca", "proxy_anchor", "softtriple", "normsoftmax", "arcface", "triplet",
           "contrastive", "ntxent", "cross_entropy")
 SCHEDULERS = ("cosine", "step", "exponential", "none")
+DEFAULT_NEIGHBOURS = 10  # returned per query unless --nrt_neigh says otherwise
 # Queries drawn in one retrieval picture: a row of 10 neighbours took 0.23 s and 95 kB (BUSI), so
 # a folder of 780 queries would draw for 3 minutes into a picture 171,600 pixels high.
 PICTURE_ROWS = 20

@@ -12,10 +12,9 @@ from .errors import StoreError
 from .index import SearchIndex
 from .indexing import embed_items
 from .models import Extractor
+from .options import DEFAULT_NEIGHBOURS
 from .store import VectorStore
 from .trained_index import search_index
-
-DEFAULT_NEIGHBOURS = 10
 
 
 @dataclass
