@@ -19,8 +19,8 @@ import numpy as np
 
 from . import __version__, interrupts
 from .connection import URL_ENV, connect, describe
-from .data import NPZ_SPLITS, load_items, query_items
-from .errors import CbirError
+from .data import NPZ_SPLITS, every_item, load_items, query_items, some_labels
+from .errors import CbirError, ImageError
 from .files import write_text
 from .options import (DEFAULT_NEIGHBOURS, INDEX_KINDS, LOSSES, MAX_EMBEDDING_DIM, MEASURES, MIN_TSNE_POINTS,
                       PICTURE_COLUMNS, PICTURE_ROWS, SAMPLE_COLUMNS, SCHEDULERS, VOTES)
@@ -256,11 +256,13 @@ def _cmd_retrieve(args) -> int:
 def _cmd_remove(args) -> int:
     store = _open_store(args)
     store.require()
-    if not args.name and not args.label:
-        raise CbirError("nothing to remove: give --name and/or --label")
+    if not args.name and not args.label and not args.path:
+        raise CbirError("nothing to remove: give --name, --label and/or --path")
+    digests, failures = _content_digests(every_item(args.path, split=args.split)) if args.path else ({}, [])
     with store.writing():
         removed = store.remove_names(args.name) if args.name else []
         removed += store.remove_labels(args.label) if args.label else []
+        removed += store.remove_digests(digests) if digests else []
     print(f"removed {len(removed)} image(s) from '{args.db_name}'; {store.count()} remain")
     # Said, not an error: a removal run again after it succeeded finds nothing, and must still succeed.
     missing_names = sorted(set(args.name) - {record.name for record in removed})
@@ -270,7 +272,26 @@ def _cmd_remove(args) -> int:
               f"{', '.join(missing_names)}", file=sys.stderr)
     if missing_labels:
         print(f"no image labelled {', '.join(missing_labels)} in '{args.db_name}'", file=sys.stderr)
-    return 0
+    removed_digests = {record.sha256 for record in removed}
+    unmatched = [name for digest, names in digests.items() if digest not in removed_digests for name in names]
+    if unmatched:
+        given = sum(map(len, digests.values()))
+        kind = "images" if Path(args.path).suffix == ".npz" else "files"
+        print(f"no stored image has the content of {len(unmatched)} of the {given} {kind} of {args.path}: "
+              f"{some_labels(unmatched)}", file=sys.stderr)
+    return _skipped_summary(failures)
+
+
+def _content_digests(items) -> tuple[dict[str, list[str]], list[str]]:
+    """The names of the items of each content digest, and the files that cannot be read."""
+    digests: dict[str, list[str]] = {}
+    failures = []
+    for item in items:
+        try:
+            digests.setdefault(item.digest(), []).append(item.name)
+        except ImageError as exc:
+            failures.append(str(exc))
+    return digests, failures
 
 
 # --------------------------------------------------------------- train-index
@@ -534,13 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--exact", action="store_true", help="exact search even if an index was trained")
     retrieve.set_defaults(run=_cmd_retrieve)
 
-    remove = commands.add_parser("remove", help="delete images by name or label",
+    remove = commands.add_parser("remove", help="delete images by name, label or content",
                                  description="Delete images (record, name and vector) from a database; "
-                                             "they are never returned again. Names and labels that match "
-                                             "nothing are listed.")
+                                             "they are never returned again. Names, labels and files that "
+                                             "match nothing are listed.")
     _store_arguments(remove)
     remove.add_argument("--name", nargs="+", default=[], help="image names (as stored, e.g. benign/x.png)")
     remove.add_argument("--label", nargs="+", default=[], help="remove every image of these labels")
+    remove.add_argument("--path", default=None,
+                        help="remove every stored image with the content (sha256) of a file here, whatever its "
+                             "name: an image file, a folder (all files under it) or an .npz")
+    remove.add_argument("--split", choices=NPZ_SPLITS, default="train", help="split of an .npz --path")
     remove.set_defaults(run=_cmd_remove, after_stop="what was removed stays removed; re-run the same command "
                                                   "to remove the rest")
 

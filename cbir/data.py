@@ -70,17 +70,26 @@ class ImageItem:
 
     def read(self) -> tuple[Image.Image, str]:
         """The decoded RGB image and the sha256 of its content."""
+        content, digest = self._content()
+        if isinstance(content, np.ndarray):
+            return array_image(content, self.location), digest
+        return decode_image(content, self.location), digest
+
+    def digest(self) -> str:
+        """The sha256 of the content, as :meth:`read` gives it, without decoding the image."""
+        return self._content()[1]
+
+    def _content(self) -> tuple[bytes | np.ndarray, str]:
         path, _, inner = self.location.partition("#")
         if inner:
             split, index = inner.split("/")
             array = np.ascontiguousarray(_npz_split(path, split)[0][int(index)])
-            digest = hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
-            return array_image(array, self.location), digest
+            return array, hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
             raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-        return decode_image(data, path), hashlib.sha256(data).hexdigest()
+        return data, hashlib.sha256(data).hexdigest()
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
@@ -405,6 +414,13 @@ class QuerySet:
     items: list[ImageItem]
     labelled: bool
     one_image: bool  # --path was one image file: one answer, not a list
+
+
+def every_item(path: str | os.PathLike, split: str = "train") -> list[ImageItem]:
+    """Every image of ``path`` whatever its layout: all files under a folder (class sub-folders
+    or not), an ``.npz`` split, or one file."""
+    path = source_path(path)
+    return load_items(path, split=split, label=None if path.is_file() and path.suffix == ".npz" else "")
 
 
 def query_items(path: str | os.PathLike, split: str = "train", seed: int = 0, count: int | None = None) -> QuerySet:

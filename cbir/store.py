@@ -733,6 +733,11 @@ class VectorStore:
         wanted = set(labels)
         return self.remove(i for i, record in self.iter_records() if record.label in wanted)
 
+    def remove_digests(self, digests: Iterable[str]) -> list[ImageRecord]:
+        """Remove every image whose content has one of these sha256 digests, whatever its name."""
+        wanted = set(digests)
+        return self.remove(i for i, record in self.iter_records() if record.sha256 in wanted)
+
     def drop(self) -> int:
         """Delete every key of this database (and nothing else); returns how many existed."""
         chunks = self._num_chunks()

@@ -184,6 +184,38 @@ def test_the_exit_status_tells_a_script_that_files_were_skipped(cli_env, db_name
         VectorStore(connect(cli_env), db_name).drop()
 
 
+def test_remove_by_content_whatever_the_name(cli_env, db_name, tmp_path, capsys):
+    """A patient's files, exported again under other names, find and remove their stored copies."""
+    images = np.load(BREASTMNIST)["val_images"]
+    for index, label in [(0, "benign"), (1, "benign"), (2, "malignant")]:
+        (tmp_path / "cases" / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[index]).save(tmp_path / "cases" / label / f"case {index}.png")
+    withdrawn = tmp_path / "withdrawn"
+    withdrawn.mkdir()
+    shutil.copy(tmp_path / "cases" / "benign" / "case 1.png", withdrawn / "patient 7.png")
+    Image.fromarray(images[3]).save(withdrawn / "never stored.png")
+    remove = ["remove", "--db_name", db_name, "--path", withdrawn]
+    try:
+        assert cli("add", "--db_name", db_name, "--path", tmp_path / "cases", "--input_size", TEST_INPUT_SIZE,
+                   "--quiet", "--workers", 0) == 0
+        assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val", "--input_size",
+                   TEST_INPUT_SIZE, "--quiet", "--workers", 0) == 0
+        capsys.readouterr()
+        assert cli(*remove) == 0
+        said = capsys.readouterr()
+        assert f"removed 1 image(s) from '{db_name}'; 80 remain" in said.out
+        assert said.err == f"no stored image has the content of 1 of the 2 files of {withdrawn}: 'never stored.png'\n"
+        store = VectorStore(connect(cli_env), db_name)
+        assert "benign/case 1.png" not in {record.name for _, record in store.iter_records()}
+        assert cli(*remove) == 0 and "removed 0 image(s)" in capsys.readouterr().out  # again: nothing, no error
+        assert cli("remove", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val") == 0
+        assert f"removed 78 image(s) from '{db_name}'; 2 remain" in capsys.readouterr().out
+        assert cli("remove", "--db_name", db_name) == 2
+        assert "give --name, --label and/or --path" in capsys.readouterr().err
+    finally:
+        VectorStore(connect(cli_env), db_name).drop()
+
+
 @pytest.mark.parametrize("cli_env", ["standalone", "tls"], indirect=True)
 def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsys):
     try:
