@@ -19,8 +19,8 @@ import numpy as np
 
 from . import __version__, interrupts
 from .connection import URL_ENV, connect, describe
-from .data import NPZ_SPLITS, every_item, load_items, query_items, some_labels
-from .errors import CbirError, ImageError
+from .data import NPZ_SPLITS, content_digests, every_item, load_items, query_items, some_labels
+from .errors import CbirError
 from .files import write_text
 from .options import (DEFAULT_NEIGHBOURS, INDEX_KINDS, LOSSES, MAX_EMBEDDING_DIM, MEASURES, MIN_TSNE_POINTS,
                       PICTURE_COLUMNS, PICTURE_ROWS, SAMPLE_COLUMNS, SCHEDULERS, VOTES)
@@ -258,7 +258,7 @@ def _cmd_remove(args) -> int:
     store.require()
     if not args.name and not args.label and not args.path:
         raise CbirError("nothing to remove: give --name, --label and/or --path")
-    digests, failures = _content_digests(every_item(args.path, split=args.split)) if args.path else ({}, [])
+    digests, failures = content_digests(every_item(args.path, split=args.split)) if args.path else ({}, [])
     with store.writing():
         removed = store.remove_names(args.name) if args.name else []
         removed += store.remove_labels(args.label) if args.label else []
@@ -280,18 +280,6 @@ def _cmd_remove(args) -> int:
         print(f"no stored image has the content of {len(unmatched)} of the {given} {kind} of {args.path}: "
               f"{some_labels(unmatched)}", file=sys.stderr)
     return _skipped_summary(failures)
-
-
-def _content_digests(items) -> tuple[dict[str, list[str]], list[str]]:
-    """The names of the items of each content digest, and the files that cannot be read."""
-    digests: dict[str, list[str]] = {}
-    failures = []
-    for item in items:
-        try:
-            digests.setdefault(item.digest(), []).append(item.name)
-        except ImageError as exc:
-            failures.append(str(exc))
-    return digests, failures
 
 
 # --------------------------------------------------------------- train-index

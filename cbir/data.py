@@ -423,6 +423,18 @@ def every_item(path: str | os.PathLike, split: str = "train") -> list[ImageItem]
     return load_items(path, split=split, label=None if path.is_file() and path.suffix == ".npz" else "")
 
 
+def content_digests(items: Sequence[ImageItem]) -> tuple[dict[str, list[str]], list[str]]:
+    """The names of the items of each content digest, and the files that cannot be read (file: reason)."""
+    digests: dict[str, list[str]] = {}
+    failures = []
+    for item in items:
+        try:
+            digests.setdefault(item.digest(), []).append(item.name)
+        except ImageError as exc:
+            failures.append(str(exc))
+    return digests, failures
+
+
 def query_items(path: str | os.PathLike, split: str = "train", seed: int = 0, count: int | None = None) -> QuerySet:
     """The queries of ``path``, as in the thesis: one random image per class (seeded) of a folder with
     class sub-folders or of an ``.npz`` split, classes taking turns up to ``count``. A folder without

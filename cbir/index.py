@@ -266,8 +266,8 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int, found_scores: np.nda
 
     With the exact similarities of what was found and of the truth, a result as similar as the
     k-th true neighbour counts as found too: duplicate images tie, exact search lists one of them
-    at random, and counting ids called the others misses (recall@10 0.77 for 0.92 by similarity,
-    HNSW over BUSI holding 437 images twice).
+    at random, and counting ids called the others misses (HNSW efSearch 16 over BUSI holding 437
+    images twice: recall@10 0.981 by id, 0.995 by similarity; IVF nprobe 6: 0.932 and 0.949).
     """
     hits = []
     for row, (f, t) in enumerate(zip(found[:, :k], truth[:, :k])):
