@@ -261,8 +261,7 @@ def _cmd_remove(args) -> int:
     digests, failures = content_digests(every_item(args.path, split=args.split)) if args.path else ({}, [])
     with store.writing():
         removed = store.remove_names(args.name) if args.name else []
-        removed += store.remove_labels(args.label) if args.label else []
-        removed += store.remove_digests(digests) if digests else []
+        removed += store.remove_matching(args.label, digests) if args.label or digests else []
     print(f"removed {len(removed)} image(s) from '{args.db_name}'; {store.count()} remain")
     # Said, not an error: a removal run again after it succeeded finds nothing, and must still succeed.
     missing_names = sorted(set(args.name) - {record.name for record in removed})

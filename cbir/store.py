@@ -729,14 +729,11 @@ class VectorStore:
     def remove_names(self, names: Sequence[str]) -> list[ImageRecord]:
         return self.remove(i for i in self.lookup(names) if i is not None)
 
-    def remove_labels(self, labels: Iterable[str]) -> list[ImageRecord]:
-        wanted = set(labels)
-        return self.remove(i for i, record in self.iter_records() if record.label in wanted)
-
-    def remove_digests(self, digests: Iterable[str]) -> list[ImageRecord]:
-        """Remove every image whose content has one of these sha256 digests, whatever its name."""
-        wanted = set(digests)
-        return self.remove(i for i, record in self.iter_records() if record.sha256 in wanted)
+    def remove_matching(self, labels: Iterable[str] = (), digests: Iterable[str] = ()) -> list[ImageRecord]:
+        """Remove every image of one of ``labels`` or whose content has one of the sha256 ``digests``
+        (whatever its name), in one pass over the records."""
+        labels, digests = set(labels), set(digests)
+        return self.remove(i for i, record in self.iter_records() if record.label in labels or record.sha256 in digests)
 
     def drop(self) -> int:
         """Delete every key of this database (and nothing else); returns how many existed."""

@@ -121,7 +121,7 @@ def test_removed_images_are_never_returned(store, busi, extractor):
     assert target.name not in [n.name for n in retrievals[0].neighbours]
     assert len(retrievals[0].neighbours) == 10
     with store.writing():
-        store.remove_labels(sorted({item.label for item in items}))
+        store.remove_matching(labels=sorted({item.label for item in items}))
     with pytest.raises(StoreError, match=rf"^database '{store.name}' holds no images \(every one was removed\): "
                                          r"add images first$"):
         Retriever(store, extractor)  # was an IndexError inside the search

@@ -83,18 +83,20 @@ def test_removed_images_are_gone_with_their_vector_bytes(small):
     with small.writing():
         small.add(records(24), unit_vectors(24))
         removed = small.remove_names([records(24)[3].name])
-        by_label = small.remove_labels(["class1"])
+        by_label = small.remove_matching(labels=["class1"])
+        by_content = small.remove_matching(digests=[records(24)[5].sha256])
     assert [r.name for r in removed] == [records(24)[3].name]
     assert {r.label for r in by_label} == {"class1"} and len(by_label) == 8
+    assert [r.name for r in by_content] == [records(24)[5].name]
     ids, _ = small.load_vectors()
-    assert 3 not in ids and not any(i % 3 == 1 for i in ids)
+    assert 3 not in ids and 5 not in ids and not any(i % 3 == 1 for i in ids)
     assert small.records([3]) == [None]
     assert small.lookup([records(24)[3].name]) == [None]
     raw = small.client.getrange(small._vec_key(0), 3 * DIM * 4, 4 * DIM * 4 - 1)
     assert raw == bytes(DIM * 4), "a removed image's vector must be erased, not just unlinked"
     with small.writing():
         readded = small.add(records(24)[3:4], unit_vectors(1))
-    assert readded.new == 1 and small.count() == 24 - 1 - 8 + 1
+    assert readded.new == 1 and small.count() == 24 - 1 - 8 - 1 + 1
 
 
 def test_drop_deletes_only_this_database(deployment, small, db_name):
