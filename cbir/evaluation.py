@@ -394,8 +394,9 @@ def protocol_stat(ranking: Ranking, settings: EvaluationSettings, n_queries: int
                   seed: int) -> ProtocolResult:
     """``random`` repeated with seeds seed, seed+1, ...: each repeat, then mean and std."""
     rows = [protocol_random(ranking, settings, n_queries, seed + r).rows[0] for r in range(repeats)]
-    keys = [k for k in rows[0] if k != "seed"]
-    mean = {"statistic": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}, "queries": n_queries}
+    keys = [k for k in rows[0] if k not in ("seed", "queries")]
+    # Every repeat asks the same number of queries: n_queries, or all of them when there are fewer.
+    mean = {"statistic": "mean", "queries": rows[0]["queries"], **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
     std = {"statistic": "std", **{k: float(np.std([r[k] for r in rows])) for k in keys}}
     return ProtocolResult("stat", [{"statistic": f"repeat {i + 1}", **r} for i, r in enumerate(rows)] + [mean, std],
                           ["statistic", "seed"], ranking=ranking, summary_row=-2)
@@ -598,6 +599,9 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
                       "counts all of them", DataSourceWarning, stacklevel=2)
     own = Queries.of_support(support)
     asked = queries if queries is not None else own
+    if "stat" in measures and options.repeats > 1 and options.n_queries >= len(asked):
+        warnings.warn(f"--n_queries {options.n_queries} is not fewer than the {len(asked)} queries: every stat "
+                      "repeat asks all of them, so the repeats agree (std 0)", DataSourceWarning, stacklevel=2)
     ranking = rank_all(index, support, asked, store) if set(measures) - set(SUPPORT_MEASURES) else None
     results: list[ProtocolResult] = []
     for measure in measures:

@@ -263,8 +263,9 @@ def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extr
                     report.count(plan)
                     if plan.records:
                         writer.submit(plan, extractor.embed(batch.images[plan.positions]))
+                # One refresh, by update, so the count and the tallies beside it agree.
+                bar.set_postfix(new=report.new, skipped=report.unchanged, failed=len(report.failures), refresh=False)
                 bar.update(len(batch.positions) + len(batch.failures))
-                bar.set_postfix(new=report.new, skipped=report.unchanged, failed=len(report.failures))
         finally:
             bar.close()
             writer.close()

@@ -161,6 +161,15 @@ def test_stat_repeats_and_is_reproducible():
     assert untimed(run().rows) == untimed(rows)
 
 
+def test_stat_asks_every_query_when_fewer_than_n_queries():
+    support, queries = clustered_case()  # 30 queries
+    with pytest.warns(DataSourceWarning, match="every stat repeat asks all of them"):
+        rows = run_protocols(["stat"], support, queries, SearchIndex.exact(support.ids, support.vectors),
+                             EvaluationSettings(ks=(1,)), ProtocolOptions(n_queries=100, repeats=2, seed=0))[0].rows
+    assert [r["queries"] for r in rows[:3]] == [30, 30, 30]  # the repeats and their mean
+    assert "queries" not in rows[3]  # a count has no spread
+
+
 def test_removal_and_incremental_curves():
     support, queries = clustered_case()
     results = run_protocols(["removal", "incremental", "all"], support, queries,
