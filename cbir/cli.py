@@ -226,9 +226,7 @@ def _cmd_retrieve(args) -> int:
         print(f"{'rank':>4}  {'similarity':>10}  {'label':<16} {'project':<12} name")
         for n in retrieval.neighbours:
             print(f"{n.rank:>4}  {n.score:>10.4f}  {n.label:<16} {n.project:<12} {n.name}")
-        votes = round(retrieval.vote_share * retrieval.voters)
-        itself = " (the query's own stored copy does not vote)" if retrieval.voters < len(retrieval.neighbours) else ""
-        print(f"vote: {retrieval.vote} ({votes}/{retrieval.voters} neighbours){itself}")
+        print(f"vote: {retrieval.vote_summary()}")
     if not args.no_picture and retrievals:
         from .viz import save_retrieval_grid
 

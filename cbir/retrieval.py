@@ -44,6 +44,17 @@ class Retrieval:
     voters: int = 0
     location: str = ""
 
+    def vote_summary(self) -> str:
+        """The vote and its support, naming the stored copies of the query that did not vote."""
+        copies = len(self.neighbours) - self.voters
+        if not self.voters:
+            return "none (every neighbour is a stored copy of the query)" if copies else "none (no neighbour)"
+        left_out = ""
+        if copies:
+            left_out = (" (1 stored copy of the query does not vote)" if copies == 1 else
+                        f" ({copies} stored copies of the query do not vote)")
+        return f"{self.vote} ({round(self.vote_share * self.voters)}/{self.voters} neighbours){left_out}"
+
     def to_json(self) -> dict:
         return {
             "query": self.query,

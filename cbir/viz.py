@@ -133,7 +133,7 @@ def save_retrieval_html(retrievals: Sequence[Retrieval], path: str | Path, title
         for n in retrieval.neighbours:
             colour = NEUTRAL if retrieval.query_label is None else MATCH if n.label == retrieval.query_label else MISMATCH
             cells.append(cell(_pixels(n.source), f"#{n.rank} {n.label} · {n.score:.3f} · {n.name}", colour))
-        vote = f"vote: {escape(str(retrieval.vote))} ({retrieval.vote_share:.0%} of {retrieval.voters})"
+        vote = f"vote: {escape(retrieval.vote_summary())}"
         rows.append(f'<section><h2>{escape(retrieval.query)}</h2><p>{vote}</p><div class=row>{"".join(cells)}</div></section>')
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} .row{{display:flex;flex-wrap:wrap;gap:8px}}

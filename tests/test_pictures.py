@@ -90,6 +90,7 @@ def test_retrieval_gallery_png_and_html(tmp_path):
     assert page.count("<section>") == 2 and page.count("<figure") == 8
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 8
     assert page.count("#c62828") == 3 and page.count("#2e7d32") == 3  # frames: label mismatch / match
+    assert page.count("<p>vote: a (2/3 neighbours)</p>") == 2
 
 
 def test_training_curves_from_a_log(tmp_path):

@@ -21,7 +21,7 @@ from cbir.data import load_items
 from cbir.errors import StoreError
 from cbir.evaluation import leave_one_out
 from cbir.indexing import decode_batches, extractor_for_store, index_images, register_model
-from cbir.retrieval import Retriever, majority_vote
+from cbir.retrieval import Neighbour, Retrieval, Retriever, majority_vote
 from cbir.store import ImageRecord, VectorStore
 
 from .conftest import BREASTMNIST, ROOT, TEST_INPUT_SIZE
@@ -138,6 +138,20 @@ def test_majority_vote_breaks_ties_by_similarity():
     assert majority_vote(["a", "b", "b", "a"], [0.9, 0.8, 0.7, 0.9]) == ("a", 0.5)
     assert majority_vote(["a", "b", "b"], [0.99, 0.5, 0.5]) == ("b", 2 / 3)
     assert majority_vote([], []) == (None, 0.0)
+
+
+def test_vote_summary_counts_the_stored_copies_of_the_query():
+    """Two stored duplicates of a MedNIST query were reported as "the query's own stored copy"."""
+    def summary(labels, copies):
+        neighbours = [Neighbour(rank=r + 1, id=r, name=f"n{r}", label=label, project="", score=0.5)
+                      for r, label in enumerate(labels)]
+        vote, share = majority_vote(labels[copies:], [0.5] * (len(labels) - copies))
+        return Retrieval(query="q", query_label=None, neighbours=neighbours, vote=vote, vote_share=share,
+                         voters=len(labels) - copies).vote_summary()
+    assert summary(["a", "a", "b"], 0) == "a (2/3 neighbours)"
+    assert summary(["a", "b", "b"], 1) == "b (2/2 neighbours) (1 stored copy of the query does not vote)"
+    assert summary(["a", "a", "a", "b", "b"], 2) == "b (2/3 neighbours) (2 stored copies of the query do not vote)"
+    assert summary(["a", "a"], 2) == "none (every neighbour is a stored copy of the query)"
 
 
 def test_leave_one_out_never_counts_the_query_itself(store):
