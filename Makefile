@@ -5,8 +5,10 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: setup redis-server demo test bench
 
+# The project itself is installed editable, without fetching anything: the `cbir` command.
 setup: redis-server
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 
 # Debian's redis-server: the standalone and cluster deployments of the integration tests; openssl
 # makes the certificate of their TLS twins.
