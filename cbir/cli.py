@@ -24,7 +24,7 @@ from .errors import CbirError
 from .files import write_text
 from .options import (DEFAULT_NEIGHBOURS, INDEX_KINDS, LOSSES, MAX_EMBEDDING_DIM, MEASURES, MIN_TSNE_POINTS,
                       PICTURE_COLUMNS, PICTURE_ROWS, SAMPLE_COLUMNS, SCHEDULERS, VOTES)
-from .store import VectorStore
+from .store import VectorStore, database_names
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
 
@@ -125,8 +125,10 @@ def _skipped_summary(failures: list[str]) -> int:
     return SOME_FILES_SKIPPED
 
 
-def _store_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db_name", required=True, help="database name (its keys live under cbir:<db_name>:)")
+def _store_arguments(parser: argparse.ArgumentParser, db_help: str | None = None) -> None:
+    """--db_name (required unless ``db_help`` says what leaving it out does) and --redis-url."""
+    parser.add_argument("--db_name", required=db_help is None,
+                        help=db_help or "database name (its keys live under cbir:<db_name>:)")
     parser.add_argument("--redis-url", "--redis_url", dest="redis_url", default=None,
                         help=f"Redis URL (redis://, rediss://, with password; a Cluster node works too; "
                              f"a private CA: rediss://...?ssl_ca_certs=ca.pem). "
@@ -380,11 +382,24 @@ def _cmd_dataset(args) -> int:
 
 
 # ---------------------------------------------------------------------- info
+def _list_databases(client) -> int:
+    names = database_names(client)
+    print(f"{len(names)} database{'s' if len(names) != 1 else ''} on {describe(client)}"
+          + ("" if names else ": add images with add_images.py"))
+    for name in names:
+        store = VectorStore(client, name)
+        description = store.model_spec.get("description", "?") if store.exists else "no model yet"
+        print(f"  {name:<24} {store.count():>9} images   {description}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from collections import Counter
 
     from .trained_index import index_info
 
+    if args.db_name is None:
+        return _list_databases(connect(args.redis_url))
     store = _open_store(args)
     info = store.describe()
     labels = Counter(record.label for _, record in store.iter_records())
@@ -671,8 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--quiet", action="store_true", help="no progress bar")
     dataset.set_defaults(run=_cmd_dataset)
 
-    info = commands.add_parser("info", help="describe a database")
-    _store_arguments(info)
+    info = commands.add_parser("info", help="describe a database, or list the databases")
+    _store_arguments(info, db_help="the database to describe (default: list every database on this Redis with its "
+                                   "image count and model)")
     info.set_defaults(run=_cmd_info)
 
     evaluate = commands.add_parser("evaluate", help="retrieval and kNN accuracy protocols, into Excel",

@@ -304,6 +304,20 @@ def check_db_name(name: str) -> str:
     return name
 
 
+def database_names(client) -> list[str]:
+    """The databases on this Redis, sorted: their info keys, found with SCAN (never KEYS, which
+    blocks the server), on every node of a Cluster."""
+    names = set()
+    try:
+        for key in client.scan_iter(match="cbir:*:info", count=1000):
+            name = _decode_str(key)[len("cbir:"):-len(":info")]
+            if name and set(name) <= _DB_NAME_CHARS:  # not an index chunk or another program's key
+                names.add(name)
+    except redis.RedisError as exc:
+        raise StoreError(f"Redis failed while listing the databases: {exc}") from exc
+    return sorted(names)
+
+
 def _decode_str(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -389,7 +403,8 @@ class VectorStore:
 
     def require(self) -> None:
         if not self.exists:
-            raise StoreError(f"database '{self.name}' does not exist (or is empty): add images first")
+            raise StoreError(f"database '{self.name}' does not exist (or is empty): add images first "
+                             "(`cbir info` lists the databases)")
         schema = self._info.get("schema", "1")
         if schema != SCHEMA_VERSION:
             raise StoreError(f"database '{self.name}' was written by an older cbir (store schema {schema}, "

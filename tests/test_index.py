@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -237,6 +238,8 @@ def test_cli_trains_and_reports(cli_env, db_name, mednist_embeddings, extractor,
         assert "try a larger --nprobe than 1, or leave it out to have it tuned" in capsys.readouterr().out
         assert main(["info", "--db_name", db_name]) == 0
         assert "index: ivf" in capsys.readouterr().out
+        assert main(["info"]) == 0  # every database on the server
+        assert re.search(rf"^  {db_name} +{len(items)} images   efficientnet_lite0", capsys.readouterr().out, re.M)
         assert main(["train-index", "--db_name", db_name, "--delete"]) == 0
         assert not index_info(store)
     finally:

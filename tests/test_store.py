@@ -19,7 +19,8 @@ import pytest
 from cbir.connection import connect, redact, scratch
 from cbir.errors import DatabaseBusyError, ModelMismatchError, StoreError
 from cbir.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
-from cbir.store import Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name
+from cbir.store import (Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name,
+                        database_names)
 
 from .conftest import ROOT, WITH_TLS, _free_port, _start_server, _stop
 
@@ -115,6 +116,24 @@ def test_drop_deletes_only_this_database(deployment, small, db_name):
     finally:
         other.drop()
         client.delete("unrelated:key")
+
+
+def test_database_names_lists_every_database_on_every_node_and_nothing_else(deployment, small, db_name):
+    _, client, _ = deployment
+    others = [VectorStore(client, f"{db_name}-{i}") for i in range(12)]  # spread over a cluster's nodes
+    for other in others:
+        other.ensure_model("fp-a", {}, DIM, chunk_size=8)
+    client.hset("cbir:not:a-database:info", "model", "x")  # a colon: no database name has one
+    try:
+        names = database_names(client)
+        assert {db_name, *(o.name for o in others)} <= set(names) and names == sorted(names)
+        assert not any(":" in name for name in names)
+        small.drop()
+        assert db_name not in database_names(client)
+    finally:
+        for other in others:
+            other.drop()
+        client.delete("cbir:not:a-database:info")
 
 
 def test_another_model_is_refused(small):
