@@ -42,6 +42,9 @@ def _cell(value):
     return value
 
 
+MAX_CELL = 40  # characters of a cell in the terminal table: a long class name does not push the rest away
+
+
 def format_table(result: ProtocolResult) -> str:
     """The protocol's rows with the headline metrics (kNN accuracies included)."""
     rows = result.rows
@@ -50,16 +53,14 @@ def format_table(result: ProtocolResult) -> str:
         columns = list(result.columns_first) + TABLE_COLUMNS + knn
     else:
         columns = metric_columns(rows, result.columns_first)
-    widths = [max(len(c), 8) for c in columns]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    for row in rows:
-        cells = []
-        for column, width in zip(columns, widths):
-            value = row.get(column, "")
-            text = f"{value:.3f}" if isinstance(value, float) and column not in ("removed_fraction",) else str(value)
-            cells.append(text[:width + 12].rjust(width))
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column, "")
+        text = f"{value:.3f}" if isinstance(value, float) and column not in ("removed_fraction",) else str(value)
+        return text[:MAX_CELL]
+
+    table = [[cell(row, column) for column in columns] for row in rows]
+    widths = [max(len(column), 8, *(len(line[i]) for line in table)) for i, column in enumerate(columns)]
+    return "\n".join("  ".join(text.rjust(width) for text, width in zip(line, widths)) for line in [columns, *table])
 
 
 def _unique_sheet(workbook: Workbook, wanted: str) -> str:

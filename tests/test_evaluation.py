@@ -12,10 +12,10 @@ from openpyxl import load_workbook
 from cbir.cli import main
 from cbir.connection import connect
 from cbir.errors import CbirError, DataSourceWarning
-from cbir.evaluation import (EvaluationSettings, ProtocolOptions, Queries, Support, confusion, hit_rates,
+from cbir.evaluation import (EvaluationSettings, ProtocolOptions, ProtocolResult, Queries, Support, confusion, hit_rates,
                              knn_predict, leave_one_out, map_at_r, metrics, rank_all, run_protocols)
 from cbir.index import SearchIndex
-from cbir.report import write_json, write_workbook
+from cbir.report import format_table, write_json, write_workbook
 from cbir.store import ImageRecord, VectorStore
 
 from .conftest import BREASTMNIST, TEST_INPUT_SIZE
@@ -168,6 +168,16 @@ def test_stat_asks_every_query_when_fewer_than_n_queries():
                              EvaluationSettings(ks=(1,)), ProtocolOptions(n_queries=100, repeats=2, seed=0))[0].rows
     assert [r["queries"] for r in rows[:3]] == [30, 30, 30]  # the repeats and their mean
     assert "queries" not in rows[3]  # a count has no spread
+
+
+def test_terminal_table_columns_stay_aligned_under_long_class_names():
+    numbers = {"queries": 400, "top1": 1.0, "top5": 1.0, "majority5": 1.0, "precision5": 0.999, "map_at_r": 0.687,
+               "knn1_accuracy": 1.0}
+    result = ProtocolResult("separated", [{"class": "AbdomenCT", **numbers}, {"class": "x" * 60, **numbers},
+                                          {"class": "mean of classes", **numbers}], ["class"])
+    lines = format_table(result).splitlines()
+    assert len({len(line) for line in lines}) == 1  # every column right-aligned under its header
+    assert lines[0].split()[0] == "class" and "x" * 40 in lines[2] and "x" * 41 not in lines[2]
 
 
 def test_removal_and_incremental_curves():
