@@ -346,9 +346,15 @@ def _set_level_metrics(ranking: Ranking, settings: EvaluationSettings) -> dict:
 
 
 def _mean_row(rows: list[dict], **describe) -> dict:
+    """The mean of each metric over the rows where it is defined (mAP@R is not for a class with
+    nothing stored); the queries are summed."""
     keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float, np.floating)) and k != "queries"]
-    return {**describe, "queries": int(sum(r["queries"] for r in rows)),
-            **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
+
+    def mean(values: list[float]) -> float:
+        defined = [v for v in values if not np.isnan(v)]
+        return float(np.mean(defined)) if defined else float("nan")
+
+    return {**describe, "queries": int(sum(r["queries"] for r in rows)), **{k: mean([r[k] for r in rows]) for k in keys}}
 
 
 def protocol_all(ranking: Ranking, settings: EvaluationSettings) -> ProtocolResult:
@@ -589,10 +595,16 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
     if len(set(support.labels.tolist())) == 1:
         warnings.warn(f"the database holds one class ({some_labels(support.labels.tolist())}): every neighbour has "
                       "it, so the hit rates say nothing about retrieval", DataSourceWarning, stacklevel=2)
-    elif queries is not None and not np.isin(queries.labels, support.labels).any():
-        warnings.warn(f"no query label ({some_labels(queries.labels.tolist())}) is among the stored labels "
-                      f"({some_labels(support.labels.tolist())}): every hit rate is 0; are the queries from "
-                      "another dataset?", DataSourceWarning, stacklevel=2)
+    elif queries is not None:
+        unstored = ~np.isin(queries.labels, support.labels)
+        if unstored.all():
+            warnings.warn(f"no query label ({some_labels(queries.labels.tolist())}) is among the stored labels "
+                          f"({some_labels(support.labels.tolist())}): every hit rate is 0; are the queries from "
+                          "another dataset?", DataSourceWarning, stacklevel=2)
+        elif unstored.any():
+            warnings.warn(f"{int(unstored.sum())} of the {len(unstored)} queries are of a class with no stored "
+                          f"image ({some_labels(queries.labels[unstored].tolist())}): they count as misses, and "
+                          "mAP@R leaves them out", DataSourceWarning, stacklevel=2)
     too_many = [k for k in settings.ks if k > len(support)]
     if too_many:
         warnings.warn(f"--k {' '.join(map(str, too_many))}: more than the {len(support)} stored images; such a vote "

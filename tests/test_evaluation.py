@@ -264,6 +264,13 @@ def test_hit_rates_that_say_nothing_are_pointed_out():
     with pytest.warns(DataSourceWarning, match=rf"^--k 100 500: more than the {len(support)} stored images"):
         run_protocols(["loo"], support, None, SearchIndex.exact(support.ids, support.vectors),
                       EvaluationSettings(ks=(1, 100, 500)), ProtocolOptions())
+    some_unstored = replace(queries, labels=np.where(queries.labels == "c", "d", queries.labels))
+    with pytest.warns(DataSourceWarning, match=rf"^10 of the {len(queries)} queries are of a class with no stored "
+                                               r"image \('d'\): they count as misses, and mAP@R leaves them out"):
+        separated = run_protocols(["separated"], support, some_unstored, SearchIndex.exact(support.ids, support.vectors),
+                                  EvaluationSettings(), ProtocolOptions())[0].rows
+    assert np.isnan(separated[2]["map_at_r"]) and separated[2]["top1"] == 0.0  # class d
+    assert separated[3]["map_at_r"] == pytest.approx((separated[0]["map_at_r"] + separated[1]["map_at_r"]) / 2)
     with warnings.catch_warnings():  # warned once above; scikit-learn's own warning is not repeated
         warnings.simplefilter("error")
         classes, matrix = confusion(ranked(one_class, replace(queries, labels=np.full(len(queries), "a", object))))
