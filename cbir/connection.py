@@ -280,6 +280,6 @@ def describe(client) -> str:
         nodes = client.get_primaries()
         return f"Redis Cluster ({len(nodes)} primaries, e.g. {nodes[0].host}:{nodes[0].port})"
     kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return f"embedded Redis ({kwargs['path']})"
+    if "path" in kwargs:  # its socket lives in a temporary folder; where the data lives is what matters
+        return f"embedded Redis (data in {getattr(client, 'dbdir', None) or kwargs['path']})"
     return f"Redis at {kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
-from cbir.connection import connect, redact, scratch
+from cbir.connection import connect, describe, redact, scratch
 from cbir.errors import DatabaseBusyError, ModelMismatchError, StoreError
 from cbir.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
 from cbir.store import (Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name,
@@ -134,6 +134,10 @@ def test_database_names_lists_every_database_on_every_node_and_nothing_else(depl
         for other in others:
             other.drop()
         client.delete("cbir:not:a-database:info")
+
+
+def test_an_embedded_server_is_described_by_where_its_data_lives(embedded_client, embedded_home):
+    assert describe(embedded_client) == f"embedded Redis (data in {embedded_home})"  # not its temporary socket
 
 
 def test_another_model_is_refused(small):
