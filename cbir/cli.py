@@ -202,7 +202,7 @@ def _cmd_add(args) -> int:
     rate = (report.written / report.seconds) if report.seconds else 0.0
     print(f"'{args.db_name}': {report.new} new, {report.updated} updated, "
           f"{report.unchanged} unchanged, {report.duplicates} duplicate names, {len(report.failures)} failed "
-          f"in {report.seconds:.1f} s ({rate:.1f} images/s embedded); {store.count()} images stored")
+          f"in {report.seconds:.1f} s ({rate:.1f} images/s indexed); {store.count()} images stored")
     return _skipped_summary(report.failures)
 
 
