@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__, interrupts
 from .connection import URL_ENV, connect, describe
 from .data import NPZ_SPLITS, content_digests, every_item, load_items, query_items, some_labels
-from .errors import CbirError
+from .errors import CbirError, StoreError
 from .files import write_text
 from .options import (DEFAULT_NEIGHBOURS, INDEX_KINDS, LOSSES, MAX_EMBEDDING_DIM, MEASURES, MIN_TSNE_POINTS,
                       PICTURE_COLUMNS, PICTURE_ROWS, SAMPLE_COLUMNS, SCHEDULERS, VOTES)
@@ -388,8 +388,12 @@ def _list_databases(client) -> int:
           + ("" if names else ": add images with add_images.py"))
     for name in names:
         store = VectorStore(client, name)
-        description = store.model_spec.get("description", "?") if store.exists else "no model yet"
-        print(f"  {name:<24} {store.count():>9} images   {description}")
+        try:
+            store.require()
+        except StoreError as exc:  # an older schema's layout, say: named, not read
+            print(f"  {name:<24} {'?':>9}          {exc}")
+            continue
+        print(f"  {name:<24} {store.count():>9} images   {store.model_spec.get('description', '?')}")
     return 0
 
 

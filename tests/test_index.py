@@ -238,10 +238,16 @@ def test_cli_trains_and_reports(cli_env, db_name, mednist_embeddings, extractor,
         assert "try a larger --nprobe than 1, or leave it out to have it tuned" in capsys.readouterr().out
         assert main(["info", "--db_name", db_name]) == 0
         assert "index: ivf" in capsys.readouterr().out
-        assert main(["info"]) == 0  # every database on the server
-        assert re.search(rf"^  {db_name} +{len(items)} images   efficientnet_lite0", capsys.readouterr().out, re.M)
+        old = VectorStore(store.client, db_name + "-old")
+        old.ensure_model("fp", {}, 4)
+        store.client.hset(old.info_key, "schema", "1")
+        assert main(["info"]) == 0  # every database on the server, an unreadable one named with the reason
+        listed = capsys.readouterr().out
+        assert re.search(rf"^  {db_name} +{len(items)} images   efficientnet_lite0", listed, re.M)
+        assert re.search(rf"^  {db_name}-old +\? +database '{db_name}-old' was written by an older cbir", listed, re.M)
         assert main(["train-index", "--db_name", db_name, "--delete"]) == 0
         assert not index_info(store)
     finally:
         store.drop()
+        VectorStore(store.client, db_name + "-old").drop()
         _loaded.clear()
