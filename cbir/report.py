@@ -53,6 +53,7 @@ def format_table(result: ProtocolResult) -> str:
         columns = list(result.columns_first) + TABLE_COLUMNS + knn
     else:
         columns = metric_columns(rows, result.columns_first)
+
     def cell(row: dict, column: str) -> str:
         value = row.get(column, "")
         text = f"{value:.3f}" if isinstance(value, float) and column not in ("removed_fraction",) else str(value)
