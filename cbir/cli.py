@@ -215,10 +215,9 @@ def _cmd_retrieve(args) -> int:
     extractor = extractor_for_store(store, weights=args.weights, device=args.device)
     queries = query_items(args.path, split=args.split, seed=args.seed, count=args.n_queries)
     retriever = Retriever(store, extractor, exact=args.exact)
-    stored = store.count()
-    if args.nrt_neigh is not None and args.nrt_neigh > stored:  # the default asks for no more than there is
-        warnings.warn(f"--nrt_neigh {args.nrt_neigh} is more than the {stored} images of '{args.db_name}': "
-                      f"each query gets all {stored}")
+    if args.nrt_neigh is not None and args.nrt_neigh > retriever.stored:  # the default asks for no more than there is
+        warnings.warn(f"--nrt_neigh {args.nrt_neigh} is more than the {retriever.stored} images of '{args.db_name}': "
+                      f"each query gets all {retriever.stored}")
     retrievals, failures = retriever.query(queries.items, k=args.nrt_neigh or DEFAULT_NEIGHBOURS,
                                            known_labels=queries.labelled,
                                            progress=len(queries.items) > DEFAULT_BATCH_SIZE)

@@ -88,10 +88,12 @@ class Retriever:
     extractor: Extractor
     exact: bool = False  # ignore a trained index
     index: SearchIndex = field(init=False)
+    stored: int = field(init=False)  # images in the database when the search began
 
     def __post_init__(self) -> None:
         self.store.require()
-        if not self.store.count():
+        self.stored = self.store.count()
+        if not self.stored:
             raise StoreError(f"database '{self.store.name}' holds no images (every one was removed): "
                              f"add images first")
         self.index = search_index(self.store, exact=self.exact)
