@@ -13,6 +13,10 @@ import json
 import logging
 import platform
 import re
+import socket
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -369,21 +373,58 @@ def _strip_prefixes(state: dict[str, torch.Tensor], reference: dict[str, torch.T
     return state
 
 
+def _hub_host_unresolved() -> str | None:
+    """Why the Hugging Face Hub's host name does not resolve here, or None.
+
+    Without a network the hub retries each weights file five times (about 50 s in all) before it
+    gives up; a name that does not resolve is known in milliseconds. Behind a proxy the proxy
+    resolves names, so nothing is checked.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or urllib.request.getproxies():
+        return None
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"{type(exc).__name__}: {exc} ({host})"
+    return None
+
+
+@contextmanager
+def _hub_offline():
+    """The hub answers from its local cache alone, as with ``HF_HUB_OFFLINE=1``."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True  # the environment variable is read once, at import
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
 def _download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:
-    """timm's ImageNet-pretrained ``backbone``, from the Hugging Face Hub or its cache."""
+    """timm's ImageNet-pretrained ``backbone``, from the Hugging Face Hub or its cache.
+
+    Where the hub's host does not resolve, only the cache is asked, so the error comes at once.
+    """
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # its line per retry; the reason is in our one line
+    unresolved = _hub_host_unresolved()
     try:
-        return timm.create_model(backbone.timm_name, pretrained=True, num_classes=0,
-                                 **({"img_size": input_size} if backbone.fixed_input_size else {}))
+        with _hub_offline() if unresolved else nullcontext():
+            return timm.create_model(backbone.timm_name, pretrained=True, num_classes=0,
+                                     **({"img_size": input_size} if backbone.fixed_input_size else {}))
     except Exception as exc:
         reason = exc
         while reason.__cause__ or reason.__context__:  # the network's own words, under the hub's
             reason = reason.__cause__ or reason.__context__
-        words = (str(reason).splitlines() or ["no reason given"])[0]
+        words = unresolved or f"{type(reason).__name__}: {(str(reason).splitlines() or ['no reason given'])[0]}"
         raise ModelError(f"cannot download ImageNet weights for {backbone.name} from the Hugging Face Hub "
-                         f"({type(reason).__name__}: {words}); without internet pass --weights FILE, or use "
+                         f"({words}); without internet pass --weights FILE, or use "
                          "efficientnet_lite0 (packaged weights)") from exc
     finally:
         hub_log.setLevel(level)

@@ -127,6 +127,52 @@ def test_a_backbone_without_offline_weights_fails_clearly_when_offline(monkeypat
         create_extractor("resnet18", input_size=64)
 
 
+@pytest.fixture
+def hub_host_unresolvable(monkeypatch):
+    """A machine whose resolver knows no hub: no proxy, and every name lookup fails."""
+    import os
+    import socket
+
+    for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+
+    def no_such_name(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+
+
+def test_without_a_resolvable_hub_the_error_comes_at_once_not_after_the_hubs_retries(hub_host_unresolvable):
+    from huggingface_hub import constants
+
+    with pytest.raises(ModelError, match=r"^cannot download ImageNet weights for resnet18 from the Hugging Face Hub "
+                                         r"\(gaierror: .*Name or service not known \(huggingface.co\)\); without "
+                                         r"internet pass --weights FILE"):
+        create_extractor("resnet18", input_size=64)
+    assert not constants.HF_HUB_OFFLINE  # the hub's offline mode was for that one call
+
+
+def test_without_a_resolvable_hub_weights_in_the_hubs_cache_still_load(hub_host_unresolvable, tmp_path,
+                                                                      monkeypatch):
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    cached = timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict()
+    commit = "0" * 40
+    snapshot = tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    save_file(cached, snapshot / "model.safetensors")
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+
+    extractor = create_extractor("resnet18", input_size=64)
+    assert extractor.spec.weights == "imagenet"
+    loaded = extractor.backbone.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in cached.items())
+
+
 @pytest.mark.parametrize("device,message", [
     ("tpu", "not a device to compute on"),
     ("meta", "not a device to compute on"),  # a torch device, but one that holds no pixels
