@@ -115,11 +115,16 @@ EXIT_STATUSES = ("exit status: 0 done; 1 done, but some input files were skipped
                  "output's reader left (| head)")
 
 
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``count`` with its noun: "1 image", "2 images"."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
 def _skipped_summary(failures: list[str]) -> int:
     """List the files a command skipped (file: reason) at the end of its output; its exit status."""
     if not failures:
         return 0
-    print(f"{len(failures)} file(s) skipped:", file=sys.stderr)
+    print(f"{counted(len(failures), 'file')} skipped:", file=sys.stderr)
     for failure in failures:
         print(f"  {failure}", file=sys.stderr)
     return SOME_FILES_SKIPPED
@@ -195,14 +200,14 @@ def _cmd_add(args) -> int:
         extractor = extractor_for_store(store, device=args.device)
     _check_model_flags(args, extractor.spec)
     register_model(store, extractor, weights=args.weights, chunk_size=args.chunk_size)
-    print(f"{len(items)} images from {args.path} -> '{args.db_name}' on {describe(store.client)}, "
+    print(f"{counted(len(items), 'image')} from {args.path} -> '{args.db_name}' on {describe(store.client)}, "
           f"model {extractor.spec.description}, {extractor.spec.embedding_dim}-d")
     report = index_images(store, items, extractor, batch_size=args.batch_size, workers=args.workers,
                           progress=not args.quiet)
     rate = (report.written / report.seconds) if report.seconds else 0.0
     print(f"'{args.db_name}': {report.new} new, {report.updated} updated, "
           f"{report.unchanged} unchanged, {report.duplicates} duplicate names, {len(report.failures)} failed "
-          f"in {report.seconds:.1f} s ({rate:.1f} images/s indexed); {store.count()} images stored")
+          f"in {report.seconds:.1f} s ({rate:.1f} images/s indexed); {counted(store.count(), 'image')} stored")
     return _skipped_summary(report.failures)
 
 
@@ -261,7 +266,7 @@ def _cmd_remove(args) -> int:
     with store.writing():
         removed = store.remove_names(args.name) if args.name else []
         removed += store.remove_matching(args.label, digests) if args.label or digests else []
-    print(f"removed {len(removed)} image(s) from '{args.db_name}'; {store.count()} remain")
+    print(f"removed {counted(len(removed), 'image')} from '{args.db_name}'; {store.count()} remain")
     # Said, not an error: a removal run again after it succeeded finds nothing, and must still succeed.
     missing_names = sorted(set(args.name) - {record.name for record in removed})
     missing_labels = sorted(set(args.label) - {record.label for record in removed})
@@ -291,7 +296,7 @@ def _cmd_train_index(args) -> int:
         print(f"'{args.db_name}': {'trained index deleted' if deleted else 'had no trained index'}; "
               "searches are exact")
         return 0
-    print(f"training an index ({args.index}) over '{args.db_name}' ({store.count()} images) on {describe(store.client)}")
+    print(f"training an index ({args.index}) over '{args.db_name}' ({counted(store.count(), 'image')}) on {describe(store.client)}")
     report = train_index(store, kind=args.index, nlist=args.nlist, m=args.m, breadth=args.nprobe,
                          target_recall=args.target_recall, seed=args.seed)
     params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "exact"
@@ -383,8 +388,8 @@ def _cmd_dataset(args) -> int:
 # ---------------------------------------------------------------------- info
 def _list_databases(client) -> int:
     names = database_names(client)
-    print(f"{len(names)} database{'s' if len(names) != 1 else ''} on {describe(client)}"
-          + ("" if names else ": add images with add_images.py"))
+    print(f"{counted(len(names), 'database')} on {describe(client)}"
+          + ("" if names else ": add images with `cbir add` (add_images.py)"))
     for name in names:
         store = VectorStore(client, name)
         try:
@@ -392,7 +397,8 @@ def _list_databases(client) -> int:
         except StoreError as exc:  # an older schema's layout, say: named, not read
             print(f"  {name:<24} {'?':>9}          {exc}")
             continue
-        print(f"  {name:<24} {store.count():>9} images   {store.model_spec.get('description', '?')}")
+        count = store.count()
+        print(f"  {name:<24} {count:>9} {'image ' if count == 1 else 'images'}   {store.model_spec.get('description', '?')}")
     return 0
 
 

@@ -181,7 +181,7 @@ def test_the_exit_status_tells_a_script_that_files_were_skipped(cli_env, db_name
     folder.mkdir(parents=True)
     Image.fromarray(np.load(BREASTMNIST)["val_images"][3]).save(folder / "good.png")
     (folder / "notes.txt").write_text("a clinician's note")
-    skipped = f"1 file(s) skipped:\n  {folder / 'notes.txt'}: not an image file\n"
+    skipped = f"1 file skipped:\n  {folder / 'notes.txt'}: not an image file\n"
     add = ["add", "--db_name", db_name, "--path", tmp_path / "cases", "--input_size", TEST_INPUT_SIZE, "--quiet",
            "--workers", 0]
     try:
@@ -217,13 +217,13 @@ def test_remove_by_content_whatever_the_name(cli_env, db_name, tmp_path, capsys)
         capsys.readouterr()
         assert cli(*remove) == 0
         said = capsys.readouterr()
-        assert f"removed 1 image(s) from '{db_name}'; 80 remain" in said.out
+        assert f"removed 1 image from '{db_name}'; 80 remain" in said.out
         assert said.err == f"no stored image has the content of 1 of the 2 files of {withdrawn}: 'never stored.png'\n"
         store = VectorStore(connect(cli_env), db_name)
         assert "benign/case 1.png" not in {record.name for _, record in store.iter_records()}
-        assert cli(*remove) == 0 and "removed 0 image(s)" in capsys.readouterr().out  # again: nothing, no error
+        assert cli(*remove) == 0 and "removed 0 images" in capsys.readouterr().out  # again: nothing, no error
         assert cli("remove", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val") == 0
-        assert f"removed 78 image(s) from '{db_name}'; 2 remain" in capsys.readouterr().out
+        assert f"removed 78 images from '{db_name}'; 2 remain" in capsys.readouterr().out
         assert cli("remove", "--db_name", db_name) == 2
         assert "give --name, --label and/or --path" in capsys.readouterr().err
     finally:
@@ -270,7 +270,7 @@ def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsy
         capsys.readouterr()
         assert cli("remove", "--db_name", db_name, "--name", "val/05", "--label", "zebra") == 0  # again: nothing
         removal = capsys.readouterr()
-        assert "removed 0 image(s)" in removal.out
+        assert "removed 0 images" in removal.out
         assert removal.err.splitlines() == [
             f"not stored in '{db_name}' (names as stored, e.g. as retrieve prints them): val/05",
             f"no image labelled zebra in '{db_name}'"]
