@@ -413,6 +413,8 @@ def _download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # its line per retry; the reason is in our one line
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
     unresolved = _hub_host_unresolved()
     try:
         with _hub_offline() if unresolved else nullcontext():
@@ -422,8 +424,10 @@ def _download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:
         reason = exc
         while reason.__cause__ or reason.__context__:  # the network's own words, under the hub's
             reason = reason.__cause__ or reason.__context__
-        words = unresolved or f"{type(reason).__name__}: {(str(reason).splitlines() or ['no reason given'])[0]}"
-        raise ModelError(f"cannot download ImageNet weights for {backbone.name} from the Hugging Face Hub "
+        words = f"{type(reason).__name__}: {(str(reason).splitlines() or ['no reason given'])[0]}"
+        if unresolved and isinstance(reason, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
+            words = unresolved  # not in the cache; why the hub was not asked says more
+        raise ModelError(f"cannot get ImageNet weights for {backbone.name} from the Hugging Face Hub or its cache "
                          f"({words}); without internet pass --weights FILE, or use "
                          "efficientnet_lite0 (packaged weights)") from exc
     finally:

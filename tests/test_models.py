@@ -115,15 +115,17 @@ def test_backbone_weights_file_loads_safely(tmp_path):
         create_extractor("resnet18", weights=tmp_path / "run")
 
 
+HUB_FAILED = r"^cannot get ImageNet weights for resnet18 from the Hugging Face Hub or its cache "
+
+
 def test_a_backbone_without_offline_weights_fails_clearly_when_offline(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # read once at import: without this the hub tries the network first (46 s here, no internet)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelError, match=r"^cannot download ImageNet weights for resnet18 from the Hugging Face Hub "
-                                         r"\(OfflineModeIsEnabled: Cannot reach https://huggingface.co/.*\); without "
-                                         r"internet pass --weights FILE"):
+    with pytest.raises(ModelError, match=HUB_FAILED + r"\(OfflineModeIsEnabled: Cannot reach https://huggingface.co/"
+                                                      r".*\); without internet pass --weights FILE"):
         create_extractor("resnet18", input_size=64)
 
 
@@ -145,32 +147,40 @@ def hub_host_unresolvable(monkeypatch):
 def test_without_a_resolvable_hub_the_error_comes_at_once_not_after_the_hubs_retries(hub_host_unresolvable):
     from huggingface_hub import constants
 
-    with pytest.raises(ModelError, match=r"^cannot download ImageNet weights for resnet18 from the Hugging Face Hub "
-                                         r"\(gaierror: .*Name or service not known \(huggingface.co\)\); without "
-                                         r"internet pass --weights FILE"):
+    with pytest.raises(ModelError, match=HUB_FAILED + r"\(gaierror: .*Name or service not known \(huggingface.co\)\); "
+                                                      r"without internet pass --weights FILE"):
         create_extractor("resnet18", input_size=64)
     assert not constants.HF_HUB_OFFLINE  # the hub's offline mode was for that one call
 
 
-def test_without_a_resolvable_hub_weights_in_the_hubs_cache_still_load(hub_host_unresolvable, tmp_path,
-                                                                      monkeypatch):
-    import timm
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """Where the hub's cache keeps resnet18's default weights file, in an empty cache of its own."""
     from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--timm--resnet18.a1_in1k"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit / "model.safetensors"
+
+
+def test_without_a_resolvable_hub_weights_in_the_hubs_cache_still_load(hub_host_unresolvable, hub_cache):
+    import timm
     from safetensors.torch import save_file
 
     cached = timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict()
-    commit = "0" * 40
-    snapshot = tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    save_file(cached, snapshot / "model.safetensors")
-    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
-    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-
+    save_file(cached, hub_cache)
     extractor = create_extractor("resnet18", input_size=64)
     assert extractor.spec.weights == "imagenet"
     loaded = extractor.backbone.state_dict()
     assert all(torch.equal(loaded[name], tensor) for name, tensor in cached.items())
+
+    hub_cache.write_bytes(b"cut short")  # a damaged cached file is named as such, not as the network
+    with pytest.raises(ModelError, match=HUB_FAILED + r"\(SafetensorError: "):
+        create_extractor("resnet18", input_size=64)
 
 
 @pytest.mark.parametrize("device,message", [
