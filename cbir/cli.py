@@ -397,8 +397,8 @@ def _list_databases(client) -> int:
         except StoreError as exc:  # an older schema's layout, say: named, not read
             print(f"  {name:<24} {'?':>9}          {exc}")
             continue
-        count = store.count()
-        print(f"  {name:<24} {count:>9} {'image ' if count == 1 else 'images'}   {store.model_spec.get('description', '?')}")
+        images = counted(store.count(), "image")
+        print(f"  {name:<24} {images:>16}   {store.model_spec.get('description', '?')}")
     return 0
 
 
