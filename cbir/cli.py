@@ -296,7 +296,8 @@ def _cmd_train_index(args) -> int:
         print(f"'{args.db_name}': {'trained index deleted' if deleted else 'had no trained index'}; "
               "searches are exact")
         return 0
-    print(f"training an index ({args.index}) over '{args.db_name}' ({counted(store.count(), 'image')}) on {describe(store.client)}")
+    print(f"training an index ({args.index}) over '{args.db_name}' ({counted(store.count(), 'image')}) "
+          f"on {describe(store.client)}")
     report = train_index(store, kind=args.index, nlist=args.nlist, m=args.m, breadth=args.nprobe,
                          target_recall=args.target_recall, seed=args.seed)
     params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "exact"

@@ -25,6 +25,8 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 from PIL import Image
 from torch import nn
 
@@ -380,11 +382,9 @@ def _hub_host_unresolved() -> str | None:
     gives up; a name that does not resolve is known in milliseconds. Behind a proxy the proxy
     resolves names, so nothing is checked.
     """
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or urllib.request.getproxies():
+    if hub_constants.HF_HUB_OFFLINE or urllib.request.getproxies():
         return None
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    host = urllib.parse.urlparse(hub_constants.ENDPOINT).hostname
     try:
         socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -395,14 +395,12 @@ def _hub_host_unresolved() -> str | None:
 @contextmanager
 def _hub_offline():
     """The hub answers from its local cache alone, as with ``HF_HUB_OFFLINE=1``."""
-    from huggingface_hub import constants
-
-    offline = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True  # the environment variable is read once, at import
+    offline = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True  # the environment variable is read once, at import
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = offline
+        hub_constants.HF_HUB_OFFLINE = offline
 
 
 def _download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:
@@ -410,12 +408,10 @@ def _download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:
 
     Where the hub's host does not resolve, only the cache is asked, so the error comes at once.
     """
+    unresolved = _hub_host_unresolved()
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # its line per retry; the reason is in our one line
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    unresolved = _hub_host_unresolved()
     try:
         with _hub_offline() if unresolved else nullcontext():
             return timm.create_model(backbone.timm_name, pretrained=True, num_classes=0,
