@@ -28,7 +28,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 from .data import ImageItem, per_class_in_turn, some_labels
 from .errors import CbirError, DataSourceWarning
 from .options import MEASURES, VOTES
-from .index import SearchIndex
+from .index import SearchIndex, id_positions
 from .indexing import embed_items
 from .store import VectorStore
 
@@ -74,10 +74,7 @@ class Support:
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Position of each store id (-1 for -1 or an unknown id)."""
-        ids = np.asarray(ids, np.int64)
-        found = np.searchsorted(self.ids, ids).clip(0, max(len(self.ids) - 1, 0))
-        hit = (ids >= 0) & (self.ids[found] == ids) if len(self.ids) else np.zeros(ids.shape, bool)
-        return np.where(hit, found, -1)
+        return id_positions(self.ids, ids)
 
     def take(self, positions: np.ndarray) -> "Support":
         positions = np.sort(np.asarray(positions, np.int64))

@@ -56,6 +56,17 @@ def _unit_rows(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
 
 
+def id_positions(held: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Position in ``held`` (store ids in any order, each at most once; -1 for a free slot) of each
+    of ``ids``, -1 for -1 or an id not held."""
+    ids = np.asarray(ids, np.int64)
+    if not len(held):
+        return np.full(ids.shape, -1, np.int64)
+    order = np.argsort(held, kind="stable")
+    positions = order[np.searchsorted(held[order], ids).clip(0, len(held) - 1)]
+    return np.where((ids >= 0) & (held[positions] == ids), positions, -1)
+
+
 @dataclass
 class SearchIndex:
     """A FAISS index over store vectors; ``ids[i]`` is the store id of FAISS entry ``i``."""
@@ -201,12 +212,9 @@ class SearchIndex:
         held); exact where the index keeps its vectors uncompressed (flat, hnsw)."""
         queries = _unit_rows(queries)
         scores = np.full(ids.shape, -np.inf, np.float32)
-        if not len(self.ids):
-            return scores
-        order = np.argsort(self.ids, kind="stable")
-        slots = np.searchsorted(self.ids[order], ids).clip(0, len(order) - 1)
-        positions = order[slots]
-        found = (ids >= 0) & (self.ids[positions] == ids)
+        # A replaced or removed entry keeps its id in self.ids; only the live one is the stored vector.
+        positions = id_positions(self.ids if self.live is None else np.where(self.live, self.ids, -1), ids)
+        found = positions >= 0
         if found.any():
             vectors = self.index.reconstruct_batch(positions[found])
             scores[found] = np.einsum("ij,ij->i", np.repeat(queries, found.sum(axis=1), axis=0), vectors)
