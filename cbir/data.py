@@ -118,8 +118,7 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         raise ImageError(f"{where}: refused, too many pixels ({exc})") from exc
     except Image.UnidentifiedImageError as exc:
         if where.lower().endswith(DICOM_SUFFIXES):
-            raise ImageError(f"{where}: not a DICOM file of the standard's format (no 'DICM' after a 128-byte "
-                             f"preamble; files without the file meta header are not read)") from exc
+            return dicom_image(data, where, Image.MAX_IMAGE_PIXELS, headerless=True)
         raise ImageError(f"{where}: not an image file") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{where}: unreadable or truncated image ({exc})") from exc
@@ -165,6 +164,10 @@ def check_header(path: str) -> None:
     try:
         with Image.open(path) as image:
             image.verify()
+    except Image.UnidentifiedImageError:
+        if not path.lower().endswith(DICOM_SUFFIXES):
+            raise ImageError(f"{path}: not an image file") from None
+        dicom_header(path, path, Image.MAX_IMAGE_PIXELS, defer_size="64 KB", headerless=True)
     except Exception as exc:  # Pillow raises many types for broken files
         raise ImageError(f"{path}: not an image file, or a damaged one ({type(exc).__name__})") from exc
 

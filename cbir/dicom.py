@@ -42,28 +42,44 @@ def _unreadable(where: str, exc: Exception) -> ImageError:
     return ImageError(f"{where}: unreadable or truncated DICOM ({type(exc).__name__}: {detail})")
 
 
-def _decoder_problem(exc: RuntimeError) -> str:
-    """pydicom's account of its decoding plugins (a line each) as one line: the packages that would
-    decode the data, or why each installed plugin failed."""
-    first, *plugins = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if "missing dependencies" in first:
-        return "no decoder for it is installed; any of these would do: " + "; ".join(
-            plugin.split(" - requires ", 1)[-1] for plugin in plugins)
-    return "; ".join(plugins) or first
+def _decoder_problem(exc: RuntimeError, syntax) -> str:
+    """As one line: why each installed pydicom plugin failed to decode ``syntax``, and what the plugins
+    pydicom would also try are missing."""
+    from pydicom.pixels import get_decoder
+
+    unavailable = get_decoder(syntax).missing_dependencies  # "pylibjpeg - requires pylibjpeg-libjpeg>=2.1"
+    reasons = [line.strip() for line in str(exc).splitlines()[1:] if line.strip() and line.strip() not in unavailable]
+    if unavailable:
+        reasons.append("plugins not available: " + ", ".join(
+            f"{plugin} ({needs})" for plugin, _, needs in (line.partition(" - ") for line in unavailable)))
+    return "; ".join(reasons) or str(exc).splitlines()[0]
 
 
-def dicom_header(source: str | io.BytesIO, where: str, pixel_limit: int | None, defer_size: str | None = None):
+def dicom_header(source: str | io.BytesIO, where: str, pixel_limit: int | None, defer_size: str | None = None,
+                 headerless: bool = False):
     """The dataset of a DICOM file, checked to hold an image of at most ``pixel_limit`` pixels a frame;
-    ``defer_size`` leaves larger values (the pixel data) unread until used."""
+    ``defer_size`` leaves larger values (the pixel data) unread until used.
+
+    ``headerless`` reads a bare data set, as older exports write it: no preamble, no file meta
+    header, so no transfer syntax named; it is taken as the uncompressed encoding pydicom found.
+    """
     import pydicom  # here: most sources hold no DICOM, and pydicom takes time to import
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     try:
-        dataset = pydicom.dcmread(source, defer_size=defer_size)
+        dataset = pydicom.dcmread(source, defer_size=defer_size, force=headerless)
         if not any(keyword in dataset for keyword in PIXEL_DATA_KEYWORDS):
+            if headerless:
+                raise ImageError(f"{where}: not an image file, nor a DICOM file (no 'DICM' after a 128-byte "
+                                 f"preamble, and read as a bare DICOM data set it holds no image)")
             modality = dataset.get("Modality")
             kind = (f"modality {modality}" if modality
                     else getattr(dataset.get("SOPClassUID"), "name", "no modality given"))
             raise ImageError(f"{where}: a DICOM file with no image ({kind})")
+        if "TransferSyntaxUID" not in dataset.file_meta:
+            implicit, little_endian = dataset.original_encoding
+            dataset.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+                                                   if little_endian else ExplicitVRBigEndian)
         rows, columns = int(dataset.Rows), int(dataset.Columns)
     except ImageError:
         raise
@@ -75,17 +91,22 @@ def dicom_header(source: str | io.BytesIO, where: str, pixel_limit: int | None, 
     return dataset
 
 
-def dicom_array(data: bytes, where: str, pixel_limit: int | None) -> np.ndarray:
-    """The display pixels of a DICOM file: ``uint8``, (H, W) grey or (H, W, 3) RGB."""
+def dicom_array(data: bytes, where: str, pixel_limit: int | None, headerless: bool = False) -> np.ndarray:
+    """The display pixels of a DICOM file (a bare data set if ``headerless``): ``uint8``, (H, W) grey
+    or (H, W, 3) RGB."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
-    dataset = dicom_header(io.BytesIO(data), where, pixel_limit)
+    dataset = dicom_header(io.BytesIO(data), where, pixel_limit, headerless=headerless)
+    syntax = dataset.file_meta.TransferSyntaxUID
     try:
         frames = int(dataset.get("NumberOfFrames") or 1)
         pixels = pixel_array(dataset, index=frames // 2 if frames > 1 else None)
+    except NotImplementedError as exc:  # video (MPEG, HEVC) and multi-component JPEG 2000
+        raise ImageError(f"{where}: cannot decode its {syntax.name} pixel data (pydicom has no decoder for "
+                         f"it)") from exc
     except RuntimeError as exc:  # pydicom: no plugin decodes this compression, or none is installed
-        syntax = dataset.file_meta.TransferSyntaxUID
-        raise ImageError(f"{where}: cannot decode its {syntax.name} pixel data ({_decoder_problem(exc)})") from exc
+        raise ImageError(f"{where}: cannot decode its {syntax.name} pixel data "
+                         f"({_decoder_problem(exc, syntax)})") from exc
     except Exception as exc:
         raise _unreadable(where, exc) from exc
 
@@ -121,5 +142,5 @@ def _windowed(values: np.ndarray, dataset) -> np.ndarray:
     return to_8_bits(values)
 
 
-def dicom_image(data: bytes, where: str, pixel_limit: int | None) -> Image.Image:
-    return Image.fromarray(dicom_array(data, where, pixel_limit)).convert("RGB")
+def dicom_image(data: bytes, where: str, pixel_limit: int | None, headerless: bool = False) -> Image.Image:
+    return Image.fromarray(dicom_array(data, where, pixel_limit, headerless)).convert("RGB")
