@@ -233,6 +233,10 @@ def _cmd_retrieve(args) -> int:
         for n in retrieval.neighbours:
             print(f"{n.rank:>4}  {n.score:>10.4f}  {n.label:<16} {n.project:<12} {n.name}")
         print(f"vote: {retrieval.vote_summary()}")
+    unstored = retriever.unstored_labels(retrievals)
+    if unstored:
+        warnings.warn(f"'{args.db_name}' holds no image labelled {some_labels(unstored)}: no neighbour of such a "
+                      f"query can share its label")
     if not args.no_picture and retrievals:
         from .viz import save_retrieval_grid
 
@@ -404,15 +408,13 @@ def _list_databases(client) -> int:
 
 
 def _cmd_info(args) -> int:
-    from collections import Counter
-
     from .trained_index import index_info
 
     if args.db_name is None:
         return _list_databases(connect(args.redis_url))
     store = _open_store(args)
     info = store.describe()
-    labels = Counter(record.label for _, record in store.iter_records())
+    labels = store.label_counts()
     print(f"database '{info.name}' on {describe(store.client)}")
     print(f"  images: {info.count}   dim: {info.dim}   version: {info.version}")
     print(f"  model: {info.model_spec.get('description', '?')} (fingerprint {info.model})")

@@ -115,6 +115,13 @@ class Retriever:
             rows.append(row)
         return rows
 
+    def unstored_labels(self, retrievals: Sequence[Retrieval]) -> list[str]:
+        """The query labels of which the database holds no image, sorted: no neighbour can share them.
+        The stored labels are read only if some query's label is missing from all its neighbours."""
+        doubtful = {r.query_label for r in retrievals
+                    if r.query_label is not None and all(n.label != r.query_label for n in r.neighbours)}
+        return sorted(doubtful - set(self.store.label_counts())) if doubtful else []
+
     def query(self, items: Sequence[ImageItem], k: int = DEFAULT_NEIGHBOURS, known_labels: bool = True,
               progress: bool = False) -> tuple[list[Retrieval], list[str]]:
         """Retrievals for the readable ``items`` and the failures (file: reason) of the others."""

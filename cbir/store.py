@@ -37,6 +37,7 @@ import socket
 import struct
 import time
 import uuid
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -62,6 +63,7 @@ _PIPELINE_CHUNKS = 32  # chunks read per pipeline round trip when loading
 _CREATE_IF_ABSENT = ("if redis.call('exists', KEYS[1]) == 1 then return 0 end "
                      "redis.call('hset', KEYS[1], unpack(ARGV)) return 1")
 _TEXT_FIELDS = ("name", "label", "project", "source")
+_LABEL_COLUMN = _TEXT_FIELDS.index("label")
 _VALUE_SEPARATOR = "\x1f"  # ASCII unit separator, between the values of one text column
 _COLUMN_SEPARATOR = "\x1e"  # ASCII record separator, between the text columns
 _FORBIDDEN_CHARACTERS = (_VALUE_SEPARATOR, _COLUMN_SEPARATOR, "\0")
@@ -231,6 +233,12 @@ class MetaChunk:
     def records(self) -> list[tuple[int, ImageRecord]]:
         """Every (id, record) of the chunk, ids ascending."""
         return [(i, self.get(i)) for i in self.ids.tolist()]
+
+    def label_counts(self) -> Counter:
+        """How many records of the chunk have each label."""
+        if len(self._blocks) == 1:  # written at once, or rewritten by a removal: every row is live
+            return Counter(self._blocks[0].columns[_LABEL_COLUMN])
+        return Counter(record.label for _, record in self.records())
 
 
 @dataclass
@@ -813,6 +821,16 @@ class VectorStore:
         for batch in self._chunk_batches():
             for chunk in self._meta_chunks(batch).values():
                 yield from chunk.records()
+
+    def label_counts(self) -> Counter:
+        """How many stored images have each label; one pass over the records, without building one
+        record object per image (several times faster than :meth:`iter_records`)."""
+        self.require()
+        counts: Counter = Counter()
+        for batch in self._chunk_batches():
+            for chunk in self._meta_chunks(batch).values():
+                counts.update(chunk.label_counts())
+        return counts
 
     def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of those of ``ids`` that are stored, ascending."""

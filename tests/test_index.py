@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -241,7 +242,10 @@ def test_cli_trains_and_reports(cli_env, db_name, mednist_embeddings, extractor,
         assert main(["train-index", "--db_name", db_name, "--index", "ivf", "--nprobe", "1"]) == 0
         assert "try a larger --nprobe than 1, or leave it out to have it tuned" in capsys.readouterr().out
         assert main(["info", "--db_name", db_name]) == 0
-        assert "index: ivf" in capsys.readouterr().out
+        described = capsys.readouterr().out
+        assert "index: ivf" in described
+        for label, count in Counter(item.label for item in items).items():
+            assert re.search(rf"^  {re.escape(label)} +{count}$", described, re.M), label
         old = VectorStore(store.client, db_name + "-old")
         old.ensure_model("fp", {}, 4)
         store.client.hset(old.info_key, "schema", "1")

@@ -127,6 +127,19 @@ def test_removed_images_are_never_returned(store, busi, extractor):
         Retriever(store, extractor)  # was an IndexError inside the search
 
 
+def test_query_labels_with_no_stored_image_are_named(store, busi, extractor):
+    items = load_items(busi)
+    first_of = {label: next(item for item in items if item.label == label) for label in ("benign", "normal")}
+    indexed(store, [item for item in items if item.label != "normal"][:40], extractor)
+    retriever = Retriever(store, extractor)
+    retrievals, _ = retriever.query(list(first_of.values()), k=3)
+    assert retriever.unstored_labels(retrievals) == ["normal"]
+    no_benign_neighbour = Retrieval(query="q.png", query_label="benign", neighbours=[])
+    assert retriever.unstored_labels([no_benign_neighbour]) == [], "benign is stored, if not among the neighbours"
+    unlabelled, _ = retriever.query([first_of["normal"]], k=3, known_labels=False)
+    assert retriever.unstored_labels(unlabelled) == []
+
+
 def test_the_database_rebuilds_its_own_extractor(store, extractor):
     indexed(store, load_items(BREASTMNIST, split="val"), extractor)
     rebuilt = extractor_for_store(VectorStore(store.client, store.name), device="cpu")

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,8 @@ def test_removed_images_are_gone_with_their_vector_bytes(small):
     with small.writing():
         readded = small.add(records(24)[3:4], unit_vectors(1))
     assert readded.new == 1 and small.count() == 24 - 1 - 8 - 1 + 1
+    assert small.label_counts() == Counter(record.label for _, record in small.iter_records())
+    assert small.label_counts() == {"class0": 8, "class2": 7}
 
 
 def test_drop_deletes_only_this_database(deployment, small, db_name):
@@ -274,6 +277,8 @@ def test_record_blocks_round_trip_unusual_text_and_later_entries_win():
     chunk = MetaChunk(blob)
     assert chunk.ids.tolist() == [7, 9]
     assert chunk.records() == [(7, first[0]), (9, update[0])]
+    assert chunk.label_counts() == {"normal, benign": 1, "changed": 1}, "the replaced label is not counted"
+    assert MetaChunk(_encode_block(np.array([7, 9]), Columns.of(first))).label_counts() == {"normal, benign": 1, "": 1}
     assert chunk.get(8) is None and 8 not in chunk
     assert MetaChunk(None).ids.tolist() == [] and len(MetaChunk(b"")) == 0
 
