@@ -375,20 +375,27 @@ def _strip_prefixes(state: dict[str, torch.Tensor], reference: dict[str, torch.T
     return state
 
 
-def _hub_host_unresolved() -> str | None:
-    """Why the Hugging Face Hub's host name does not resolve here, or None.
+# Long enough for a slow link's handshake; short against the hub's ~50 s of retries.
+HUB_CONNECT_TIMEOUT_S = 3.0
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here, or None.
 
     Without a network the hub retries each weights file five times (about 50 s in all) before it
-    gives up; a name that does not resolve is known in milliseconds. Behind a proxy the proxy
-    resolves names, so nothing is checked.
+    gives up. Resolving its host and opening one TCP connection to it (closed at once) tells in at
+    most :data:`HUB_CONNECT_TIMEOUT_S` seconds: no resolver, a name that does not resolve, a refused
+    connection, a firewall that drops it. Behind a proxy only the proxy reaches the hub, so nothing
+    is checked.
     """
     if hub_constants.HF_HUB_OFFLINE or urllib.request.getproxies():
         return None
-    host = urllib.parse.urlparse(hub_constants.ENDPOINT).hostname
+    endpoint = urllib.parse.urlparse(hub_constants.ENDPOINT)
+    address = (endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80))
     try:
-        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        return f"{type(exc).__name__}: {exc} ({host})"
+        socket.create_connection(address, timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except (OSError, UnicodeError) as exc:  # gaierror, refusal and timeout are OSErrors
+        return f"{type(exc).__name__}: {exc} ({address[0]}:{address[1]})"
     return None
 
 
@@ -406,14 +413,14 @@ def _hub_offline():
 def _download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:
     """timm's ImageNet-pretrained ``backbone``, from the Hugging Face Hub or its cache.
 
-    Where the hub's host does not resolve, only the cache is asked, so the error comes at once.
+    Where the hub cannot be reached, only the cache is asked, so the error comes at once.
     """
-    unresolved = _hub_host_unresolved()
+    unreachable = _hub_unreachable()
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # its line per retry; the reason is in our one line
     try:
-        with _hub_offline() if unresolved else nullcontext():
+        with _hub_offline() if unreachable else nullcontext():
             return timm.create_model(backbone.timm_name, pretrained=True, num_classes=0,
                                      **({"img_size": input_size} if backbone.fixed_input_size else {}))
     except Exception as exc:
@@ -421,8 +428,8 @@ def _download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:
         while reason.__cause__ or reason.__context__:  # the network's own words, under the hub's
             reason = reason.__cause__ or reason.__context__
         words = f"{type(reason).__name__}: {(str(reason).splitlines() or ['no reason given'])[0]}"
-        if unresolved and isinstance(reason, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
-            words = unresolved  # not in the cache; why the hub was not asked says more
+        if unreachable and isinstance(reason, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
+            words = unreachable  # not in the cache; why the hub was not asked says more
         raise ModelError(f"cannot get ImageNet weights for {backbone.name} from the Hugging Face Hub or its cache "
                          f"({words}); without internet pass --weights FILE, or use "
                          "efficientnet_lite0 (packaged weights)") from exc

@@ -14,7 +14,7 @@ from cbir.errors import CbirError, ModelError
 from cbir.models import BACKBONES, create_extractor, load_checkpoint, resolve_backbone
 from cbir.data import npz_items
 
-from .conftest import BREASTMNIST, ROOT
+from .conftest import BREASTMNIST, ROOT, _free_port
 
 
 def test_registry_has_the_thesis_backbones_and_aliases():
@@ -130,13 +130,17 @@ def test_a_backbone_without_offline_weights_fails_clearly_when_offline(monkeypat
 
 
 @pytest.fixture
-def hub_host_unresolvable(monkeypatch):
-    """A machine whose resolver knows no hub: no proxy, and every name lookup fails."""
+def no_proxy(monkeypatch):
     import os
-    import socket
 
     for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
         monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def hub_host_unresolvable(no_proxy, monkeypatch):
+    """A machine whose resolver knows no hub: no proxy, and every name lookup fails."""
+    import socket
 
     def no_such_name(host, *args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
@@ -147,10 +151,36 @@ def hub_host_unresolvable(monkeypatch):
 def test_without_a_resolvable_hub_the_error_comes_at_once_not_after_the_hubs_retries(hub_host_unresolvable):
     from huggingface_hub import constants
 
-    with pytest.raises(ModelError, match=HUB_FAILED + r"\(gaierror: .*Name or service not known \(huggingface.co\)\); "
-                                                      r"without internet pass --weights FILE"):
+    with pytest.raises(ModelError, match=HUB_FAILED + r"\(gaierror: .*Name or service not known "
+                                                      r"\(huggingface.co:443\)\); without internet pass --weights FILE"):
         create_extractor("resnet18", input_size=64)
     assert not constants.HF_HUB_OFFLINE  # the hub's offline mode was for that one call
+
+
+@pytest.fixture
+def hub_on_loopback(no_proxy, monkeypatch):
+    """The hub's address moved to a port of this machine's loopback; returns the port."""
+    from huggingface_hub import constants
+
+    port = _free_port()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    return port
+
+
+def test_a_hub_that_refuses_the_connection_is_not_asked(hub_on_loopback):
+    # The address after the reason is cbir's check; the hub's own retries would end in its own words.
+    with pytest.raises(ModelError, match=HUB_FAILED + rf"\(ConnectionRefusedError: .* \(127.0.0.1:{hub_on_loopback}\)\)"):
+        create_extractor("resnet18", input_size=64)
+
+
+def test_a_hub_that_answers_is_asked(hub_on_loopback):
+    import socket
+
+    from cbir.models import _hub_unreachable
+
+    assert _hub_unreachable().startswith("ConnectionRefusedError")
+    with socket.create_server(("127.0.0.1", hub_on_loopback)):
+        assert _hub_unreachable() is None
 
 
 @pytest.fixture
