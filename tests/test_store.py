@@ -376,6 +376,11 @@ def test_an_embedded_server_that_cannot_start_is_one_error_with_its_reason(tmp_p
     with pytest.raises(StoreError, match=r"cannot make the embedded Redis's folder .*home \(File exists\); set "
                                          r"CBIR_HOME to a writable folder"):
         connect(home=tmp_path / "home")
+    for name in ["back\\slash", "tab\there", "zero\u200bwidth"]:
+        with pytest.raises(StoreError, match=r"^the embedded Redis cannot keep its data in .*: a backslash, control or "
+                                             r"unprintable character in the path .*; set CBIR_HOME to another folder"):
+            connect(home=tmp_path / name)
+        assert not (tmp_path / name).exists()
 
 
 def _runtime_folders_serving(home: Path) -> list[Path]:
