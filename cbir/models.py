@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-from PIL import Image
+from PIL import Image, ImageChops
 from torch import nn
 
 from .errors import CbirError, ModelError
@@ -164,17 +164,17 @@ class Preprocess:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         size = (self.input_size, self.input_size)
         resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
-        pixels = np.asarray(image, dtype=np.uint8)
-        if (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all():
+        red, green, blue = image.split()
+        # Compared in Pillow: half the time of copying the pixels out to numpy and comparing there.
+        if ImageChops.difference(red, green).getbbox() is None and ImageChops.difference(green, blue).getbbox() is None:
             # Most medical images are grey saved as RGB. Resampling works band by band, so one
             # band gives the same pixels as three, for a third of the resize (the bulk of this call).
-            grey = image.getchannel(0)
-            if grey.size != size:
-                grey = grey.resize(size, resample, reducing_gap=3.0)
-            return torch.from_numpy(np.array(grey)).expand(3, -1, -1)
+            if red.size != size:
+                red = red.resize(size, resample, reducing_gap=3.0)
+            return torch.from_numpy(np.array(red)).expand(3, -1, -1)
         if image.size != size:
-            pixels = np.asarray(image.resize(size, resample, reducing_gap=3.0))
-        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+            image = image.resize(size, resample, reducing_gap=3.0)
+        return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
 
 
 class Extractor(nn.Module):

@@ -258,9 +258,11 @@ def test_preprocess_resizes_grey_images_on_one_band_with_the_same_pixels():
     rng = np.random.default_rng(0)
     grey = Image.fromarray(rng.integers(0, 256, (300, 260), dtype=np.uint8)).convert("RGB")
     colour = Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8))
+    almost_grey = grey.copy()
+    almost_grey.putpixel((259, 299), (0, 0, 1))  # one blue pixel, the last one
     for interpolation, resample in (("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR)):
         preprocess = Preprocess(224, interpolation)
-        for image in (grey, colour):
+        for image in (grey, colour, almost_grey):
             expected = np.asarray(image.resize((224, 224), resample, reducing_gap=3.0)).transpose(2, 0, 1)
             tensor = preprocess(image)
             assert tensor.dtype == torch.uint8 and tensor.shape == (3, 224, 224)
