@@ -459,10 +459,15 @@ class VectorStore:
         for first in range(0, chunks, _PIPELINE_CHUNKS):
             yield range(first, min(first + _PIPELINE_CHUNKS, chunks))
 
+    def _every_meta_chunk(self) -> Iterator[MetaChunk]:
+        """The records of every chunk, in chunk order."""
+        for batch in self._chunk_batches():
+            yield from self._meta_chunks(batch).values()
+
     def count(self) -> int:
         if not self.exists:
             return 0
-        return sum(len(chunk) for batch in self._chunk_batches() for chunk in self._meta_chunks(batch).values())
+        return sum(len(chunk) for chunk in self._every_meta_chunk())
 
     def describe(self) -> DatabaseInfo:
         self.require()
@@ -818,18 +823,16 @@ class VectorStore:
     def iter_records(self) -> Iterator[tuple[int, ImageRecord]]:
         """Every stored (id, record), in id order."""
         self.require()
-        for batch in self._chunk_batches():
-            for chunk in self._meta_chunks(batch).values():
-                yield from chunk.records()
+        for chunk in self._every_meta_chunk():
+            yield from chunk.records()
 
     def label_counts(self) -> Counter:
         """How many stored images have each label; one pass over the records, without building one
         record object per image (several times faster than :meth:`iter_records`)."""
         self.require()
         counts: Counter = Counter()
-        for batch in self._chunk_batches():
-            for chunk in self._meta_chunks(batch).values():
-                counts.update(chunk.label_counts())
+        for chunk in self._every_meta_chunk():
+            counts.update(chunk.label_counts())
         return counts
 
     def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
