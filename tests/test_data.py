@@ -5,11 +5,12 @@ import io
 import struct
 import zlib
 
+import imagecodecs
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from cbir.data import (decode_image, folder_items, load_items, npz_items, one_per_class, printable,
+from cbir.data import (_libpng_pixels, decode_image, folder_items, load_items, npz_items, one_per_class, printable,
                        query_items, split_project)
 from cbir.errors import DataSourceError, DataSourceWarning, ImageError
 
@@ -52,11 +53,84 @@ def test_exif_orientation_is_applied():
     assert decode_image(buffer.getvalue(), "x").size == (20, 40)
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def _png_with_size(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0"))
+            + _png_chunk(b"IEND", b""))
+
+
+def _interlaced_png(rgb: np.ndarray) -> bytes:
+    """An Adam7-interlaced 8-bit RGB PNG (Pillow writes none): the seven passes, rows unfiltered."""
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    rows = b"".join(b"\0" + row.tobytes() for x0, y0, dx, dy in passes for row in rgb[y0::dy, x0::dx] if row.size)
+    header = struct.pack(">IIBBBBB", rgb.shape[1], rgb.shape[0], 8, 2, 0, 0, 1)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows))
+            + _png_chunk(b"IEND", b""))
+
+
+def _compressed_comment() -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "ancillary chunks do not change the pixels", zip=True)
+    return info
+
+
+def test_plain_pngs_are_decoded_by_libpng_to_pillows_pixels(busi):
+    files = sorted(busi.glob("*/*.png"))[::40]
+    colour = np.asarray(Image.open(files[0]).convert("RGB"))
+    grey = np.asarray(Image.open(files[0]).convert("L"))
+    with_text = png_bytes(Image.fromarray(colour), pnginfo=_compressed_comment())
+    for data in [f.read_bytes() for f in files] + [png_bytes(Image.fromarray(grey)), with_text]:
+        pixels = _libpng_pixels(Image.open(io.BytesIO(data)), data)
+        assert pixels is not None and np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(data))))
+        assert np.array_equal(np.asarray(decode_image(data, "x")), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def _exif_rotated(image: Image.Image) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return png_bytes(image, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("make", [
+    lambda rgb: png_bytes(Image.fromarray(rgb), transparency=(0, 0, 0)),
+    lambda rgb: png_bytes(Image.fromarray(rgb[..., 0]), transparency=0),
+    lambda rgb: png_bytes(Image.fromarray(rgb).convert("P")),
+    lambda rgb: png_bytes(Image.fromarray(rgb).convert("RGBA")),
+    lambda rgb: png_bytes(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)),
+    lambda rgb: png_bytes(Image.fromarray(rgb[..., 0]).convert("1")),
+    lambda rgb: _exif_rotated(Image.fromarray(rgb)),
+    lambda rgb: png_bytes(Image.fromarray(rgb), save_all=True, append_images=[Image.fromarray(255 - rgb)]),
+    _interlaced_png,
+    lambda rgb: png_bytes(Image.fromarray(rgb))[:-12],  # no IEND
+], ids=["transparency", "grey transparency", "palette", "alpha", "16 bits", "1 bit", "exif", "animated",
+        "interlaced", "no end"])
+def test_pngs_that_need_pillows_handling_are_left_to_it(make):
+    rgb = np.random.default_rng(0).integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    data = make(rgb)
+    assert _libpng_pixels(Image.open(io.BytesIO(data)), data) is None
+    decoded = decode_image(data, "x")
+    assert decoded.mode == "RGB" and decoded.size in ((17, 13), (13, 17))
+
+
+def test_an_interlaced_png_gives_the_pixels_of_a_plain_one():
+    rgb = np.random.default_rng(1).integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(decode_image(_interlaced_png(rgb), "x")), rgb)
+
+
+def test_a_png_libpng_refuses_gets_pillows_answer():
+    """libpng checks the image data's CRC, Pillow does not: such a file decodes as Pillow decodes it."""
+    rgb = np.random.default_rng(2).integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    data = bytearray(png_bytes(Image.fromarray(rgb)))
+    data[-13] ^= 0xFF  # the last byte of IDAT's CRC
+    data = bytes(data)
+    with pytest.raises(Exception):
+        imagecodecs.png_decode(data)
+    assert _libpng_pixels(Image.open(io.BytesIO(data)), data) is None
+    assert np.array_equal(np.asarray(decode_image(data, "x")), rgb)
 
 
 @pytest.mark.parametrize("data,reason", [
