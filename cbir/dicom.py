@@ -96,6 +96,8 @@ def dicom_array(data: bytes, where: str, pixel_limit: int | None, headerless: bo
     or (H, W, 3) RGB."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
+    from . import dicom_jpeg  # imports pydicom, as this function's imports do
+    dicom_jpeg.register()
     dataset = dicom_header(io.BytesIO(data), where, pixel_limit, headerless=headerless)
     syntax = dataset.file_meta.TransferSyntaxUID
     try:

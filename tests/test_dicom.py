@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import MPEG4HP41, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import MPEG4HP41, ExplicitVRLittleEndian, JPEGExtended12Bit, SecondaryCaptureImageStorage, generate_uid
 
 from cbir.data import check_header, decode_image, load_items
 from cbir.errors import ImageError
@@ -135,11 +136,6 @@ def test_colour_dicom_becomes_rgb_whatever_its_colour_space_or_depth():
 @pytest.mark.parametrize("name, reason", [
     ("rtplan.dcm", "a DICOM file with no image (modality RTPLAN)"),
     ("MR_truncated.dcm", "unreadable or truncated DICOM"),
-    # pylibjpeg-libjpeg would read 12-bit JPEG; it is GPL-licensed, so not one of cbir's requirements.
-    ("JPEG-lossy.dcm", "cannot decode its JPEG Extended (Process 2 and 4) pixel data (gdcm: GDCM does not support "
-                       "'JPEG Extended' for samples with 12-bit precision; pillow: Pillow does not support "
-                       "'JPEG Extended' for samples with 12-bit precision; plugins not available: pylibjpeg (requires "
-                       "pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1))"),
     ("no_meta.dcm", "not an image file, nor a DICOM file (no 'DICM' after a 128-byte preamble, and read as a bare "
                     "DICOM data set it holds no image)"),
 ])
@@ -148,6 +144,30 @@ def test_a_dicom_that_cannot_be_shown_is_one_error_naming_file_and_reason(name, 
         decode_image(real_file(name), f"cases/{name}")
     assert str(error.value).startswith(f"cases/{name}: ") and reason in str(error.value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "JPEG-lossy.dcm"])
+def test_12_bit_jpeg_is_decoded_without_a_gpl_decoder(name):
+    """pydicom's reference pixels (GDCM and Pillow refuse 12 bits; pylibjpeg-libjpeg is not installed)."""
+    shown = grey(real_file(name))  # registers cbir's plugin with pydicom
+    assert shown.shape == (1024, 256) and shown.min() == 0 and shown.max() == 255
+    assert "pylibjpeg" not in pydicom.pixels.get_decoder(JPEGExtended12Bit).available_plugins
+    samples = pydicom.pixels.pixel_array(pydicom.dcmread(io.BytesIO(real_file(name))))
+    assert samples.dtype == np.uint16 and samples[420, 140] == 244 and samples[230, 120] == 95
+
+
+def test_a_12_bit_jpeg_no_decoder_reads_names_each_decoders_reason():
+    damaged = pydicom.dcmread(get_testdata_file("JPGExtended.dcm"))
+    damaged.PixelData = encapsulate([b"\xff\xd8\xff\xdb" + bytes(100)])  # a JPEG cut short in its first table
+    buffer = io.BytesIO()
+    damaged.save_as(buffer)
+    with pytest.raises(ImageError) as error:
+        decode_image(buffer.getvalue(), "cr.dcm")
+    assert str(error.value) == (
+        "cr.dcm: cannot decode its JPEG Extended (Process 2 and 4) pixel data (gdcm: GDCM does not support 'JPEG "
+        "Extended' for samples with 12-bit precision; pillow: Pillow does not support 'JPEG Extended' for samples "
+        "with 12-bit precision; imagecodecs: Bogus marker length; plugins not available: pylibjpeg (requires "
+        "pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1))")
 
 
 def test_a_compression_pydicom_has_no_decoder_for_is_named():
