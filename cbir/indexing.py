@@ -4,12 +4,12 @@ Where the model runs on the CPU it needs every core, so decoding and model take 
 width: threads decode the images of a few batches in parallel (libpng, Pillow, zlib and hashlib
 release the GIL) and hash their bytes, then the model has the cores for those batches. Decoding
 beside such a model would only take cores from it, and forked decoding processes would make the
-model copy its memory pages again. Where the model runs on an accelerator, the cores are free for decoding:
-DataLoader processes decode batches ahead while the model runs (threads hold the GIL for the Python
-parts of Pillow's decoding: on 16 cores they decoded at a third of the processes' rate). A writer
-thread stores batch N while the model embeds batch N+1. Images already stored with the same content
-are skipped before the model sees them, so re-running an interrupted or repeated ``add`` costs
-little more than reading the files.
+model copy its memory pages again. Where the model runs on an accelerator, the cores are free for
+decoding: DataLoader processes decode batches ahead while the model runs (threads hold the GIL for
+the Python parts of Pillow's decoding: on 16 cores they decoded at a third of the processes' rate).
+A writer thread stores batch N while the model embeds batch N+1. Images already stored with the
+same content are skipped before the model sees them, so re-running an interrupted or repeated
+``add`` costs little more than reading the files.
 """
 from __future__ import annotations
 

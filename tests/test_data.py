@@ -116,6 +116,13 @@ def test_pngs_that_need_pillows_handling_are_left_to_it(make):
     assert decoded.mode == "RGB" and decoded.size in ((17, 13), (13, 17))
 
 
+def test_a_png_libpng_warns_about_is_decoded_without_a_line_on_stderr(capfd):
+    data = png_bytes(Image.new("RGB", (8, 8)), icc_profile=bytes(200))  # libpng: "iCCP: too short"
+    assert _libpng_pixels(Image.open(io.BytesIO(data)), data) is not None
+    assert decode_image(data, "x").size == (8, 8)
+    assert capfd.readouterr().err == ""
+
+
 def test_an_interlaced_png_gives_the_pixels_of_a_plain_one():
     rgb = np.random.default_rng(1).integers(0, 256, (13, 17, 3), dtype=np.uint8)
     assert np.array_equal(np.asarray(decode_image(_interlaced_png(rgb), "x")), rgb)
