@@ -57,19 +57,22 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _png_with_size(width: int, height: int) -> bytes:
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0"))
+def _png_file(width: int, height: int, colour_type: int, interlace: int, rows: bytes) -> bytes:
+    """An 8-bit PNG written chunk by chunk, ``rows`` being the image data before compression."""
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, interlace)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows))
             + _png_chunk(b"IEND", b""))
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    return _png_file(width, height, colour_type=0, interlace=0, rows=b"\0")
 
 
 def _interlaced_png(rgb: np.ndarray) -> bytes:
     """An Adam7-interlaced 8-bit RGB PNG (Pillow writes none): the seven passes, rows unfiltered."""
     passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
     rows = b"".join(b"\0" + row.tobytes() for x0, y0, dx, dy in passes for row in rgb[y0::dy, x0::dx] if row.size)
-    header = struct.pack(">IIBBBBB", rgb.shape[1], rgb.shape[0], 8, 2, 0, 0, 1)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows))
-            + _png_chunk(b"IEND", b""))
+    return _png_file(rgb.shape[1], rgb.shape[0], colour_type=2, interlace=1, rows=rows)
 
 
 def _compressed_comment() -> PngImagePlugin.PngInfo:
