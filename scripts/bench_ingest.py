@@ -7,7 +7,8 @@ Everything is measured in this one run, on the same machine, with baselines besi
      vs a naive redis-py pipeline of one HSET per image, alternating, several times (medians);
   3. reading all N vectors back; memory per stored image (INFO used_memory delta and the vector
      keys' MEMORY USAGE against the raw float32 bytes).
-Usage: python scripts/bench_ingest.py [--vectors 1000000] [--ingest_repeats 3] [--redis-url URL] [--images DIR]
+Usage: python scripts/bench_ingest.py [--extractor NAME] [--vectors 1000000] [--ingest_repeats 3] [--redis-url URL]
+       [--images DIR]
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from cbir.connection import describe, scratch  # noqa: E402
 from cbir.data import load_items  # noqa: E402
 from cbir.indexing import (BackgroundWriter, decode_batches, decodes_beside, default_workers,  # noqa: E402
                            index_images, register_model)
-from cbir.models import create_extractor  # noqa: E402
+from cbir.errors import ModelError  # noqa: E402
+from cbir.models import BACKBONES, create_extractor, resolve_backbone  # noqa: E402
 from cbir.store import ImageRecord, VectorStore  # noqa: E402
 
 DIM = 128
@@ -40,14 +42,17 @@ def empty_store(client, name: str) -> VectorStore:
     return store
 
 
-def forward_vs_end_to_end(client, images: Path, batch_size: int, workers: int | None, repeats: int,
-                          device: str) -> dict:
+def forward_vs_end_to_end(client, images: Path, architecture: str, batch_size: int, workers: int | None,
+                          repeats: int, device: str) -> dict:
     """End-to-end `add` ``repeats`` times, each between two pure forward runs whose mean is that
     add's baseline (this machine's speed drifts within one run); the CPU cost per image of
     decoding and of the model, whose ratio bounds what any schedule can reach when the model
     runs on the CPU; the rate of the decoding threads alone, which bounds it on an accelerator;
-    and the rate of decoding and model taking turns with nothing else costing time."""
-    extractor = create_extractor("efficientnet_lite0", device=device)
+    and the rate of decoding and model taking turns with nothing else costing time.
+
+    Weights do not change the cost, so a backbone with no weights on this machine runs with random ones."""
+    backbone = BACKBONES[architecture]
+    extractor = create_extractor(backbone.name, pretrained=backbone.offline_weights is not None, device=device)
     beside = decodes_beside(extractor)
     items = load_items(images)
     started = time.process_time()
@@ -83,7 +88,8 @@ def forward_vs_end_to_end(client, images: Path, batch_size: int, workers: int | 
         bound = model_cpu / (model_cpu + decode_cpu)
     return {"images": len(items), "forward": forward_rate, "forwards": rates, "adds": adds, "ratios": ratios,
             "decode_cpu": decode_cpu, "decode_rate": decode_rate, "model_cpu": model_cpu, "bound": bound,
-            "turns": 1 / (1 / forward_rate + 1 / decode_rate), "device": str(extractor.device), "beside": beside}
+            "turns": 1 / (1 / forward_rate + 1 / decode_rate), "device": str(extractor.device), "beside": beside,
+            "model": extractor.spec}
 
 
 def make_records(n: int) -> list[ImageRecord]:
@@ -173,6 +179,9 @@ def main() -> None:
     parser.add_argument("--baseline_vectors", type=COUNT, default=200_000, help="vectors for the naive baseline")
     parser.add_argument("--redis-url", dest="redis_url", default=None, help="default: a fresh embedded Redis")
     parser.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/busi")
+    parser.add_argument("--extractor", type=_backbone_name, default="efficientnet_lite0",
+                        help="backbone of the model part (default: efficientnet_lite0, the indexing default "
+                             f"and the cheapest model per image); one of: {', '.join(sorted(BACKBONES))}")
     parser.add_argument("--batch_size", type=COUNT, default=32)
     parser.add_argument("--workers", type=NON_NEGATIVE, default=None,
                         help="decoding threads, processes beside an accelerator (default: one per core)")
@@ -186,11 +195,13 @@ def main() -> None:
         print(f"Redis: {describe(client)}, server {client.info('server')['redis_version']}; "
               f"torch threads {torch.get_num_threads()}")
         if not args.skip_model:
-            e2e = forward_vs_end_to_end(client, args.images, args.batch_size, args.workers, args.repeats,
-                                        args.device)
+            e2e = forward_vs_end_to_end(client, args.images, args.extractor, args.batch_size, args.workers,
+                                        args.repeats, args.device)
             workers = default_workers() if args.workers is None else args.workers
             decoders = "processes" if e2e["beside"] and workers else "threads"
-            print(f"\n[model] {e2e['images']} images of {args.images}, efficientnet_lite0 at 224 px on "
+            model = e2e["model"]
+            print(f"\n[model] {e2e['images']} images of {args.images}, {model.architecture} ({model.weights} "
+                  f"weights) at {model.input_size} px on "
                   f"{e2e['device']}, batches of {args.batch_size}, {workers} decoding {decoders}, "
                   f"{args.repeats} end-to-end runs, each between two forward runs")
             print(f"  pure forward          {e2e['forward']:8.1f} images/s (median; runs "
@@ -237,6 +248,13 @@ def main() -> None:
               f"{first['vector_bytes_per_image'] / raw:.3f} x raw {raw} B   (target <= 1.25 x)")
         print(f"  all bytes/image       {first['bytes_per_image']:10.1f}   = {first['bytes_per_image'] / raw:.3f} x raw "
               "(vector + record + name index; first run)")
+
+
+def _backbone_name(name: str) -> str:
+    try:
+        return resolve_backbone(name).name
+    except ModelError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _listed(rates: list[float]) -> str:
