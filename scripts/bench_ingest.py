@@ -185,7 +185,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=COUNT, default=32)
     parser.add_argument("--workers", type=NON_NEGATIVE, default=None,
                         help="decoding threads, processes beside an accelerator (default: one per core)")
-    parser.add_argument("--repeats", type=COUNT, default=3, help="end-to-end runs, each between two forward runs")
+    parser.add_argument("--repeats", type=COUNT, default=5,
+                        help="end-to-end runs, each between two forward runs (this machine drifts: single adds scatter)")
     parser.add_argument("--ingest_repeats", type=COUNT, default=3,
                         help="store ingests, each followed by the baseline; medians are printed")
     parser.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
