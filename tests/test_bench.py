@@ -1,9 +1,11 @@
 """The ingest benchmark's Redis part runs, on a small scale, against a real embedded Redis."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 
 import numpy as np
+import pytest
 
 from cbir.connection import scratch
 from .conftest import ROOT
@@ -29,3 +31,11 @@ def test_repeated_ingests_each_start_after_an_aof_rewrite_and_store_every_vector
         # store_ingest reads every vector back and compares; nothing of the bench is left behind.
         assert [ingest["write"] > 0 and baseline > 0 for ingest, baseline in runs] == [True, True]
         assert client.dbsize() == 0
+
+
+def test_the_backbone_flag_takes_registered_names_and_aliases_and_lists_the_choices_otherwise():
+    bench = _bench_ingest()
+    assert bench._backbone_name("DenseNet") == "densenet121"
+    assert bench._backbone_name("efficientnet_lite0") == "efficientnet_lite0"
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown extractor 'foo'; choose one of: .*densenet121"):
+        bench._backbone_name("foo")
