@@ -1,4 +1,4 @@
-"""The ingest benchmark's Redis part runs, on a small scale, against a real embedded Redis."""
+"""The ingest benchmark: its Redis part on a small scale against a real embedded Redis, and its flags."""
 from __future__ import annotations
 
 import argparse
