@@ -139,6 +139,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
 logging.getLogger("imagecodecs").addHandler(logging.NullHandler())
 
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+# Where Pillow finds a PNG's EXIF (and so its orientation): an eXIf chunk, or the text chunk that
+# ImageMagick and exiftool write, whose keyword is plain text even when the chunk is compressed.
+_PNG_EXIF_MARKERS = (b"eXIf", b"Raw profile type exif")
 
 
 def _libpng_pixels(image: Image.Image, data: bytes) -> np.ndarray | None:
@@ -153,7 +156,8 @@ def _libpng_pixels(image: Image.Image, data: bytes) -> np.ndarray | None:
     """
     if (image.format != "PNG" or image.mode not in ("L", "RGB") or image.tile[0].args != image.mode
             or image.info.get("interlace") or "transparency" in image.info
-            or getattr(image, "is_animated", False) or b"eXIf" in data or not data.endswith(_PNG_END)):
+            or getattr(image, "is_animated", False) or any(marker in data for marker in _PNG_EXIF_MARKERS)
+            or not data.endswith(_PNG_END)):
         return None
     try:
         return imagecodecs.png_decode(data)

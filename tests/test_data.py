@@ -44,12 +44,16 @@ def test_transparent_pixels_become_black():
     assert np.asarray(decode_image(png_bytes(image), "x")).max() == 0
 
 
-def test_exif_orientation_is_applied():
-    image = Image.new("RGB", (40, 20), "white")
+def _rotated_exif() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    return exif.tobytes()
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), "white")
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", exif=exif)
+    image.save(buffer, format="JPEG", exif=_rotated_exif())
     assert decode_image(buffer.getvalue(), "x").size == (20, 40)
 
 
@@ -93,9 +97,15 @@ def test_plain_pngs_are_decoded_by_libpng_to_pillows_pixels(busi):
 
 
 def _exif_rotated(image: Image.Image) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return png_bytes(image, exif=exif.tobytes())
+    return png_bytes(image, exif=_rotated_exif())
+
+
+def _exif_text_rotated(image: Image.Image) -> bytes:
+    """The EXIF as ImageMagick writes it into a PNG: hex in a compressed "Raw profile type exif" text chunk."""
+    exif = _rotated_exif()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(exif):8d}\n{exif.hex()}", zip=True)
+    return png_bytes(image, pnginfo=info)
 
 
 @pytest.mark.parametrize("make", [
@@ -106,10 +116,11 @@ def _exif_rotated(image: Image.Image) -> bytes:
     lambda rgb: png_bytes(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)),
     lambda rgb: png_bytes(Image.fromarray(rgb[..., 0]).convert("1")),
     lambda rgb: _exif_rotated(Image.fromarray(rgb)),
+    lambda rgb: _exif_text_rotated(Image.fromarray(rgb)),
     lambda rgb: png_bytes(Image.fromarray(rgb), save_all=True, append_images=[Image.fromarray(255 - rgb)]),
     _interlaced_png,
     lambda rgb: png_bytes(Image.fromarray(rgb))[:-12],  # no IEND
-], ids=["transparency", "grey transparency", "palette", "alpha", "16 bits", "1 bit", "exif", "animated",
+], ids=["transparency", "grey transparency", "palette", "alpha", "16 bits", "1 bit", "exif", "exif text", "animated",
         "interlaced", "no end"])
 def test_pngs_that_need_pillows_handling_are_left_to_it(make):
     rgb = np.random.default_rng(0).integers(0, 256, (13, 17, 3), dtype=np.uint8)
@@ -117,6 +128,12 @@ def test_pngs_that_need_pillows_handling_are_left_to_it(make):
     assert _libpng_pixels(Image.open(io.BytesIO(data)), data) is None
     decoded = decode_image(data, "x")
     assert decoded.mode == "RGB" and decoded.size in ((17, 13), (13, 17))
+
+
+@pytest.mark.parametrize("make", [_exif_rotated, _exif_text_rotated], ids=["exif chunk", "exif text"])
+def test_a_png_whose_exif_says_rotate_is_decoded_rotated(make):
+    decoded = decode_image(make(Image.new("RGB", (17, 13))), "x")
+    assert decoded.size == (13, 17)
 
 
 def test_a_png_libpng_warns_about_is_decoded_without_a_line_on_stderr(capfd):
