@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import imagecodecs
 import numpy as np
 import pydicom
 import pytest
@@ -17,6 +18,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import MPEG4HP41, ExplicitVRLittleEndian, JPEGExtended12Bit, SecondaryCaptureImageStorage, generate_uid
 
+from cbir import dicom_jpeg
 from cbir.data import check_header, decode_image, load_items
 from cbir.errors import ImageError
 from cbir.indexing import index_images, register_model
@@ -154,6 +156,50 @@ def test_12_bit_jpeg_is_decoded_without_a_gpl_decoder(name):
     assert "pylibjpeg" not in pydicom.pixels.get_decoder(JPEGExtended12Bit).available_plugins
     samples = pydicom.pixels.pixel_array(pydicom.dcmread(io.BytesIO(real_file(name))))
     assert samples.dtype == np.uint16 and samples[420, 140] == 244 and samples[230, 120] == 95
+
+
+def colour_12_bit_jpeg(frames: list[np.ndarray], photometric: str, **encoding) -> bytes:
+    """A JPEG Extended DICOM file of 12-bit RGB ``frames``, encoded by libjpeg-turbo as ``encoding`` says."""
+    dataset = pydicom.dcmread(io.BytesIO(dicom_bytes(frames[0], "RGB")))
+    dataset.file_meta.TransferSyntaxUID = JPEGExtended12Bit
+    dataset.BitsStored, dataset.HighBit, dataset.PhotometricInterpretation = 12, 11, photometric
+    dataset.NumberOfFrames = len(frames)
+    dataset.PixelData = encapsulate([imagecodecs.jpeg8_encode(rgb, level=95, bitspersample=12, **encoding)
+                                     for rgb in frames])
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    return buffer.getvalue()
+
+
+ROWS, COLUMNS = np.mgrid[0:48, 0:64]
+RGB_12_BITS = np.stack([COLUMNS * 65, ROWS * 87, np.full_like(ROWS, 1000)], axis=-1).astype(np.uint16)  # to 4095
+COLOUR_ENCODINGS = pytest.mark.parametrize("photometric, encoding", [
+    ("YBR_FULL_422", {"subsampling": "422"}),
+    ("YBR_FULL", {"subsampling": "444"}),
+    ("RGB", {"colorspace": "RGB", "outcolorspace": "RGB"}),  # stored without a colour transform
+])
+
+
+@COLOUR_ENCODINGS
+def test_colour_12_bit_jpeg_is_shown_in_its_colours(photometric, encoding):
+    data = colour_12_bit_jpeg([RGB_12_BITS], photometric, **encoding)
+    error = np.abs(np.asarray(decode_image(data, "endoscopy.dcm")) - RGB_12_BITS / 4095 * 255)
+    assert error.mean() < 1 and error.max() <= 3  # lossy JPEG at quality 95
+    # Asked for the samples as stored, pydicom gets them unconverted: luma first for YBR.
+    stored = pydicom.pixels.pixel_array(pydicom.dcmread(io.BytesIO(data)), as_rgb=False).astype(float)
+    first = RGB_12_BITS[..., 0] if photometric == "RGB" else RGB_12_BITS @ [0.299, 0.587, 0.114]
+    assert np.abs(stored[..., 0] - first).mean() < 8
+
+
+@COLOUR_ENCODINGS
+def test_every_frame_of_a_colour_12_bit_jpeg_is_rgb(photometric, encoding):
+    """pydicom decoding all frames, with cbir's plugin (cbir itself decodes the middle one)."""
+    frames = [RGB_12_BITS, 4095 - RGB_12_BITS, RGB_12_BITS // 2]
+    dataset = pydicom.dcmread(io.BytesIO(colour_12_bit_jpeg(frames, photometric, **encoding)))
+    dicom_jpeg.register()
+    decoded = pydicom.pixels.pixel_array(dataset).astype(float)
+    assert decoded.shape == (3, 48, 64, 3)
+    assert all(np.abs(decoded[index] - frame).mean() < 8 for index, frame in enumerate(frames))
 
 
 def test_a_12_bit_jpeg_no_decoder_reads_names_each_decoders_reason():
