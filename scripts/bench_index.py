@@ -23,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ingest import empty_store, make_records  # noqa: E402
+from cbir.cli import COUNT  # noqa: E402
 from cbir.connection import describe, scratch  # noqa: E402
 from cbir.index import SearchIndex, recall_at  # noqa: E402
 from cbir.indexing import BackgroundWriter  # noqa: E402
+from cbir.options import INDEX_KINDS  # noqa: E402
 from cbir.trained_index import _loaded, search_index, train_index  # noqa: E402
 
 BATCH = 10_000
@@ -117,21 +119,41 @@ def run_set(client, count: int, dim: int, kinds: list[str], num_queries: int) ->
     _loaded.clear()
 
 
+def _data_sets(text: str) -> list[tuple[int, int]]:
+    """argparse type: comma-separated COUNTxDIM, as (count, dim) pairs."""
+    sets = []
+    for spec in text.split(","):
+        count, _, dim = spec.strip().lower().partition("x")
+        if not (count.isdigit() and dim.isdigit() and int(count) > 0 and int(dim) > 0):
+            raise argparse.ArgumentTypeError(f"{spec!r} is not COUNTxDIM with whole numbers above 0 (e.g. 100000x128)")
+        sets.append((int(count), int(dim)))
+    return sets
+
+
+def _index_kinds(text: str) -> list[str]:
+    """argparse type: comma-separated index kinds, the exact baseline first whether named or not."""
+    kinds = [kind.strip().lower() for kind in text.split(",")]
+    unknown = [kind for kind in kinds if kind not in INDEX_KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown index kind {unknown[0]!r}; choose from {', '.join(INDEX_KINDS)}")
+    return ["flat"] + [kind for kind in dict.fromkeys(kinds) if kind != "flat"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", default="1000000x128,100000x1280", help="comma-separated COUNTxDIM")
-    parser.add_argument("--kinds", default="flat,ivf,ivfpq,hnsw")
-    parser.add_argument("--queries", type=int, default=1000, help="held-out queries (default: 1000)")
+    parser.add_argument("--sets", type=_data_sets, default="1000000x128,100000x1280",
+                        help="data sets, comma-separated COUNTxDIM (default: 1000000x128,100000x1280)")
+    parser.add_argument("--kinds", type=_index_kinds, default="flat,ivf,ivfpq,hnsw",
+                        help=f"index kinds, comma-separated, from {', '.join(INDEX_KINDS)}; flat, the exact "
+                             "baseline every speed-up and recall is measured against, always runs first "
+                             "(default: all)")
+    parser.add_argument("--queries", type=COUNT, default=1000, help="held-out queries (default: 1000)")
     parser.add_argument("--redis-url", default=None, help="default: a fresh embedded Redis")
     args = parser.parse_args()
-    kinds = args.kinds.split(",")
-    if kinds[0] != "flat":
-        kinds.insert(0, "flat")  # the exact baseline every speed-up is measured against
     with scratch(args.redis_url) as client:
         print(f"Redis: {describe(client)}")
-        for spec in args.sets.split(","):
-            count, dim = (int(v) for v in spec.lower().split("x"))
-            run_set(client, count, dim, kinds, args.queries)
+        for count, dim in args.sets:
+            run_set(client, count, dim, args.kinds, args.queries)
 
 
 if __name__ == "__main__":

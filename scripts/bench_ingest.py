@@ -178,11 +178,12 @@ def main() -> None:
     parser.add_argument("--vectors", type=COUNT, default=1_000_000, help="vectors for the Redis part")
     parser.add_argument("--baseline_vectors", type=COUNT, default=200_000, help="vectors for the naive baseline")
     parser.add_argument("--redis-url", dest="redis_url", default=None, help="default: a fresh embedded Redis")
-    parser.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/busi")
+    parser.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/busi",
+                        help="class-per-folder images of the model part (default: ../shared/data/busi)")
     parser.add_argument("--extractor", type=_backbone_name, default="efficientnet_lite0",
                         help="backbone of the model part (default: efficientnet_lite0, the indexing default, "
                              f"among the cheapest per image); one of: {', '.join(sorted(BACKBONES))}")
-    parser.add_argument("--batch_size", type=COUNT, default=32)
+    parser.add_argument("--batch_size", type=COUNT, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--workers", type=NON_NEGATIVE, default=None,
                         help="decoding threads, processes beside an accelerator (default: one per core)")
     parser.add_argument("--repeats", type=COUNT, default=5,

@@ -1,8 +1,9 @@
-"""The ingest benchmark: its Redis part on a small scale against a real embedded Redis, and its flags."""
+"""The benchmarks: the ingest bench's Redis part on a small scale against a real embedded Redis, and their flags."""
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -11,15 +12,15 @@ from cbir.connection import scratch
 from .conftest import ROOT
 
 
-def _bench_ingest():
-    spec = importlib.util.spec_from_file_location("bench_ingest", ROOT / "scripts" / "bench_ingest.py")
+def _bench(name: str = "bench_ingest"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_repeated_ingests_each_start_after_an_aof_rewrite_and_store_every_vector():
-    bench = _bench_ingest()
+    bench = _bench()
     vectors = np.random.default_rng(0).standard_normal((3_000, bench.DIM), dtype=np.float32)
     records = bench.make_records(len(vectors))
     with scratch() as client:
@@ -34,8 +35,19 @@ def test_repeated_ingests_each_start_after_an_aof_rewrite_and_store_every_vector
 
 
 def test_the_backbone_flag_takes_registered_names_and_aliases_and_lists_the_choices_otherwise():
-    bench = _bench_ingest()
+    bench = _bench()
     assert bench._backbone_name("DenseNet") == "densenet121"
     assert bench._backbone_name("efficientnet_lite0") == "efficientnet_lite0"
     with pytest.raises(argparse.ArgumentTypeError, match="unknown extractor 'foo'; choose one of: .*densenet121"):
         bench._backbone_name("foo")
+
+
+def test_the_index_bench_flags_parse_data_sets_and_kinds_and_name_what_is_wrong():
+    bench = _bench("bench_index")
+    assert bench._data_sets("1000000x128, 100X1280") == [(1_000_000, 128), (100, 1280)]
+    for wrong in ("3000x", "x128", "0x128", "3000x-1", "3000*128"):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"'{wrong}' is not COUNTxDIM")):
+            bench._data_sets(wrong)
+    assert bench._index_kinds("ivf,HNSW,flat,ivf") == ["flat", "ivf", "hnsw"]  # the exact baseline first, once
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown index kind 'pq'; choose from flat, ivf, ivfpq, hnsw"):
+        bench._index_kinds("ivf,pq")
