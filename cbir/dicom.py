@@ -6,7 +6,7 @@ width, a VOI LUT). Retrieval should compare what a reader of the image sees, so 
 pipeline of DICOM PS3.4 is applied: modality LUT (rescale), then the VOI window or LUT, then
 MONOCHROME1 inverted; without a window the used range is stretched, as for 16-bit PNGs. A
 multi-frame object (a cine loop, a stack) is represented by its middle frame, and only that
-frame is decoded. The header's patient data is read by pydicom and never stored.
+frame is decoded (of a video, the frames before it too: :mod:`cbir.dicom_video`). The header's patient data is read by pydicom and never stored.
 """
 from __future__ import annotations
 
@@ -85,10 +85,15 @@ def dicom_header(source: str | io.BytesIO, where: str, pixel_limit: int | None, 
         raise
     except Exception as exc:  # pydicom raises many types for damaged headers
         raise _unreadable(where, exc) from exc
+    check_frame_size(columns, rows, pixel_limit, where)
+    return dataset
+
+
+def check_frame_size(columns: int, rows: int, pixel_limit: int | None, where: str) -> None:
+    """Refuse a frame of more than ``pixel_limit`` pixels (a decompression bomb) before decoding it."""
     if pixel_limit is not None and rows * columns > pixel_limit:
         raise ImageError(f"{where}: refused, too many pixels ({columns} x {rows}, more than the limit of "
                          f"{pixel_limit:,})")
-    return dataset
 
 
 def dicom_array(data: bytes, where: str, pixel_limit: int | None, headerless: bool = False) -> np.ndarray:
@@ -96,14 +101,21 @@ def dicom_array(data: bytes, where: str, pixel_limit: int | None, headerless: bo
     or (H, W, 3) RGB."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
-    from . import dicom_jpeg  # imports pydicom, as this function's imports do
+    from . import dicom_jpeg, dicom_video  # import pydicom, as this function's imports do
     dicom_jpeg.register()
     dataset = dicom_header(io.BytesIO(data), where, pixel_limit, headerless=headerless)
     syntax = dataset.file_meta.TransferSyntaxUID
+    if syntax in dicom_video.VIDEO_SYNTAXES:
+        try:
+            return dicom_video.middle_frame(dataset, where, pixel_limit)
+        except ImageError:
+            raise
+        except Exception as exc:  # pixel data that is not a sequence of fragments
+            raise _unreadable(where, exc) from exc
     try:
         frames = int(dataset.get("NumberOfFrames") or 1)
         pixels = pixel_array(dataset, index=frames // 2 if frames > 1 else None)
-    except NotImplementedError as exc:  # video (MPEG, HEVC) and multi-component JPEG 2000
+    except NotImplementedError as exc:  # a compression pydicom has no decoder for (multi-component JPEG 2000)
         raise ImageError(f"{where}: cannot decode its {syntax.name} pixel data (pydicom has no decoder for "
                          f"it)") from exc
     except RuntimeError as exc:  # pydicom: no plugin decodes this compression, or none is installed

@@ -16,7 +16,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import MPEG4HP41, ExplicitVRLittleEndian, JPEGExtended12Bit, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (JPEG2000MC, MPEG2MPML, MPEG2MPMLF, MPEG4HP41, ExplicitVRLittleEndian, JPEGExtended12Bit,
+                         SecondaryCaptureImageStorage, generate_uid)
 
 from cbir import dicom_jpeg
 from cbir.data import check_header, decode_image, load_items
@@ -158,17 +159,26 @@ def test_12_bit_jpeg_is_decoded_without_a_gpl_decoder(name):
     assert samples.dtype == np.uint16 and samples[420, 140] == 244 and samples[230, 120] == 95
 
 
-def colour_12_bit_jpeg(frames: list[np.ndarray], photometric: str, **encoding) -> bytes:
-    """A JPEG Extended DICOM file of 12-bit RGB ``frames``, encoded by libjpeg-turbo as ``encoding`` says."""
-    dataset = pydicom.dcmread(io.BytesIO(dicom_bytes(frames[0], "RGB")))
-    dataset.file_meta.TransferSyntaxUID = JPEGExtended12Bit
-    dataset.BitsStored, dataset.HighBit, dataset.PhotometricInterpretation = 12, 11, photometric
+def encapsulated(picture: np.ndarray, syntax: str, frames: list[bytes], fragments_per_frame: int = 1,
+                 **elements) -> bytes:
+    """A DICOM file of compressed ``frames`` in ``syntax``, each in ``fragments_per_frame`` fragments,
+    whose header describes ``picture`` (the size and type of a frame) and holds ``elements``."""
+    dataset = pydicom.dcmread(io.BytesIO(dicom_bytes(picture, "RGB" if picture.ndim == 3 else "MONOCHROME2")))
+    dataset.file_meta.TransferSyntaxUID = syntax
     dataset.NumberOfFrames = len(frames)
-    dataset.PixelData = encapsulate([imagecodecs.jpeg8_encode(rgb, level=95, bitspersample=12, **encoding)
-                                     for rgb in frames])
+    for keyword, value in elements.items():
+        setattr(dataset, keyword, value)
+    dataset.PixelData = encapsulate(frames, fragments_per_frame=fragments_per_frame)
     buffer = io.BytesIO()
     dataset.save_as(buffer)
     return buffer.getvalue()
+
+
+def colour_12_bit_jpeg(frames: list[np.ndarray], photometric: str, **encoding) -> bytes:
+    """A JPEG Extended DICOM file of 12-bit RGB ``frames``, encoded by libjpeg-turbo as ``encoding`` says."""
+    return encapsulated(frames[0], JPEGExtended12Bit,
+                        [imagecodecs.jpeg8_encode(rgb, level=95, bitspersample=12, **encoding) for rgb in frames],
+                        BitsStored=12, HighBit=11, PhotometricInterpretation=photometric)
 
 
 ROWS, COLUMNS = np.mgrid[0:48, 0:64]
@@ -218,11 +228,11 @@ def test_a_12_bit_jpeg_no_decoder_reads_names_each_decoders_reason():
 
 def test_a_compression_pydicom_has_no_decoder_for_is_named():
     relabelled = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
-    relabelled.file_meta.TransferSyntaxUID = MPEG4HP41  # a video, as endoscopes and ultrasound cine store
+    relabelled.file_meta.TransferSyntaxUID = JPEG2000MC
     buffer = io.BytesIO()
     relabelled.save_as(buffer)
-    with pytest.raises(ImageError, match=r"^mr.dcm: cannot decode its MPEG-4 AVC/H.264 High Profile / Level 4.1 "
-                                         r"pixel data \(pydicom has no decoder for it\)$"):
+    with pytest.raises(ImageError, match=r"^mr.dcm: cannot decode its JPEG 2000 Part 2 Multi-component Image "
+                                         r"Compression pixel data \(pydicom has no decoder for it\)$"):
         decode_image(buffer.getvalue(), "mr.dcm")
 
 
@@ -230,6 +240,74 @@ def test_high_throughput_jpeg_2000_is_decoded_to_the_same_picture():
     htj2k = (ROOT / "tests" / "data" / "mr_small_htj2k.dcm").read_bytes()  # made by OpenJPH: tests/data/README.md
     assert pydicom.dcmread(io.BytesIO(htj2k)).file_meta.TransferSyntaxUID.name.startswith("High-Throughput JPEG 2000")
     assert (grey(htj2k) == grey(real_file("MR_small.dcm"))).all()
+
+
+def video_frames(count: int) -> list[np.ndarray]:
+    """RGB frames told apart by their green level: 20, 45, 70, ..."""
+    return [np.broadcast_to(np.array([0, 20 + 25 * index, 100], np.uint8), (48, 64, 3)).copy()
+            for index in range(count)]
+
+
+def mpeg2_stream(frames: list[np.ndarray], folder, container: str) -> bytes:
+    """``frames`` encoded by FFmpeg's MPEG-2 encoder: in a program stream (".mpg") or bare (".m2v")."""
+    import cv2
+
+    path = str(folder / f"video{container}")
+    writer = cv2.VideoWriter(path, cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"mpg2"), 25, (64, 48))
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return (folder / f"video{container}").read_bytes()
+
+
+def green_level(image) -> float:
+    return float(np.asarray(image)[..., 1].mean())
+
+
+@pytest.mark.parametrize("container, syntax, fragments", [
+    (".mpg", MPEG2MPML, 1),  # a program stream, as DICOM's MPEG-2 syntaxes hold
+    (".m2v", MPEG2MPML, 1),  # a bare stream
+    (".mpg", MPEG2MPMLF, 3),  # the fragmentable syntax, the stream split over fragments
+])
+def test_a_dicom_video_is_shown_by_its_middle_frame(tmp_path, container, syntax, fragments):
+    frames = video_frames(9)
+    stream = mpeg2_stream(frames, tmp_path, container)
+    video = encapsulated(frames[0], syntax, [stream], fragments, NumberOfFrames=9,
+                         PhotometricInterpretation="YBR_PARTIAL_420")
+    shown = decode_image(video, "cine.dcm")
+    assert shown.size == (64, 48) and abs(green_level(shown) - green_level(frames[4])) < 4
+    # A header that counts more frames than the stream holds gives the stream's last frame.
+    longer = encapsulated(frames[0], syntax, [stream], fragments, NumberOfFrames=30,
+                          PhotometricInterpretation="YBR_PARTIAL_420")
+    assert abs(green_level(decode_image(longer, "cine.dcm")) - green_level(frames[8])) < 4
+
+
+def test_a_video_stream_larger_than_its_header_says_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    frames = video_frames(3)
+    small_header = encapsulated(frames[0][:8, :8], MPEG2MPML, [mpeg2_stream(frames, tmp_path, ".mpg")],
+                                NumberOfFrames=3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the header's 8 x 8 passes
+    with pytest.raises(ImageError, match=r"^cine.dcm: refused, too many pixels \(64 x 48, more than the limit of "
+                                         r"1,000\)$"):
+        decode_image(small_header, "cine.dcm")
+
+
+def test_a_video_whose_fragments_are_damaged_is_unreadable():
+    damaged = pydicom.dcmread(io.BytesIO(encapsulated(video_frames(1)[0], MPEG2MPML, [b"stream"], NumberOfFrames=1)))
+    damaged.PixelData = damaged.PixelData[:12] + bytes(8)  # the Basic Offset Table, then no item where one must be
+    buffer = io.BytesIO()
+    damaged.save_as(buffer)
+    with pytest.raises(ImageError, match=r"^cine.dcm: unreadable or truncated DICOM \(ValueError: Unexpected tag"):
+        decode_image(buffer.getvalue(), "cine.dcm")
+
+
+def test_a_video_ffmpeg_finds_no_frame_in_is_one_error_naming_file_and_reason():
+    damaged = encapsulated(video_frames(1)[0], MPEG4HP41, [bytes(range(256)) * 8], NumberOfFrames=9)
+    with pytest.raises(ImageError) as error:
+        decode_image(damaged, "cases/endoscopy.dcm")
+    assert str(error.value) == ("cases/endoscopy.dcm: cannot decode its MPEG-4 AVC/H.264 High Profile / Level 4.1 "
+                                "video (FFmpeg found no frame in its 2,048 bytes)")
 
 
 def bare_data_set(name: str, implicit_vr: bool) -> bytes:
