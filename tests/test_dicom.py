@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import (JPEG2000MC, MPEG2MPML, MPEG2MPMLF, MPEG4HP41, ExplicitVRLittleEndian, JPEGExtended12Bit,
+from pydicom.uid import (HEVCMP51, JPEG2000MC, MPEG2MPML, MPEG2MPMLF, MPEG4HP41, ExplicitVRLittleEndian, JPEGExtended12Bit,
                          SecondaryCaptureImageStorage, generate_uid)
 
 from cbir import dicom_jpeg
@@ -265,14 +265,19 @@ def green_level(image) -> float:
     return float(np.asarray(image)[..., 1].mean())
 
 
-@pytest.mark.parametrize("container, syntax, fragments", [
+@pytest.mark.parametrize("source, syntax, fragments", [
     (".mpg", MPEG2MPML, 1),  # a program stream, as DICOM's MPEG-2 syntaxes hold
     (".m2v", MPEG2MPML, 1),  # a bare stream
     (".mpg", MPEG2MPMLF, 3),  # the fragmentable syntax, the stream split over fragments
+    ("cine_9_frames.h264", MPEG4HP41, 1),  # made by x264 and x265 from the same frames: tests/data/README.md
+    ("cine_9_frames.hevc", HEVCMP51, 1),
 ])
-def test_a_dicom_video_is_shown_by_its_middle_frame(tmp_path, container, syntax, fragments):
+def test_a_dicom_video_is_shown_by_its_middle_frame(tmp_path, source, syntax, fragments):
     frames = video_frames(9)
-    stream = mpeg2_stream(frames, tmp_path, container)
+    if source.startswith("."):
+        stream = mpeg2_stream(frames, tmp_path, source)
+    else:
+        stream = (ROOT / "tests" / "data" / source).read_bytes()
     video = encapsulated(frames[0], syntax, [stream], fragments, NumberOfFrames=9,
                          PhotometricInterpretation="YBR_PARTIAL_420")
     shown = decode_image(video, "cine.dcm")
