@@ -1,9 +1,9 @@
 """A pydicom decoder plugin: 12-bit JPEG Extended (Process 2 and 4) by libjpeg-turbo, through imagecodecs.
 
-Older CR, DX and CT archives store 12-bit lossy JPEG, grey, and some colour images (endoscopy,
-microscopy) come the same way. Of pydicom's own plugins GDCM and Pillow
-refuse 12-bit samples and pylibjpeg needs pylibjpeg-libjpeg, which is GPL-3.0 licensed (cbir is
-MIT); libjpeg-turbo 3, BSD licensed and shipped in imagecodecs, decodes 8- and 12-bit JPEG.
+Older CR, DX and CT archives store grey 12-bit lossy JPEG, and some colour images (endoscopy,
+microscopy) come the same way. Of pydicom's own plugins GDCM and Pillow refuse 12-bit samples
+and pylibjpeg needs pylibjpeg-libjpeg, which is GPL-3.0 licensed (cbir is MIT); libjpeg-turbo 3,
+BSD licensed and shipped in imagecodecs, decodes 8- and 12-bit JPEG.
 :func:`register` adds this module to pydicom's decoder as its last plugin; the module holds what
 pydicom asks of a plugin (``is_available``, ``DECODER_DEPENDENCIES`` and the decoding function).
 """
