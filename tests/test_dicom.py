@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import (HEVCMP51, JPEG2000MC, MPEG2MPML, MPEG2MPMLF, MPEG4HP41, ExplicitVRLittleEndian, JPEGExtended12Bit,
-                         SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import (HEVCMP51, JPEG2000MC, MPEG2MPML, MPEG2MPMLF, MPEG4HP41, ExplicitVRLittleEndian,
+                         JPEGExtended12Bit, SecondaryCaptureImageStorage, generate_uid)
 
 from cbir import dicom_jpeg
 from cbir.data import check_header, decode_image, load_items
@@ -252,13 +252,13 @@ def mpeg2_stream(frames: list[np.ndarray], folder, container: str) -> bytes:
     """``frames`` encoded by FFmpeg's MPEG-2 encoder: in a program stream (".mpg") or bare (".m2v")."""
     import cv2
 
-    path = str(folder / f"video{container}")
-    writer = cv2.VideoWriter(path, cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"mpg2"), 25, (64, 48))
+    path = folder / f"video{container}"
+    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"mpg2"), 25, (64, 48))
     assert writer.isOpened()
     for frame in frames:
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
-    return (folder / f"video{container}").read_bytes()
+    return path.read_bytes()
 
 
 def green_level(image) -> float:
@@ -266,7 +266,7 @@ def green_level(image) -> float:
 
 
 @pytest.mark.parametrize("source, syntax, fragments", [
-    (".mpg", MPEG2MPML, 1),  # a program stream, as DICOM's MPEG-2 syntaxes hold
+    (".mpg", MPEG2MPML, 1),  # in a program stream
     (".m2v", MPEG2MPML, 1),  # a bare stream
     (".mpg", MPEG2MPMLF, 3),  # the fragmentable syntax, the stream split over fragments
     ("cine_9_frames.h264", MPEG4HP41, 1),  # made by x264 and x265 from the same frames: tests/data/README.md
