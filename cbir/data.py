@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from .dicom import MAGIC_END as DICOM_MAGIC_END
 from .dicom import SUFFIXES as DICOM_SUFFIXES
-from .dicom import dicom_header, dicom_image, is_dicom
+from .dicom import check_frame_size, dicom_header, dicom_image, is_dicom
 from .errors import DataSourceError, DataSourceWarning, ImageError
 from .files import written_whole
 from .pixels import to_8_bits
@@ -110,11 +110,8 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         return dicom_image(data, where, Image.MAX_IMAGE_PIXELS)
     try:
         image = Image.open(io.BytesIO(data))
-        limit = Image.MAX_IMAGE_PIXELS
         # Pillow itself only warns up to twice its limit; a warning is not a refusal.
-        if limit is not None and image.width * image.height > limit:
-            raise ImageError(f"{where}: refused, too many pixels ({image.width} x {image.height}, "
-                             f"more than the limit of {limit:,})")
+        check_frame_size(image.width, image.height, Image.MAX_IMAGE_PIXELS, where)
         pixels = _libpng_pixels(image, data)
         if pixels is not None:
             return _to_rgb(Image.fromarray(pixels), where)

@@ -91,7 +91,8 @@ def dicom_header(source: str | io.BytesIO, where: str, pixel_limit: int | None, 
 
 
 def check_frame_size(columns: int, rows: int, pixel_limit: int | None, where: str) -> None:
-    """Refuse a frame of more than ``pixel_limit`` pixels (a decompression bomb) before decoding it."""
+    """Refuse an image or frame of more than ``pixel_limit`` pixels (a decompression bomb) before
+    decoding it."""
     if pixel_limit is not None and rows * columns > pixel_limit:
         raise ImageError(f"{where}: refused, too many pixels ({columns} x {rows}, more than the limit of "
                          f"{pixel_limit:,})")
