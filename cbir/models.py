@@ -13,7 +13,6 @@ import json
 import logging
 import platform
 import re
-import socket
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager, nullcontext
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.utils import get_session
 from PIL import Image, ImageChops
 from torch import nn
 
@@ -377,25 +377,53 @@ def _strip_prefixes(state: dict[str, torch.Tensor], reference: dict[str, torch.T
 
 # Long enough for a slow link's handshake; short against the hub's ~50 s of retries.
 HUB_CONNECT_TIMEOUT_S = 3.0
+# A proxy's own answers when it cannot reach the hub, or will not without credentials.
+_PROXY_FAILURES = (407, 502, 504)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception under ``exc``: the network's own words under a library's."""
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _in_one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or ['no reason given'])[0]}"
+
+
+def _hub_proxy(endpoint: str) -> str | None:
+    """The proxy the environment names for ``endpoint``, without credentials; None if none."""
+    url = urllib.parse.urlsplit(endpoint)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(url.hostname or ""):
+        return None
+    parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _hub_unreachable() -> str | None:
     """Why the Hugging Face Hub cannot be reached from here, or None.
 
     Without a network the hub retries each weights file five times (about 50 s in all) before it
-    gives up. Resolving its host and opening one TCP connection to it (closed at once) tells in at
-    most :data:`HUB_CONNECT_TIMEOUT_S` seconds: no resolver, a name that does not resolve, a refused
-    connection, a firewall that drops it. Behind a proxy only the proxy reaches the hub, so nothing
-    is checked.
+    gives up. One HEAD request to its endpoint through the hub's own HTTP client, so through the
+    proxy the hub would use, tells in seconds: no resolver, a name that does not resolve, a
+    refused connection, a firewall that drops it, a proxy that refuses the tunnel, cannot reach
+    the hub or wants credentials. Any answer of the hub itself, whatever its status, means it is
+    there.
     """
-    if hub_constants.HF_HUB_OFFLINE or urllib.request.getproxies():
+    if hub_constants.HF_HUB_OFFLINE:
         return None
-    endpoint = urllib.parse.urlparse(hub_constants.ENDPOINT)
-    address = (endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80))
+    endpoint = hub_constants.ENDPOINT
+    proxy = _hub_proxy(endpoint)
+    where = endpoint + (f" through the proxy {proxy}" if proxy else "")
     try:
-        socket.create_connection(address, timeout=HUB_CONNECT_TIMEOUT_S).close()
-    except (OSError, UnicodeError) as exc:  # gaierror, refusal and timeout are OSErrors
-        return f"{type(exc).__name__}: {exc} ({address[0]}:{address[1]})"
+        response = get_session().head(endpoint, timeout=HUB_CONNECT_TIMEOUT_S, follow_redirects=False)
+    except Exception as exc:  # the client's errors, and whatever a client factory of the user's raises
+        return f"{_in_one_line(_root_cause(exc))} ({where})"
+    if proxy and response.status_code in _PROXY_FAILURES:
+        return f"the proxy answered {response.status_code} {response.reason_phrase} ({where})"
     return None
 
 
@@ -424,10 +452,8 @@ def _download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:
             return timm.create_model(backbone.timm_name, pretrained=True, num_classes=0,
                                      **({"img_size": input_size} if backbone.fixed_input_size else {}))
     except Exception as exc:
-        reason = exc
-        while reason.__cause__ or reason.__context__:  # the network's own words, under the hub's
-            reason = reason.__cause__ or reason.__context__
-        words = f"{type(reason).__name__}: {(str(reason).splitlines() or ['no reason given'])[0]}"
+        reason = _root_cause(exc)
+        words = _in_one_line(reason)
         if unreachable and isinstance(reason, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
             words = unreachable  # not in the cache; why the hub was not asked says more
         raise ModelError(f"cannot get ImageNet weights for {backbone.name} from the Hugging Face Hub or its cache "

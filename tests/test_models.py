@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+from contextlib import contextmanager
 import platform
 import subprocess
 import sys
@@ -131,10 +132,16 @@ def test_a_backbone_without_offline_weights_fails_clearly_when_offline(monkeypat
 
 @pytest.fixture
 def no_proxy(monkeypatch):
+    """No proxy in the environment, and a fresh hub client that reads it (the hub keeps one)."""
     import os
+
+    from huggingface_hub.utils import close_session
 
     for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
         monkeypatch.delenv(name)
+    close_session()
+    yield
+    close_session()  # the next one reads the environment as the test left it
 
 
 @pytest.fixture
@@ -152,7 +159,7 @@ def test_without_a_resolvable_hub_the_error_comes_at_once_not_after_the_hubs_ret
     from huggingface_hub import constants
 
     with pytest.raises(ModelError, match=HUB_FAILED + r"\(gaierror: .*Name or service not known "
-                                                      r"\(huggingface.co:443\)\); without internet pass --weights FILE"):
+                                                      r"\(https://huggingface.co\)\); without internet pass --weights FILE"):
         create_extractor("resnet18", input_size=64)
     assert not constants.HF_HUB_OFFLINE  # the hub's offline mode was for that one call
 
@@ -167,20 +174,85 @@ def hub_on_loopback(no_proxy, monkeypatch):
     return port
 
 
+@contextmanager
+def answering(status: int, port: int = 0):
+    """An HTTP server on loopback (``port``, or a free one) that answers every request, a proxy's
+    CONNECT included, with ``status``; yields (its port, the request lines it got)."""
+    import http.server
+    import threading
+
+    requests: list[str] = []
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            requests.append(self.requestline)
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET = do_CONNECT = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_hub_that_refuses_the_connection_is_not_asked(hub_on_loopback):
     # The address after the reason is cbir's check; the hub's own retries would end in its own words.
-    with pytest.raises(ModelError, match=HUB_FAILED + rf"\(ConnectionRefusedError: .* \(127.0.0.1:{hub_on_loopback}\)\)"):
+    with pytest.raises(ModelError, match=HUB_FAILED + rf"\(ConnectionRefusedError: .* \(http://127.0.0.1:{hub_on_loopback}\)\)"):
         create_extractor("resnet18", input_size=64)
 
 
 def test_a_hub_that_answers_is_asked(hub_on_loopback):
-    import socket
-
     from cbir.models import _hub_unreachable
 
     assert _hub_unreachable().startswith("ConnectionRefusedError")
-    with socket.create_server(("127.0.0.1", hub_on_loopback)):
+    with answering(404, hub_on_loopback) as (_, requests):  # any answer of its own: the hub is there
         assert _hub_unreachable() is None
+    assert requests == ["HEAD / HTTP/1.1"]
+
+
+def test_a_proxy_that_refuses_the_tunnel_to_the_hub_is_one_error_at_once(no_proxy, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
+    with answering(403) as (proxy, requests):
+        monkeypatch.setenv("HTTPS_PROXY", f"http://someone:secret@127.0.0.1:{proxy}")
+        with pytest.raises(ModelError) as raised:
+            create_extractor("resnet18", input_size=64)
+    # Without the check the hub would retry through the proxy for about 50 s, then say only "403 Forbidden".
+    assert (f"(ProxyError: 403 Forbidden (https://huggingface.co through the proxy http://127.0.0.1:{proxy})); "
+            "without internet pass --weights FILE") in str(raised.value)
+    assert "secret" not in str(raised.value)
+    assert requests == ["CONNECT huggingface.co:443 HTTP/1.1"]  # asked once, then only the cache
+
+
+@pytest.mark.parametrize("status,unreachable", [
+    (502, "the proxy answered 502 Bad Gateway"), (504, "the proxy answered 504 Gateway Timeout"),
+    (407, "the proxy answered 407 Proxy Authentication Required"), (200, None), (404, None)])
+def test_the_hub_is_asked_through_the_proxy_the_environment_names(hub_on_loopback, monkeypatch, status, unreachable):
+    from cbir.models import _hub_unreachable
+
+    with answering(status) as (proxy, requests):
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy}")
+        reason = _hub_unreachable()
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the hub's client reads the environment when it is made
+        from huggingface_hub.utils import close_session
+
+        close_session()
+        bypassed = _hub_unreachable()
+    hub = f"http://127.0.0.1:{hub_on_loopback}"
+    assert reason == (unreachable and f"{unreachable} ({hub} through the proxy http://127.0.0.1:{proxy})")
+    assert requests == [f"HEAD {hub}/ HTTP/1.1"]  # the proxy was asked once: not again where bypassed
+    assert bypassed.startswith("ConnectionRefusedError") and bypassed.endswith(f"({hub})")
 
 
 @pytest.fixture
