@@ -239,15 +239,15 @@ def test_a_proxy_that_refuses_the_tunnel_to_the_hub_is_one_error_at_once(no_prox
     (502, "the proxy answered 502 Bad Gateway"), (504, "the proxy answered 504 Gateway Timeout"),
     (407, "the proxy answered 407 Proxy Authentication Required"), (200, None), (404, None)])
 def test_the_hub_is_asked_through_the_proxy_the_environment_names(hub_on_loopback, monkeypatch, status, unreachable):
+    from huggingface_hub.utils import close_session
+
     from cbir.models import _hub_unreachable
 
     with answering(status) as (proxy, requests):
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy}")
         reason = _hub_unreachable()
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the hub's client reads the environment when it is made
-        from huggingface_hub.utils import close_session
-
-        close_session()
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        close_session()  # the hub's client reads the environment when it is made
         bypassed = _hub_unreachable()
     hub = f"http://127.0.0.1:{hub_on_loopback}"
     assert reason == (unreachable and f"{unreachable} ({hub} through the proxy http://127.0.0.1:{proxy})")
