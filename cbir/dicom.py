@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from .errors import ImageError
+from .errors import ImageError, in_one_line
 from .pixels import to_8_bits
 
 # A DICOM file (PS3.10) is a 128-byte preamble then these four bytes.
@@ -39,8 +39,7 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 def _unreadable(where: str, exc: Exception) -> ImageError:
-    detail = str(exc).splitlines()[0] if str(exc) else "no detail"
-    return ImageError(f"{where}: unreadable or truncated DICOM ({type(exc).__name__}: {detail})")
+    return ImageError(f"{where}: unreadable or truncated DICOM ({in_one_line(exc, empty='no detail')})")
 
 
 def _decoder_problem(exc: RuntimeError, syntax) -> str:

@@ -35,3 +35,10 @@ class DatabaseBusyError(StoreError):
 
 class ModelError(CbirError):
     """A backbone, weights file or checkpoint cannot be loaded."""
+
+
+def in_one_line(exc: BaseException, empty: str = "no reason given") -> str:
+    """``Type: first line of its message`` (``empty`` where it has none): an exception's own words
+    inside a one-line error."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else empty}"

@@ -30,7 +30,7 @@ from huggingface_hub.utils import get_session
 from PIL import Image, ImageChops
 from torch import nn
 
-from .errors import CbirError, ModelError
+from .errors import CbirError, ModelError, in_one_line
 from .files import written_whole
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -388,10 +388,6 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _in_one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or ['no reason given'])[0]}"
-
-
 def _hub_proxy(endpoint: str) -> str | None:
     """The proxy the environment names for ``endpoint``, without credentials; None if none."""
     url = urllib.parse.urlsplit(endpoint)
@@ -421,7 +417,7 @@ def _hub_unreachable() -> str | None:
     try:
         response = get_session().head(endpoint, timeout=HUB_CONNECT_TIMEOUT_S, follow_redirects=False)
     except Exception as exc:  # the client's errors, and whatever a client factory of the user's raises
-        return f"{_in_one_line(_root_cause(exc))} ({where})"
+        return f"{in_one_line(_root_cause(exc))} ({where})"
     if proxy and response.status_code in _PROXY_FAILURES:
         return f"the proxy answered {response.status_code} {response.reason_phrase} ({where})"
     return None
@@ -453,7 +449,7 @@ def _download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:
                                      **({"img_size": input_size} if backbone.fixed_input_size else {}))
     except Exception as exc:
         reason = _root_cause(exc)
-        words = _in_one_line(reason)
+        words = in_one_line(reason)
         if unreachable and isinstance(reason, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
             words = unreachable  # not in the cache; why the hub was not asked says more
         raise ModelError(f"cannot get ImageNet weights for {backbone.name} from the Hugging Face Hub or its cache "
