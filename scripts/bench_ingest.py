@@ -5,8 +5,8 @@ Everything is measured in this one run, on the same machine, with baselines besi
      same real images, and the CPU cost of decoding against that of the model;
   2. Redis ingest of N 128-d vectors with their records through the store (the path `add` uses),
      vs a naive redis-py pipeline of one HSET per image, alternating, several times (medians);
-  3. reading all N vectors back; memory per stored image (INFO used_memory delta and the vector
-     keys' MEMORY USAGE against the raw float32 bytes).
+  3. reading all N vectors back; memory per stored image (INFO used_memory delta, less the
+     server's transient buffers, and the vector keys' MEMORY USAGE against the raw float32 bytes).
 Usage: python scripts/bench_ingest.py [--extractor NAME] [--vectors 1000000] [--ingest_repeats 3] [--redis-url URL]
        [--images DIR]
 """
@@ -101,7 +101,7 @@ def make_records(n: int) -> list[ImageRecord]:
 def store_ingest(client, vectors: np.ndarray, records: list[ImageRecord]) -> dict:
     store = empty_store(client, "bench-ingest")
     store.ensure_model("bench", {"description": "random vectors"}, DIM)
-    memory_before = client.info("memory")["used_memory"]
+    memory_before = stored_memory(client)
     forks_before, forked = client.info("stats")["total_forks"], _aof_rewriting(client)
     started = time.perf_counter()
     with store.writing():
@@ -114,7 +114,7 @@ def store_ingest(client, vectors: np.ndarray, records: list[ImageRecord]) -> dic
     # A rewrite under way at the start, or any fork since: sampling the rewrite flag at both ends
     # misses a rewrite that starts and ends inside the window.
     forked = forked or client.info("stats")["total_forks"] > forks_before
-    bytes_per_image = (client.info("memory")["used_memory"] - memory_before) / len(records)
+    bytes_per_image = (stored_memory(client) - memory_before) / len(records)
     chunks = -(-len(records) // store.chunk_size)
     vector_bytes = sum(client.memory_usage(store._vec_key(c), samples=0) or 0 for c in range(chunks))
     started = time.perf_counter()
@@ -124,6 +124,18 @@ def store_ingest(client, vectors: np.ndarray, records: list[ImageRecord]) -> dic
     store.drop()
     return {"write": write_rate, "read_seconds": read_seconds, "bytes_per_image": bytes_per_image,
             "vector_bytes_per_image": vector_bytes / len(records), "forked": forked}
+
+
+def stored_memory(client) -> int:
+    """The server's memory less its transient buffers: the append-only file's write buffer, which
+    held 0.02-0.75 x the raw vector bytes right after an ingest depending on when it was last
+    flushed, and the clients' query and output buffers. Taken once the keys of an earlier
+    ``drop`` (UNLINK) are freed, which happens in a background thread."""
+    memory = client.info("memory")
+    while memory["lazyfree_pending_objects"]:
+        time.sleep(0.01)
+        memory = client.info("memory")
+    return memory["used_memory"] - memory["mem_aof_buffer"] - memory["mem_clients_normal"]
 
 
 def _aof_rewriting(client) -> bool:
