@@ -128,7 +128,7 @@ def store_ingest(client, vectors: np.ndarray, records: list[ImageRecord]) -> dic
 
 def stored_memory(client) -> int:
     """The server's memory less its transient buffers: the append-only file's write buffer, which
-    held 0.02-0.75 x the raw vector bytes right after an ingest depending on when it was last
+    held up to 0.38 x the raw vector bytes right after an ingest, depending on when it was last
     flushed, and the clients' query and output buffers. Taken once the keys of an earlier
     ``drop`` (UNLINK) are freed, which happens in a background thread."""
     memory = client.info("memory")

@@ -32,7 +32,7 @@ def test_repeated_ingests_each_start_after_an_aof_rewrite_and_store_every_vector
         # store_ingest reads every vector back and compares; nothing of the bench is left behind.
         assert [ingest["write"] > 0 and baseline > 0 for ingest, baseline in runs] == [True, True]
         # Memory per image holds the vector and its record: not the server's write buffers (up to
-        # 0.75 x the raw vector bytes when the append-only file lagged), and not less than the
+        # 0.38 x the raw vector bytes when the append-only file lagged), and not less than the
         # vectors when the previous run's keys were still being freed in the background.
         raw = bench.DIM * 4
         for ingest, _ in runs:
