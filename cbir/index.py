@@ -181,19 +181,24 @@ class SearchIndex:
         elif self.kind in ("ivf", "ivfpq"):
             self.params["nprobe"] = int(min(breadth, self.params["nlist"]))
 
-    def _search_parameters(self, k: int):
+    def _search_parameters(self, k: int, breadth: int):
         selector = None
         if self.live is not None:
             self._bitmap = np.packbits(self.live, bitorder="little")  # kept alive during the search
             selector = faiss.IDSelectorBitmap(len(self.live), faiss.swig_ptr(self._bitmap))
         if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.breadth, k))
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(breadth, k))
         if self.kind in ("ivf", "ivfpq"):
-            return faiss.SearchParametersIVF(sel=selector, nprobe=self.breadth)
+            return faiss.SearchParametersIVF(sel=selector, nprobe=breadth)
         return faiss.SearchParameters(sel=selector) if selector is not None else None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, store ids), each (n, k) best first; missing neighbours have id -1."""
+        """(similarities, store ids), each (n, k) best first; missing neighbours have id -1.
+
+        An IVF search returns only what its ``nprobe`` lists hold: a row short of ``k`` (more
+        neighbours asked for than the tuned breadth reaches, e.g. 500 where 4 of 92 lists hold
+        about 160) is searched again with twice the lists until it is full or every list is probed.
+        """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         queries = _unit_rows(queries)
@@ -201,7 +206,13 @@ class SearchIndex:
         # pytorch-metric-learning imports faiss.contrib.torch_utils, whose search() drops
         # ``params``; it keeps FAISS's own numpy search as search_numpy.
         search = getattr(self.index, "search_numpy", self.index.search)
-        scores, positions = search(queries, k, params=self._search_parameters(k))
+        breadth, available = self.breadth, min(k, self.size)
+        scores, positions = search(queries, k, params=self._search_parameters(k, breadth))
+        short = (positions >= 0).sum(axis=1) < available
+        while short.any() and self.kind in ("ivf", "ivfpq") and breadth < self.params["nlist"]:
+            breadth = min(2 * breadth, self.params["nlist"])
+            scores[short], positions[short] = search(queries[short], k, params=self._search_parameters(k, breadth))
+            short[short] = (positions[short] >= 0).sum(axis=1) < available
         ids = np.full(positions.shape, -1, np.int64)
         found = positions >= 0
         ids[found] = self.ids[positions[found]]

@@ -81,6 +81,19 @@ def test_no_neighbours_is_an_error_not_one_neighbour():
     assert (empty.search(vectors[:2], 5)[1] == -1).all()  # the ids of nothing, not an IndexError
 
 
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_an_inverted_file_returns_every_neighbour_asked_for(kind):
+    vectors = clustered(4000, 16)
+    searcher = SearchIndex.build(kind, np.arange(4000), vectors, nlist=40, m=4 if kind == "ivfpq" else None)
+    searcher.set_breadth(1)  # one list of about 100 vectors
+    searcher.remove(np.arange(0, 4000, 2))
+    _, found = searcher.search(vectors[:20], 500)
+    assert (found >= 0).all() and not np.isin(found, np.arange(0, 4000, 2)).any()
+    assert all(len(set(row)) == 500 for row in found.tolist())
+    assert searcher.breadth == 1, "a wider search for one call must not change the tuned breadth"
+    assert (searcher.search(vectors[:3], 5000)[1] >= 0).sum(axis=1).tolist() == [2000] * 3  # all that is left
+
+
 def test_too_few_vectors_for_an_inverted_file_name_the_way_out():
     with pytest.raises(CbirError, match=r"^4 vectors cannot train 1 inverted list\(s\) \(that needs 9 or more\); "
                                         r"use the flat index$"):  # not "a smaller --nlist": 1 is the least
