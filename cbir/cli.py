@@ -486,7 +486,8 @@ def _cmd_evaluate(args) -> int:
     results = run_protocols(measures, support, queries, index, settings, replace(options, head=head), store=store)
     what = f"{len(queries)} queries from {args.path}" if queries is not None else "the stored images (leave-one-out)"
     print(f"'{args.db_name}': {len(support)} stored images, {what}; "
-          f"{'exact search' if index.kind == 'flat' else index.kind + ' index'}, kNN vote {args.vote}")
+          f"{'exact search' if index.kind == 'flat' else index.kind + ' index (mAP@R by exact search)'}, "
+          f"kNN vote {args.vote}")
     if "interpolate" in measures:
         print("interpolate: head = " + ("the extractor's trained classifier" if head else
                                         "a logistic-regression probe fitted on the stored vectors"))

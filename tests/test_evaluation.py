@@ -13,7 +13,7 @@ from cbir.cli import main
 from cbir.connection import connect
 from cbir.errors import CbirError, DataSourceWarning
 from cbir.evaluation import (EvaluationSettings, ProtocolOptions, ProtocolResult, Queries, Support, confusion, hit_rates,
-                             knn_predict, leave_one_out, map_at_r, metrics, rank_all, run_protocols)
+                             knn_predict, leave_one_out, map_at_r, metrics, rank, rank_all, run_protocols)
 from cbir.index import SearchIndex
 from cbir.report import format_table, write_json, write_workbook
 from cbir.store import ImageRecord, VectorStore
@@ -41,8 +41,8 @@ def make_queries(vectors, labels, projects=None) -> Queries:
                    sha256=O([f"q{i}" for i in range(n)]), vectors=unit(vectors), ids=np.full(n, -1, np.int64))
 
 
-def ranked(support, queries):
-    return rank_all(SearchIndex.exact(support.ids, support.vectors), support, queries)
+def ranked(support, queries, settings=EvaluationSettings()):
+    return rank_all(SearchIndex.exact(support.ids, support.vectors), support, queries, settings)
 
 
 # --------------------------------------------------------------- metrics
@@ -76,6 +76,33 @@ def test_map_at_r_agrees_with_pytorch_metric_learning():
         vectors[150:], labels[150:], vectors[:150], labels[:150], ref_includes_query=False)
     assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-4)
     assert ours["top1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
+
+
+def test_map_at_r_is_exact_where_the_index_is_approximate():
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((3, 32))
+    labels = np.repeat(np.arange(3), 400)
+    support = make_support(centres[labels] + 1.5 * rng.standard_normal((1200, 32)), [str(v) for v in labels])
+    queries = make_queries(centres[labels[::40]] + 1.5 * rng.standard_normal((30, 32)), [str(v) for v in labels[::40]])
+    ivf = SearchIndex.build("ivf", support.ids, support.vectors, nlist=30)
+    ivf.set_breadth(2)
+    settings = EvaluationSettings()
+    approximate, exact = metrics(rank_all(ivf, support, queries, settings), settings), \
+        metrics(ranked(support, queries), settings)
+    assert approximate["map_at_r"] == exact["map_at_r"] > 0.3
+    deep = metrics(rank(ivf, support, queries, 400), settings)  # R ranks from the probed lists only
+    assert deep["map_at_r"] != pytest.approx(exact["map_at_r"], abs=1e-3)
+    assert approximate["top1"] > 0.5  # the neighbours themselves still come from the index
+
+
+def test_knn_votes_count_k_neighbours_beyond_the_largest_class():
+    # Neighbours by angle alternate a, b ... then b, b: 11 of them vote a (6:5), all 13 vote b (6:7).
+    angles = 0.1 * np.arange(13)
+    support = make_support(np.stack([np.cos(angles), np.sin(angles)], axis=1), list("abababababab") + ["b"])
+    queries = make_queries([[1, -0.01]], ["b"])
+    settings = EvaluationSettings(ks=(11, 13))
+    row = metrics(ranked(support, queries, settings), settings)
+    assert (row["knn11_accuracy"], row["knn13_accuracy"]) == (0.0, 1.0)
 
 
 def test_precision_and_project_levels_by_hand():
