@@ -106,7 +106,7 @@ WORKBOOK_FILE = _typed_file(("xlsx",), "an Excel workbook")  # openpyxl writes a
 COUNT = _whole(1)  # sizes, counts, k
 NON_NEGATIVE = _whole(0)  # seeds, worker numbers
 POSITIVE = _real(0, above=True)  # rates, temperatures
-NON_NEGATIVE_REAL = _real(0)  # weights that 0 turns off
+NON_NEGATIVE_REAL = _real(0)  # weights that 0 turns off, waits
 
 SOME_FILES_SKIPPED = 1  # the work is done, and a script can tell that some files were not part of it
 OUTPUT_CLOSED = 128 + signal.SIGPIPE  # what a shell reports for a tool its pipe reader left
@@ -140,6 +140,13 @@ def _store_arguments(parser: argparse.ArgumentParser, db_help: str | None = None
                              f"Default: ${URL_ENV}, else an embedded Redis under $CBIR_HOME")
 
 
+def _writer_arguments(parser: argparse.ArgumentParser) -> None:
+    """--wait, for a command that takes the database's writer lock."""
+    parser.add_argument("--wait", type=NON_NEGATIVE_REAL, default=0.0, metavar="SECONDS",
+                        help="wait up to this long for another process writing the database to finish "
+                             "(default: 0, refuse at once)")
+
+
 SOURCES = ("a folder with one sub-folder per class, a MedMNIST-style .npz, or an image (any format Pillow "
            "reads, or DICOM)")
 
@@ -150,7 +157,7 @@ def _source_arguments(parser: argparse.ArgumentParser, path_help: str) -> None:
 
 
 def _open_store(args) -> VectorStore:
-    return VectorStore(connect(args.redis_url), args.db_name)
+    return VectorStore(connect(args.redis_url), args.db_name, lock_wait=getattr(args, "wait", 0.0))
 
 
 def _extractor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,7 +198,8 @@ def _cmd_add(args) -> int:
                        projects_in_names=args.projects, label=args.label)
     store = _open_store(args)
     if args.rewrite and store.exists:
-        store.drop()
+        with store.writing():  # not under a writer still at work
+            store.drop()
         print(f"--rewrite: deleted database '{args.db_name}'")
     if args.extractor or args.weights or args.input_size or not store.exists:
         extractor = create_extractor(args.extractor or DEFAULT_EXTRACTOR, weights=args.weights,
@@ -300,8 +308,7 @@ def _cmd_train_index(args) -> int:
         print(f"'{args.db_name}': {'trained index deleted' if deleted else 'had no trained index'}; "
               "searches are exact")
         return 0
-    print(f"training an index ({args.index}) over '{args.db_name}' ({counted(store.count(), 'image')}) "
-          f"on {describe(store.client)}")
+    print(f"training an index ({args.index}) over '{args.db_name}' on {describe(store.client)}")
     report = train_index(store, kind=args.index, nlist=args.nlist, m=args.m, breadth=args.nprobe,
                          target_recall=args.target_recall, seed=args.seed)
     params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "exact"
@@ -520,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Embed images and store their vectors and records in Redis. "
                                           "Re-running is safe: stored images are skipped.")
     _store_arguments(add)
+    _writer_arguments(add)
     _source_arguments(add, f"images to index: {SOURCES}")
     _extractor_arguments(add)
     add.add_argument("--num_features", type=COUNT, default=None,
@@ -573,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "they are never returned again. Names, labels and files that "
                                              "match nothing are listed.")
     _store_arguments(remove)
+    _writer_arguments(remove)
     remove.add_argument("--name", nargs="+", default=[], help="image names (as stored, e.g. benign/x.png)")
     remove.add_argument("--label", nargs="+", default=[], help="remove every image of these labels")
     remove.add_argument("--path", default=None,
@@ -588,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "and store it in Redis; later searches use it, kept up to "
                                                   "date with later additions and removals.")
     _store_arguments(train_index)
+    _writer_arguments(train_index)
     train_index.add_argument("--index", default="ivf", choices=INDEX_KINDS,
                              help="ivf (IVF-Flat, default), ivfpq (compressed 8-bit PQ codes), hnsw, or flat (exact)")
     train_index.add_argument("--nlist", type=COUNT, default=None,

@@ -33,6 +33,10 @@ class DatabaseBusyError(StoreError):
     """Another live process is writing to the same database."""
 
 
+class LockWaitWarning(UserWarning):
+    """A command waits for another process to finish writing the database."""
+
+
 class ModelError(CbirError):
     """A backbone, weights file or checkpoint cannot be loaded."""
 

@@ -245,9 +245,9 @@ def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extr
                  progress: bool = True) -> IndexReport:
     """Embed and store ``items``; safe to re-run after an interruption (see VectorStore.prepare)."""
     report = IndexReport(total=len(items))
-    started = time.perf_counter()
-    bar = tqdm(total=len(items), unit="img", desc=f"indexing into '{store.name}'", disable=not progress)
     with store.writing(), interrupts.held():
+        started = time.perf_counter()  # after any wait for another writer: the rate is this run's
+        bar = tqdm(total=len(items), unit="img", desc=f"indexing into '{store.name}'", disable=not progress)
         writer = BackgroundWriter(store)
         try:
             for batch in decode_batches(items, extractor.preprocess, batch_size, workers, decodes_beside(extractor)):

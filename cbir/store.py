@@ -37,6 +37,7 @@ import socket
 import struct
 import time
 import uuid
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ import redis
 
 from . import commands
 from .commands import Command
-from .errors import DatabaseBusyError, ModelMismatchError, StoreError
+from .errors import DatabaseBusyError, LockWaitWarning, ModelMismatchError, StoreError
 from .names import NAME_BUCKETS, PAIR, NameIndex, buckets, name_hashes, pairs
 
 # 3: a name index of hash pairs (2: a name -> id hash map; 1: one meta entry per record)
@@ -62,6 +63,11 @@ _PIPELINE_CHUNKS = 32  # chunks read per pipeline round trip when loading
 # The info hash with all its fields, unless it exists: one key, so one slot on a Cluster too.
 _CREATE_IF_ABSENT = ("if redis.call('exists', KEYS[1]) == 1 then return 0 end "
                      "redis.call('hset', KEYS[1], unpack(ARGV)) return 1")
+# The lock is replaced or released only by whoever read its current token: another process may
+# have taken it in between (a dead holder's lock taken over by two waiters, an expired one).
+_SET_IF_EQUAL = ("if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end "
+                 "redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) return 1")
+_DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end return redis.call('del', KEYS[1])"
 _TEXT_FIELDS = ("name", "label", "project", "source")
 _LABEL_COLUMN = _TEXT_FIELDS.index("label")
 _VALUE_SEPARATOR = "\x1f"  # ASCII unit separator, between the values of one text column
@@ -336,9 +342,10 @@ class VectorStore:
     Writers hold :meth:`writing` (one writer per database at a time); readers need nothing.
     """
 
-    def __init__(self, client, db_name: str):
+    def __init__(self, client, db_name: str, lock_wait: float = 0.0):
         self.client = client
         self.name = check_db_name(db_name)
+        self.lock_wait = lock_wait  # seconds :meth:`writing` waits for another writer to finish
         self.prefix = f"cbir:{db_name}:"
         self._info: dict[str, str] = {}
         self._lock_token: str | None = None
@@ -480,20 +487,25 @@ class VectorStore:
     # ------------------------------------------------------------------ lock
     @contextmanager
     def writing(self) -> Iterator["VectorStore"]:
-        """Hold the database's writer lock; a lock left by a dead process on this host is taken over."""
+        """Hold the database's writer lock, waiting up to ``lock_wait`` seconds for another writer
+        (said once, as a :class:`LockWaitWarning`); a lock left by a dead process on this host is
+        taken over, one left on another host expires :data:`LOCK_TTL_SECONDS` after its last write."""
         key = self.prefix + "lock"
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        if not self.call("locking", self.client.set, key, token, nx=True, ex=LOCK_TTL_SECONDS):
-            holder = _decode_str(self.call("locking", self.client.get, key) or b"")
-            host, _, rest = holder.partition(":")
-            pid = rest.partition(":")[0]
-            if holder and not (host == socket.gethostname() and pid.isdigit()
-                               and not psutil.pid_exists(int(pid))):
-                raise DatabaseBusyError(
-                    f"database '{self.name}' is being written by another process ({holder}); "
-                    f"wait for it, or delete the key {key} if that process is gone"
-                )
-            self.call("locking", self.client.set, key, token, ex=LOCK_TTL_SECONDS)
+        deadline = time.monotonic() + self.lock_wait
+        holder = self._take_lock(key, token)
+        if holder and self.lock_wait > 0:
+            warnings.warn(f"database '{self.name}' is being written by another process ({holder}); waiting up to "
+                          f"{self.lock_wait:g} s for it to finish", LockWaitWarning, stacklevel=3)
+        while holder and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
+            holder = self._take_lock(key, token)
+        if holder:
+            waited = f"waited {self.lock_wait:g} s; " if self.lock_wait > 0 else ""
+            raise DatabaseBusyError(
+                f"database '{self.name}' is being written by another process ({holder}); {waited}wait for it "
+                f"(--wait SECONDS), or delete the key {key} if that process is gone (its lock expires "
+                f"{LOCK_TTL_SECONDS} s after its last write)")
         self._lock_token = token
         self._names = None  # names added since an earlier lock are not in it
         self.refresh()  # another process may have changed the database (e.g. started its journal)
@@ -504,10 +516,23 @@ class VectorStore:
             self._names = None
             self._unsettled.clear()
             try:
-                if _decode_str(self.client.get(key) or b"") == token:
-                    self.client.delete(key)
+                self.client.eval(_DELETE_IF_EQUAL, 1, key, token)
             except redis.RedisError:
                 pass  # the lock expires by itself
+
+    def _take_lock(self, key: str, token: str) -> str | None:
+        """Take the writer lock with ``token``: None when taken, else the live holder's token."""
+        while not self.call("locking", self.client.set, key, token, nx=True, ex=LOCK_TTL_SECONDS):
+            holder = _decode_str(self.call("locking", self.client.get, key) or b"")
+            host, _, rest = holder.partition(":")
+            pid = rest.partition(":")[0]
+            if not holder:
+                continue  # released in between
+            if not (host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))):
+                return holder
+            if self.call("locking", self.client.eval, _SET_IF_EQUAL, 1, key, holder, token, LOCK_TTL_SECONDS):
+                return None
+        return None
 
     # ---------------------------------------------------------------- writes
     def lookup(self, names: Sequence[str]) -> list[int | None]:
@@ -764,9 +789,11 @@ class VectorStore:
         return self.remove(i for i, record in self.iter_records() if record.label in labels or record.sha256 in digests)
 
     def drop(self) -> int:
-        """Delete every key of this database (and nothing else); returns how many existed."""
+        """Delete every key of this database (and nothing else; its writer lock only if not held
+        by this store, which releases it on leaving :meth:`writing`); returns how many existed."""
         chunks = self._num_chunks()
-        keys = [self.info_key, self.prefix + "next_id", self.prefix + "lock", self.journal_key]
+        keys = [self.info_key, self.prefix + "next_id", self.journal_key]
+        keys += [] if self._lock_token else [self.prefix + "lock"]
         keys += [self._vec_key(c) for c in range(chunks)] + [self._meta_key(c) for c in range(chunks)]
         keys += [self._name_key(b) for b in range(NAME_BUCKETS)]
         keys += self._extra_keys()

@@ -72,8 +72,8 @@ def train_index(store: VectorStore, kind: str = "ivf", nlist: int | None = None,
     if breadth is not None and kind == "flat":
         raise CbirError("--nprobe applies to the ivf, ivfpq and hnsw indexes, not flat")
     store.require()
-    started = time.perf_counter()
     with store.writing():  # no change may land between the snapshot and its version
+        started = time.perf_counter()  # after any wait for another writer
         version, journal_start = store.start_journal()
         ids, vectors = store.load_vectors()
     if not len(ids):
@@ -138,11 +138,12 @@ def index_info(store: VectorStore) -> dict:
 
 def delete_index(store: VectorStore) -> bool:
     """Forget the trained index (searches become exact); True if there was one."""
-    meta = index_info(store)
-    if not meta:
-        return False
-    store.call("deleting the index of", store.client.unlink, _index_key(store))
-    _delete_chunks(store, meta)
+    with store.writing():  # not while a training run saves its index
+        meta = index_info(store)
+        if not meta:
+            return False
+        store.call("deleting the index of", store.client.unlink, _index_key(store))
+        _delete_chunks(store, meta)
     return True
 
 

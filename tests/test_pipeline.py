@@ -18,7 +18,7 @@ from PIL import Image
 from cbir.cli import main
 from cbir.connection import connect
 from cbir.data import load_items
-from cbir.errors import StoreError
+from cbir.errors import LockWaitWarning, StoreError
 from cbir.evaluation import leave_one_out
 from cbir.indexing import decode_batches, extractor_for_store, index_images, register_model
 from cbir.retrieval import Neighbour, Retrieval, Retriever, majority_vote
@@ -325,6 +325,27 @@ def test_cli_refuses_to_mix_models(cli_env, db_name, capsys):
         assert VectorStore(connect(cli_env), db_name).count() == 78
     finally:
         VectorStore(connect(cli_env), db_name).drop()
+
+
+def test_cli_writers_leave_a_database_being_written_alone(cli_env, db_name, capsys):
+    store = VectorStore(connect(cli_env), db_name)
+    add = ("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val", "--input_size", TEST_INPUT_SIZE,
+           "--quiet")
+    try:
+        assert cli(*add) == 0
+        capsys.readouterr()
+        with store.writing():
+            assert cli(*add, "--rewrite") == 2
+            assert "being written by another process" in capsys.readouterr().err
+            with pytest.warns(LockWaitWarning, match="waiting up to 0.2 s"):
+                assert cli("remove", "--db_name", db_name, "--label", "malignant", "--wait", "0.2") == 2
+            assert "waited 0.2 s" in capsys.readouterr().err
+            assert cli("train-index", "--db_name", db_name, "--delete") == 2
+            assert store.count() == 78 and store.client.get(store.key("lock")) is not None
+        assert cli(*add, "--rewrite") == 0
+        assert "--rewrite: deleted database" in capsys.readouterr().out and store.count() == 78
+    finally:
+        store.drop()
 
 
 @pytest.mark.parametrize("where,kill", [("embedded", signal.SIGKILL), ("standalone", signal.SIGKILL),

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from cbir.connection import connect, describe, redact, scratch
-from cbir.errors import DatabaseBusyError, ModelMismatchError, StoreError
+from cbir.errors import DatabaseBusyError, LockWaitWarning, ModelMismatchError, StoreError
 from cbir.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
 from cbir.store import (Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name,
                         database_names)
@@ -176,6 +176,43 @@ def test_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(small):
     with small.writing():
         assert str(os.getpid()) in small.client.get(lock).decode()
     assert small.client.get(lock) is None
+
+
+def test_a_writer_waits_for_another_to_finish_or_names_what_it_waited(small):
+    held, release = threading.Event(), threading.Event()
+
+    def first_writer():
+        with VectorStore(small.client, small.name).writing():
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=first_writer)
+    holder.start()
+    held.wait(10)
+    try:
+        with pytest.raises(DatabaseBusyError, match=r"being written by another process .*; waited 0.3 s; wait for it "
+                                                    r"\(--wait SECONDS\)"), pytest.warns(LockWaitWarning):
+            with VectorStore(small.client, small.name, lock_wait=0.3).writing():
+                pass
+        threading.Timer(0.5, release.set).start()
+        started = time.monotonic()
+        with pytest.warns(LockWaitWarning, match="waiting up to 30 s"):
+            with VectorStore(small.client, small.name, lock_wait=30).writing() as waiter:
+                assert time.monotonic() - started >= 0.4
+                waiter.add(records(2), unit_vectors(2))
+    finally:
+        release.set()
+        holder.join()
+    assert small.count() == 2 and small.client.get(small.key("lock")) is None
+
+
+def test_dropping_a_database_leaves_its_writer_lock_to_its_holder(small):
+    with small.writing():
+        small.add(records(3), unit_vectors(3))
+        token = small.client.get(small.key("lock"))
+        small.drop()
+        assert small.client.get(small.key("lock")) == token, "a drop under the lock must keep it"
+    assert small.client.get(small.key("lock")) is None
 
 
 def test_bad_vectors_are_refused(small):
