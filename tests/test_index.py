@@ -94,6 +94,18 @@ def test_an_inverted_file_returns_every_neighbour_asked_for(kind):
     assert (searcher.search(vectors[:3], 5000)[1] >= 0).sum(axis=1).tolist() == [2000] * 3  # all that is left
 
 
+def test_a_graph_with_most_entries_removed_still_returns_every_neighbour_asked_for():
+    vectors, ids = clustered(5000, 16), np.arange(5000)
+    searcher = SearchIndex.build("hnsw", ids, vectors, m=8)
+    searcher.set_breadth(16)
+    kept = ids[::50]  # the walk spends its breadth on removed entries: it found 1-8 of 50 here
+    searcher.remove(np.setdiff1d(ids, kept))
+    scores, found = searcher.search(vectors[:20], 50)
+    exact = SearchIndex.exact(kept, vectors[kept]).search(vectors[:20], 50)
+    assert (found >= 0).all() and np.isin(found, kept).all()
+    np.testing.assert_allclose(scores, exact[0], rtol=1e-5)  # the short rows are searched exactly
+    assert searcher.breadth == 16
+
 def test_too_few_vectors_for_an_inverted_file_name_the_way_out():
     with pytest.raises(CbirError, match=r"^4 vectors cannot train 1 inverted list\(s\) \(that needs 9 or more\); "
                                         r"use the flat index$"):  # not "a smaller --nlist": 1 is the least
