@@ -464,7 +464,8 @@ def _cmd_evaluate(args) -> int:
     import faiss
     import torch
 
-    from .evaluation import ProtocolOptions, Queries, Support, EvaluationSettings, check_protocol_options, run_protocols
+    from .evaluation import (ProtocolOptions, Queries, Support, EvaluationSettings, check_protocol_options, check_support,
+                             run_protocols)
     from .indexing import extractor_for_store
     from .report import format_table, open_workbook, save_figures, write_json, write_workbook
     from .trained_index import search_index
@@ -479,6 +480,7 @@ def _cmd_evaluate(args) -> int:
     store.require()
     groups = _read_mapping(args.groups, "groups")
     support = Support.from_store(store, groups)
+    check_support(support, f"database '{args.db_name}'")
     queries, head, failures = None, None, []
     if args.path or "interpolate" in measures:
         extractor = extractor_for_store(store, weights=args.weights, device=args.device)

@@ -589,6 +589,12 @@ def check_protocol_options(measures: Sequence[str], options: ProtocolOptions, wi
         raise CbirError("--exclude_classes applies to --measure remove only; add remove to --measure")
 
 
+def check_support(support: Support, database: str) -> None:
+    """Refuse a support too small for any protocol (before queries are embedded for nothing)."""
+    if len(support) < 2:
+        raise CbirError(f"{database} holds {len(support)} image(s); protocols need at least 2")
+
+
 def run_protocols(measures: Sequence[str], support: Support, queries: Queries | None, index: SearchIndex,
                   settings: EvaluationSettings, options: ProtocolOptions,
                   store: VectorStore | None = None) -> list[ProtocolResult]:
@@ -598,8 +604,7 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
     removal build their own exact indices step by step.
     """
     check_protocol_options(measures, options, with_queries=queries is not None)
-    if len(support) < 2:
-        raise CbirError(f"the database holds {len(support)} image(s); protocols need at least 2")
+    check_support(support, f"database '{store.name}'" if store is not None else "the database")
     if settings.project_groups and len(support) and not set(support.projects.tolist()) & set(settings.project_groups):
         warnings.warn(f"--project_groups names no stored project (stored: {some_labels(support.projects.tolist())}): "
                       "'similar project' hits count the same project only", DataSourceWarning, stacklevel=2)

@@ -388,3 +388,15 @@ def test_evaluate_needs_queries_for_query_protocols(cli_env, db_name, capsys):
         assert "needs --path" in capsys.readouterr().err
     finally:
         store.drop()
+
+
+def test_evaluate_refuses_a_too_small_database_before_embedding_queries(cli_env, db_name, capsys):
+    store = VectorStore(connect(cli_env), db_name)
+    store.ensure_model("fp", {}, 2)  # no extractor could be rebuilt from it: embedding would fail otherwise
+    with store.writing():
+        store.add([ImageRecord(name="only", label="a")], unit([[1, 0]]))
+    try:
+        assert main(["evaluate", "--db_name", db_name, "--path", str(BREASTMNIST), "--quiet"]) == 2
+        assert capsys.readouterr().err == f"error: database '{db_name}' holds 1 image(s); protocols need at least 2\n"
+    finally:
+        store.drop()
