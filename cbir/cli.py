@@ -464,8 +464,8 @@ def _cmd_evaluate(args) -> int:
     import faiss
     import torch
 
-    from .evaluation import (ProtocolOptions, Queries, Support, EvaluationSettings, check_protocol_options, check_support,
-                             run_protocols)
+    from .evaluation import (EvaluationSettings, ProtocolOptions, Queries, Support, check_protocol_options,
+                             check_support, run_protocols)
     from .indexing import extractor_for_store
     from .report import format_table, open_workbook, save_figures, write_json, write_workbook
     from .trained_index import search_index

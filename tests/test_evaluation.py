@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from openpyxl import load_workbook
 
+from cbir import evaluation
 from cbir.cli import main
 from cbir.connection import connect
 from cbir.errors import CbirError, DataSourceWarning
 from cbir.evaluation import (EvaluationSettings, ProtocolOptions, ProtocolResult, Queries, Support, confusion, hit_rates,
-                             knn_predict, leave_one_out, map_at_r, metrics, rank, rank_all, run_protocols)
+                             knn_predict, leave_one_out, map_at_r, metrics, rank, rank_all, relevant_counts,
+                             run_protocols)
 from cbir.index import SearchIndex
 from cbir.report import format_table, write_json, write_workbook
 from cbir.store import ImageRecord, VectorStore
@@ -90,7 +92,7 @@ def test_map_at_r_is_exact_where_the_index_is_approximate():
     approximate, exact = metrics(rank_all(ivf, support, queries, settings), settings), \
         metrics(ranked(support, queries), settings)
     assert approximate["map_at_r"] == exact["map_at_r"] > 0.3
-    deep = metrics(rank(ivf, support, queries, 400), settings)  # R ranks from the probed lists only
+    deep = metrics(rank(ivf, support, queries, 10, relevant=relevant_counts(support, queries)), settings)  # R from probed lists
     assert deep["map_at_r"] != pytest.approx(exact["map_at_r"], abs=1e-3)
     assert approximate["top1"] > 0.5  # the neighbours themselves still come from the index
 
@@ -156,6 +158,30 @@ def test_queries_never_count_themselves_their_copy_or_their_group():
     with_groups = ranked(support, own)
     first = support.groups[with_groups.positions[:, 0]]
     assert (first != support.groups).all(), "a neighbour came from the query's own group"
+
+
+def test_map_at_r_counts_only_the_images_a_query_may_retrieve():
+    # Patients of two images each, one class per patient; classes far apart, so a perfect ranking.
+    rng = np.random.default_rng(1)
+    labels = np.repeat(["a", "b"], 12)
+    vectors = np.where(labels[:, None] == "a", [1.0, 0.0], [0.0, 1.0]) + 0.01 * rng.standard_normal((24, 2))
+    support = make_support(vectors, list(labels), groups=[f"patient{i // 2}" for i in range(24)])
+    own = Queries.of_support(support)
+    assert relevant_counts(support, own).tolist() == [10] * 24  # 12 of its class, less itself and its twin
+    assert metrics(ranked(support, own), EvaluationSettings())["map_at_r"] == 1.0  # R 11 read 10/11 before
+    copies = replace(make_queries(vectors[:2], ["a", "a"]), sha256=O(["s0", ""]))  # the first is stored as s0
+    assert relevant_counts(make_support(vectors, list(labels)), copies).tolist() == [11, 12]
+    hashless = replace(make_support(vectors, list(labels)), sha256=O([""] * 24))
+    assert relevant_counts(hashless, Queries.of_support(hashless)).tolist() == [11] * 24  # itself, by id
+
+
+def test_ranking_in_steps_gives_the_same_numbers(monkeypatch):
+    support, queries = clustered_case()
+    untimed = lambda row: {k: v for k, v in row.items() if not k.endswith("_ms")}  # noqa: E731
+    loo = Queries.of_support(support)
+    whole = [untimed(metrics(ranked(support, asked), EvaluationSettings())) for asked in (queries, loo)]
+    monkeypatch.setattr(evaluation, "RANKING_CELLS", 100)  # steps of 2 queries at a depth of 35
+    assert [untimed(metrics(ranked(support, asked), EvaluationSettings())) for asked in (queries, loo)] == whole
 
 
 def test_random_queries_take_classes_in_turn():
