@@ -26,6 +26,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+from . import interrupts
 from .errors import StoreError
 
 URL_ENV = "CBIR_REDIS_URL"
@@ -265,14 +266,16 @@ def _last_warning(log: Path, start: int) -> str | None:
 @contextlib.contextmanager
 def scratch(url: str | None = None) -> Iterator:
     """A client of ``url``, or of a fresh embedded server in a temporary directory that is
-    stopped and deleted on exit (for benchmarks: their data must not outlive them)."""
+    stopped and deleted on exit (for benchmarks: their data must not outlive them). SIGTERM
+    unwinds too: a benchmark killed by ``timeout`` left its server running, holding its vectors."""
     if url:
         yield connect(url)
         return
     home = tempfile.mkdtemp(prefix="cbir-scratch-")
     client = embedded(home)
     try:
-        yield client
+        with interrupts.as_exceptions():
+            yield client
     finally:
         client.stop()
         shutil.rmtree(home, ignore_errors=True)

@@ -198,12 +198,6 @@ def average_precision_at_r(hits: np.ndarray, relevant: np.ndarray) -> np.ndarray
         return np.where(relevant > 0, (precision * hits).sum(axis=1) / relevant, np.nan)
 
 
-def map_at_r(query_labels: np.ndarray, neighbour_labels: np.ndarray, relevant: np.ndarray) -> float:
-    """Mean average precision at R over the queries with anything relevant (NaN if none has)."""
-    precisions = average_precision_at_r(neighbour_labels == query_labels[:, None], np.asarray(relevant))
-    return float(np.nanmean(precisions)) if np.isfinite(precisions).any() else float("nan")
-
-
 def _label_codes(support: Support, queries: Queries) -> tuple[np.ndarray, np.ndarray]:
     """Support and query labels as integers (-1: a query label nothing stored has)."""
     classes, support_codes = np.unique(support.labels.astype(str), return_inverse=True)

@@ -23,7 +23,6 @@ from .files import write_text, written_whole
 
 SUMMARY_COLUMNS = ["date", "sheet", "measure", "database", "queries", "top1", "top5", "majority5",
                    "project_top1", "similar_top1", "precision5", "precision10", "map_at_r"]
-TIMING_COLUMNS = ["model_ms", "search_ms", "transfer_ms"]
 TABLE_COLUMNS = ["queries", "top1", "top5", "majority5", "precision5", "map_at_r"]
 MAX_SHEET_NAME = 31  # Excel's limit
 

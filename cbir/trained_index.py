@@ -153,7 +153,6 @@ class _Loaded:
     searcher: SearchIndex
     version: int
     position: int
-    changes: int = 0  # ids added or removed since the build
 
 
 _loaded: dict[tuple[int, str], _Loaded] = {}
@@ -188,7 +187,6 @@ def _catch_up(store: VectorStore, loaded: _Loaded) -> bool:
             loaded.searcher.add(live_ids, vectors)
         else:
             loaded.searcher.remove(ids)
-        loaded.changes += len(ids)
     loaded.version, loaded.position = version, loaded.position + due
     return True
 

@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from cbir.connection import scratch
@@ -57,3 +64,24 @@ def test_the_index_bench_flags_parse_data_sets_and_kinds_and_name_what_is_wrong(
     assert bench._index_kinds("ivf,HNSW,flat,ivf") == ["flat", "ivf", "hnsw"]  # the exact baseline first, once
     with pytest.raises(argparse.ArgumentTypeError, match="unknown index kind 'pq'; choose from flat, ivf, ivfpq, hnsw"):
         bench._index_kinds("ivf,pq")
+
+
+def test_a_benchmark_killed_by_sigterm_stops_and_deletes_its_scratch_redis():
+    bench = subprocess.Popen([sys.executable, "-u", str(ROOT / "scripts" / "bench_ingest.py"), "--skip_model",
+                              "--vectors", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    home = None
+    try:
+        first = bench.stdout.readline()  # printed once its server runs, with SIGTERM handled
+        home = Path(re.search(r"data in (\S+)\)", first).group(1))
+        assert home.is_dir()
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) != 0
+        assert not home.exists(), "the scratch server's folder outlived the benchmark"
+    finally:
+        bench.kill()
+        for orphan in psutil.process_iter() if home else ():  # a failed run must not leave its server behind
+            with contextlib.suppress(psutil.Error):
+                if orphan.cwd() == str(home):
+                    orphan.kill()
+        if home:
+            shutil.rmtree(home, ignore_errors=True)

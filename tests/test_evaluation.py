@@ -13,9 +13,9 @@ from cbir import evaluation
 from cbir.cli import main
 from cbir.connection import connect
 from cbir.errors import CbirError, DataSourceWarning
-from cbir.evaluation import (EvaluationSettings, ProtocolOptions, ProtocolResult, Queries, Support, confusion, hit_rates,
-                             knn_predict, leave_one_out, map_at_r, metrics, rank, rank_all, relevant_counts,
-                             run_protocols)
+from cbir.evaluation import (EvaluationSettings, ProtocolOptions, ProtocolResult, Queries, Support,
+                             average_precision_at_r, confusion, hit_rates, knn_predict, leave_one_out, metrics, rank,
+                             rank_all, relevant_counts, run_protocols)
 from cbir.index import SearchIndex
 from cbir.report import format_table, write_json, write_workbook
 from cbir.store import ImageRecord, VectorStore
@@ -57,10 +57,12 @@ def test_hit_rates_on_hand_made_neighbours():
     assert hit_rates(queries, neighbours) == {"top1": 0.5, "top5": 0.75, "majority5": 0.5}
 
 
-def test_map_at_r_by_hand():
-    # R=2: relevant at rank 1 only -> (1/1)/2; R=3 with hits at ranks 2, 3 -> (1/2 + 2/3)/3
-    neighbours = O([["a", "b", "a"], ["x", "b", "b"]])
-    assert map_at_r(O(["a", "b"]), neighbours, np.array([2, 3])) == pytest.approx((0.5 + (0.5 + 2 / 3) / 3) / 2)
+def test_average_precision_at_r_by_hand():
+    # R=2: a hit at rank 1 only (rank 3 is beyond R) -> (1/1)/2; R=3, hits at ranks 2, 3 -> (1/2 + 2/3)/3;
+    # R=0: nothing relevant is stored -> undefined; R=5 cut to the ranking's depth 3 -> (1 + 1 + 1)/3
+    hits = np.array([[1, 0, 1], [0, 1, 1], [0, 0, 0], [1, 1, 1]], bool)
+    precisions = average_precision_at_r(hits, np.array([2, 3, 0, 5]))
+    np.testing.assert_allclose(precisions, [0.5, (0.5 + 2 / 3) / 3, np.nan, 1.0])
 
 
 def test_map_at_r_agrees_with_pytorch_metric_learning():
