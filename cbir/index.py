@@ -260,7 +260,7 @@ class SearchIndex:
         return scores[keep].reshape(-1, width), ids[keep].reshape(-1, width)
 
     # -------------------------------------------------------------- storage
-    def to_bytes(self) -> bytes:
+    def to_bytes(self) -> memoryview:
         """FAISS's serialisation of a freshly built index, and its ids as a bitmap (1 bit per id).
 
         A fresh build holds the store's ids in ascending order with gaps where images were
@@ -272,7 +272,7 @@ class SearchIndex:
         members[self.ids] = True
         buffer = io.BytesIO()
         np.savez(buffer, index=faiss.serialize_index(self.index), ids=np.packbits(members), count=len(members))
-        return buffer.getvalue()
+        return buffer.getbuffer()  # no copy of what may be gigabytes
 
     @classmethod
     def from_bytes(cls, blob: bytes, kind: str, params: dict) -> "SearchIndex":

@@ -88,6 +88,8 @@ def train_index(store: VectorStore, kind: str = "ivf", nlist: int | None = None,
     tuning = tune(searcher, exact, ids[rows], vectors[rows], target_recall=target_recall,
                   breadths=None if breadth is None else [breadth])
     tune_seconds = time.perf_counter() - started
+    # Freed before serialising: with them, 100,000 x 1280 vectors peaked at 5.3 x their bytes.
+    del vectors, exact
     blob = searcher.to_bytes()
     save_index(store, blob, searcher, version, journal_start, tuning)
     return TrainReport(kind=kind, count=len(ids), params=dict(searcher.params), load_seconds=load_seconds,
@@ -167,6 +169,7 @@ def _load(store: VectorStore, meta: dict) -> _Loaded:
     if any(part is None for part in parts):
         raise StoreError(f"the trained index of database '{store.name}' is missing chunks; run train_index.py again")
     blob = b"".join(parts)
+    parts.clear()  # one copy of the index's bytes at a time
     if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
         raise StoreError(f"the trained index of database '{store.name}' is corrupt; run train_index.py again")
     searcher = SearchIndex.from_bytes(blob, meta["kind"], json.loads(meta["params"]))

@@ -5,7 +5,8 @@ For each data set of synthetic clustered unit vectors (default 1,000,000 x 128 a
   * load: the time to read every vector back from Redis into a FAISS flat index;
   * per index kind, trained and tuned by ``train_index`` exactly as ``train_index.py`` does
     (target recall@10 0.95) and saved in Redis: build time, bytes per vector, the time to load
-    the saved index from Redis, queries/s at batch 1 and batched, and recall@1/@10 of held-out
+    the saved index from Redis, the memory each of the two took at its peak (as a multiple of
+    the raw vector bytes), queries/s at batch 1 and batched, and recall@1/@10 of held-out
     queries against exact search.
 Usage: python scripts/bench_index.py [--sets 1000000x128,100000x1280] [--kinds flat,ivf,ivfpq,hnsw]
                                      [--redis-url URL] [--queries 1000]
@@ -14,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,6 +83,28 @@ def queries_per_second(searcher: SearchIndex, queries: np.ndarray, batched: bool
     return min(SINGLE_QUERIES, len(queries)) / (time.perf_counter() - started)
 
 
+@contextmanager
+def peak_memory() -> Iterator[list[int]]:
+    """The most this process's resident memory rose above its level at the start, in bytes,
+    sampled every 10 ms (in the list yielded, filled on leaving)."""
+    process, peak, done = psutil.Process(), [0], threading.Event()
+    start = process.memory_info().rss
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss - start)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
+        peak[0] = max(peak[0], process.memory_info().rss - start)
+
+
 def run_set(client, count: int, dim: int, kinds: list[str], num_queries: int) -> None:
     print(f"\n== {count:,} x {dim} clustered unit vectors ==")
     started = time.perf_counter()
@@ -92,27 +119,31 @@ def run_set(client, count: int, dim: int, kinds: list[str], num_queries: int) ->
     del vectors
     queries = clustered(num_queries, dim, seed=1)
     truth = exact.search(queries, 10)[1]
-    header = (f"{'index':<7} {'params':<28} {'build s':>8} {'bytes/vec':>10} {'load s':>7} "
-              f"{'q/s b=1':>9} {'q/s batch':>10} {'speed-up':>9} {'R@1':>6} {'R@10':>6}")
+    header = (f"{'index':<7} {'params':<28} {'build s':>8} {'bytes/vec':>10} {'load s':>7} {'train mem':>9} "
+              f"{'load mem':>9} {'q/s b=1':>9} {'q/s batch':>10} {'speed-up':>9} {'R@1':>6} {'R@10':>6}")
     print(header)
+    raw = count * dim * 4
     baseline = None
     for kind in kinds:
         if kind == "flat":
             searcher, build, size, load = exact, into_faiss, dim * 4 + 8, loaded
-            params = "exact"
+            params, memory = "exact", f"{'-':>9} {'-':>9}"
         else:
-            report = train_index(store, kind)
+            with peak_memory() as training:
+                report = train_index(store, kind)
             _loaded.clear()
             started = time.perf_counter()
-            searcher = search_index(store)
+            with peak_memory() as loading:
+                searcher = search_index(store)
             load = time.perf_counter() - started
             build, size = report.build_seconds, report.bytes_per_vector
             params = ", ".join(f"{k}={v}" for k, v in report.params.items())
+            memory = f"{training[0] / raw:>8.2f}x {loading[0] / raw:>8.2f}x"
         single = queries_per_second(searcher, queries, batched=False)
         batched = queries_per_second(searcher, queries, batched=True)
         found = searcher.search(queries, 10)[1]
         baseline = baseline or single
-        print(f"{kind:<7} {params:<28} {build:>8.1f} {size:>10.1f} {load:>7.2f} {single:>9.0f} {batched:>10.0f} "
+        print(f"{kind:<7} {params:<28} {build:>8.1f} {size:>10.1f} {load:>7.2f} {memory} {single:>9.0f} {batched:>10.0f} "
               f"{single / baseline:>8.1f}x {recall_at(found, truth, 1):>6.3f} {recall_at(found, truth, 10):>6.3f}",
               flush=True)
     store.drop()
