@@ -225,7 +225,7 @@ def rank(index: SearchIndex, support: Support, queries: Queries, depth: int,
     positions = np.full((len(queries), width), -1, np.int64)
     scores = np.full((len(queries), width), np.nan, np.float32)
     precisions = None if relevant is None else np.full(len(queries), np.nan)
-    support_codes, query_codes = _label_codes(support, queries)
+    support_codes, query_codes = _label_codes(support, queries) if relevant is not None else (None, None)
     search_seconds = 0.0
     step = max(1, RANKING_CELLS // wanted)
     for start in range(0, len(queries), step):
