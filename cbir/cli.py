@@ -19,11 +19,11 @@ import numpy as np
 
 from . import __version__, interrupts
 from .connection import URL_ENV, connect, describe
-from .data import NPZ_SPLITS, content_digests, every_item, load_items, query_items, some_labels
+from .data import NPZ_SPLITS, content_digests, every_item, load_items, query_items, some_labels, source_path
 from .errors import CbirError, StoreError
 from .files import write_text
 from .options import (DEFAULT_NEIGHBOURS, INDEX_KINDS, LOSSES, MAX_EMBEDDING_DIM, MEASURES, MIN_TSNE_POINTS,
-                      PICTURE_COLUMNS, PICTURE_ROWS, SAMPLE_COLUMNS, SCHEDULERS, VOTES)
+                      PICTURE_COLUMNS, PICTURE_ROWS, SAMPLE_COLUMNS, SCHEDULERS, VOTES, check_protocol_options)
 from .store import VectorStore, database_names
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
@@ -191,22 +191,24 @@ def _check_model_flags(args, spec) -> None:
 
 
 def _cmd_add(args) -> int:
-    from .indexing import extractor_for_store, index_images, register_model
-    from .models import create_extractor
-
     items = load_items(args.path, split=args.split, project=args.project,
                        projects_in_names=args.projects, label=args.label)
     store = _open_store(args)
-    if args.rewrite and store.exists:
-        with store.writing():  # not under a writer still at work
-            store.drop()
-        print(f"--rewrite: deleted database '{args.db_name}'")
-    if args.extractor or args.weights or args.input_size or not store.exists:
+    # Imported once the path and Redis have answered: torch and timm take seconds to import.
+    from .indexing import extractor_for_store, index_images, register_model
+    from .models import create_extractor
+
+    if args.rewrite or args.extractor or args.weights or args.input_size or not store.exists:
         extractor = create_extractor(args.extractor or DEFAULT_EXTRACTOR, weights=args.weights,
                                      input_size=args.input_size, device=args.device)
     else:
         extractor = extractor_for_store(store, device=args.device)
     _check_model_flags(args, extractor.spec)
+    # Only now, with the model built and its flags checked: a mistyped --weights must not cost the database.
+    if args.rewrite and store.exists:
+        with store.writing():  # not under a writer still at work
+            store.drop()
+        print(f"--rewrite: deleted database '{args.db_name}'")
     register_model(store, extractor, weights=args.weights, chunk_size=args.chunk_size)
     print(f"{counted(len(items), 'image')} from {args.path} -> '{args.db_name}' on {describe(store.client)}, "
           f"model {extractor.spec.description}, {extractor.spec.embedding_dim}-d")
@@ -221,12 +223,14 @@ def _cmd_add(args) -> int:
 
 # ------------------------------------------------------------------ retrieve
 def _cmd_retrieve(args) -> int:
+    store = _open_store(args)
+    store.require()
+    queries = query_items(args.path, split=args.split, seed=args.seed, count=args.n_queries)
+    # Imported once the database and the queries are found: torch and timm take seconds to import.
     from .indexing import DEFAULT_BATCH_SIZE, extractor_for_store
     from .retrieval import Retriever
 
-    store = _open_store(args)
     extractor = extractor_for_store(store, weights=args.weights, device=args.device)
-    queries = query_items(args.path, split=args.split, seed=args.seed, count=args.n_queries)
     retriever = Retriever(store, extractor, exact=args.exact)
     if args.nrt_neigh is not None and args.nrt_neigh > retriever.stored:  # the default asks for no more than there is
         warnings.warn(f"--nrt_neigh {args.nrt_neigh} is more than the {retriever.stored} images of '{args.db_name}': "
@@ -343,6 +347,8 @@ def _recall_advice(kind: str, given_breadth: int | None, breadth: int) -> str:
 
 # --------------------------------------------------------------------- train
 def _cmd_train(args) -> int:
+    for data in filter(None, (args.training_data, args.validation_data)):
+        source_path(data)  # a mistyped path refused at once, not after seconds of importing torch
     from .training import TrainConfig, train_extractor
 
     config = TrainConfig(
@@ -382,10 +388,10 @@ def _cmd_tsne(args) -> int:
 
 
 def _cmd_dataset(args) -> int:
-    from .overview import dataset_stats, save_dataset_charts
+    items = load_items(args.path, split=args.split)
+    from .overview import dataset_stats, save_dataset_charts  # after the path is found: they import torch
     from .viz import save_class_samples
 
-    items = load_items(args.path, split=args.split)
     name = args.name or Path(args.path).stem + (f"_{args.split}" if str(args.path).endswith(".npz") else "")
     stats = dataset_stats(items, progress=not args.quiet)
     pictures = [p.path for p in save_dataset_charts(stats, args.out_dir, name)]
@@ -459,26 +465,28 @@ def _read_mapping(path: str | None, what: str) -> dict[str, str] | None:
 
 
 def _cmd_evaluate(args) -> int:
+    measures = list(dict.fromkeys(args.measure))
+    check_protocol_options(measures, args.exclude_classes, with_queries=bool(args.path))
+    items = load_items(args.path, split=args.split) if args.path else None
+    store = _open_store(args)
+    store.require()
+    groups = _read_mapping(args.groups, "groups")
+    project_groups = _read_mapping(args.project_groups, "project groups")
+    # Imported once the flags, files and database are found: torch and timm take seconds to import.
     from dataclasses import replace
 
     import faiss
     import torch
 
-    from .evaluation import (EvaluationSettings, ProtocolOptions, Queries, Support, check_protocol_options,
-                             check_support, run_protocols)
+    from .evaluation import EvaluationSettings, ProtocolOptions, Queries, Support, check_support, run_protocols
     from .indexing import extractor_for_store
     from .report import format_table, open_workbook, save_figures, write_json, write_workbook
     from .trained_index import search_index
 
-    measures = list(dict.fromkeys(args.measure))
     options = ProtocolOptions(n_queries=args.n_queries, repeats=args.repeats,
                               exclude_classes=args.exclude_classes, seed=args.seed)
-    check_protocol_options(measures, options, with_queries=bool(args.path))
     excel = Path(args.excel_path or Path(args.results_dir) / f"accuracy_{args.db_name}.xlsx")
     workbook = open_workbook(excel)
-    store = _open_store(args)
-    store.require()
-    groups = _read_mapping(args.groups, "groups")
     support = Support.from_store(store, groups)
     check_support(support, f"database '{args.db_name}'")
     queries, head, failures = None, None, []
@@ -487,11 +495,10 @@ def _cmd_evaluate(args) -> int:
         if extractor.classifier is not None:
             head = (list(extractor.spec.class_names), extractor.class_probabilities)
     if args.path:
-        queries, failures = Queries.embed(load_items(args.path, split=args.split), extractor, groups,
-                                          progress=not args.quiet)
+        queries, failures = Queries.embed(items, extractor, groups, progress=not args.quiet)
     index = search_index(store, exact=args.exact)
     settings = EvaluationSettings(ks=args.k, vote=args.vote, temperature=args.temperature,
-                                  project_groups=_read_mapping(args.project_groups, "project groups"))
+                                  project_groups=project_groups)
     results = run_protocols(measures, support, queries, index, settings, replace(options, head=head), store=store)
     what = f"{len(queries)} queries from {args.path}" if queries is not None else "the stored images (leave-one-out)"
     print(f"'{args.db_name}': {len(support)} stored images, {what}; "

@@ -30,7 +30,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
 from .data import ImageItem, per_class_in_turn, some_labels
 from .errors import CbirError, DataSourceWarning
-from .options import MEASURES, VOTES
+from .options import SUPPORT_MEASURES, VOTES, check_protocol_options
 from .index import SearchIndex, id_positions
 from .indexing import embed_items
 from .store import VectorStore
@@ -616,9 +616,6 @@ def protocol_interpolate(support: Support, queries: Queries, settings: Evaluatio
                           curve=("lambda", ("validation_accuracy", "accuracy")), summary_row=chosen)
 
 
-SUPPORT_MEASURES = ("loo", "incremental", "removal", "interpolate")  # need no query images of their own
-
-
 @dataclass
 class ProtocolOptions:
     n_queries: int = 100
@@ -626,20 +623,6 @@ class ProtocolOptions:
     exclude_classes: Sequence[str] = ()
     seed: int = 0
     head: tuple | None = None  # (class names, vectors -> probabilities): the interpolate protocol's classifier
-
-
-def check_protocol_options(measures: Sequence[str], options: ProtocolOptions, with_queries: bool) -> None:
-    """Refuse measures and options that do not go together, before any image is read."""
-    unknown = set(measures) - set(MEASURES)
-    if unknown:
-        raise CbirError(f"unknown --measure {', '.join(sorted(unknown))}; choose from {', '.join(MEASURES)}")
-    if not with_queries and set(measures) - set(SUPPORT_MEASURES):
-        raise CbirError(f"--measure {' '.join(measures)} needs --path with the query images "
-                        f"(only {', '.join(SUPPORT_MEASURES)} run on the stored images alone)")
-    if "remove" in measures and not options.exclude_classes:
-        raise CbirError("--measure remove needs --exclude_classes (the query classes it leaves out)")
-    if options.exclude_classes and "remove" not in measures:
-        raise CbirError("--exclude_classes applies to --measure remove only; add remove to --measure")
 
 
 def check_support(support: Support, database: str) -> None:
@@ -656,7 +639,7 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
     ``index`` answers the query-based protocols (a trained index, or exact); incremental and
     removal build their own exact indices step by step.
     """
-    check_protocol_options(measures, options, with_queries=queries is not None)
+    check_protocol_options(measures, options.exclude_classes, with_queries=queries is not None)
     check_support(support, f"database '{store.name}'" if store is not None else "the database")
     if settings.project_groups and len(support) and not set(support.projects.tolist()) & set(settings.project_groups):
         warnings.warn(f"--project_groups names no stored project (stored: {some_labels(support.projects.tolist())}): "

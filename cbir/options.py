@@ -1,9 +1,16 @@
-"""The names and limits users choose from on the command line, kept free of heavy imports so that
-``--help`` is instant; the modules that implement them import them from here."""
+"""The names and limits users choose from on the command line, and which of them go together, kept
+free of heavy imports so that ``--help`` is instant and a wrong choice is refused at once; the
+modules that implement them import them from here."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from .errors import CbirError
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 MEASURES = ("all", "weighted", "random", "stat", "separated", "remove", "loo", "incremental", "removal",
             "interpolate")
+SUPPORT_MEASURES = ("loo", "incremental", "removal", "interpolate")  # need no query images of their own
 VOTES = ("majority", "distance", "softmax")
 LOSSES = ("margin", "proxy_nca", "proxy_anchor", "softtriple", "normsoftmax", "arcface", "triplet",
           "contrastive", "ntxent", "cross_entropy")
@@ -21,3 +28,17 @@ SAMPLE_COLUMNS = 30
 # Embedding size of a trained head: --num_features 1000000 (a slip for 1000) asked for a 5 GB head
 # and its optimiser state, and the kernel killed training on 24 GiB; metric learning uses 64-2048.
 MAX_EMBEDDING_DIM = 8192
+
+
+def check_protocol_options(measures: Sequence[str], exclude_classes: Sequence[str], with_queries: bool) -> None:
+    """Refuse measures and options that do not go together, before any image is read."""
+    unknown = set(measures) - set(MEASURES)
+    if unknown:
+        raise CbirError(f"unknown --measure {', '.join(sorted(unknown))}; choose from {', '.join(MEASURES)}")
+    if not with_queries and set(measures) - set(SUPPORT_MEASURES):
+        raise CbirError(f"--measure {' '.join(measures)} needs --path with the query images "
+                        f"(only {', '.join(SUPPORT_MEASURES)} run on the stored images alone)")
+    if "remove" in measures and not exclude_classes:
+        raise CbirError("--measure remove needs --exclude_classes (the query classes it leaves out)")
+    if exclude_classes and "remove" not in measures:
+        raise CbirError("--exclude_classes applies to --measure remove only; add remove to --measure")

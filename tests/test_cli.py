@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -67,17 +69,6 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(flags, messa
     assert message in capsys.readouterr().err.splitlines()[-1]
 
 
-def test_a_workbook_to_extend_that_is_no_workbook_is_refused_before_the_protocols_run(a_file, capsys):
-    damaged = a_file.with_suffix(".xlsx")
-    damaged.write_text("not a workbook")
-    # The database does not exist: the workbook is refused before the store is even opened.
-    assert main(["evaluate", "--db_name", "no_such_db", "--redis-url", "redis://127.0.0.1:1", "--measure", "loo",
-                 "--excel_path", str(damaged)]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: {damaged}: not an Excel workbook that can be extended "
-                                               "(BadZipFile: File is not a zip file); give another --excel_path "
-                                               "or move the file away")
-
-
 def test_a_name_too_long_is_refused_as_the_flag_is_parsed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--training_data", "t", "--weights", str(tmp_path / ("r" * 300))])
@@ -118,3 +109,18 @@ def test_an_interrupted_command_says_what_to_do_next(argv, advice, monkeypatch, 
     monkeypatch.setattr(cli, f"_cmd_{argv[0]}", stopped_by_ctrl_c)
     assert main(argv) == 130
     assert capsys.readouterr().err.strip() == f"interrupted: {advice}"
+
+
+@pytest.mark.parametrize("argv", [
+    ["add", "--db_name", "d", "--path", "/no/such/folder"],
+    ["retrieve", "--db_name", "d", "--path", "q.png", "--redis-url", "redis://127.0.0.1:1"],
+    ["evaluate", "--db_name", "d", "--measure", "all"],
+    ["evaluate", "--db_name", "d", "--path", "/no/such/folder"],
+    ["train", "--training_data", "/no/such/folder", "--weights", "run"],
+    ["dataset", "--path", "/no/such/folder"],
+])
+def test_a_mistake_in_the_flags_is_refused_before_torch_is_imported(argv):
+    """torch and timm take 5-10 s to import on 2 cores: a typo must not wait for them."""
+    check = ("import sys; from cbir.cli import main; code = main(sys.argv[1:]); "
+             "sys.exit(10 if 'torch' in sys.modules else code)")
+    assert subprocess.run([sys.executable, "-c", check, *argv], capture_output=True).returncode == 2

@@ -428,3 +428,22 @@ def test_evaluate_refuses_a_too_small_database_before_embedding_queries(cli_env,
         assert capsys.readouterr().err == f"error: database '{db_name}' holds 1 image(s); protocols need at least 2\n"
     finally:
         store.drop()
+
+
+def test_a_workbook_to_extend_that_is_no_workbook_is_refused_before_the_protocols_run(cli_env, db_name, tmp_path,
+                                                                                      capsys):
+    damaged = tmp_path / "accuracy.xlsx"
+    damaged.write_text("not a workbook")
+    store = VectorStore(connect(cli_env), db_name)
+    store.ensure_model("fp", {}, 2)  # no extractor could be rebuilt from it: embedding the queries would fail
+    with store.writing():
+        store.add([ImageRecord(name=name, label=name) for name in "ab"], unit([[1, 0], [0, 1]]))
+    try:
+        assert main(["evaluate", "--db_name", db_name, "--path", str(BREASTMNIST), "--excel_path", str(damaged),
+                     "--quiet"]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: {damaged}: not an Excel workbook that can be extended "
+                                                   "(BadZipFile: File is not a zip file); give another --excel_path "
+                                                   "or move the file away")
+        assert damaged.read_text() == "not a workbook"
+    finally:
+        store.drop()

@@ -327,6 +327,24 @@ def test_cli_refuses_to_mix_models(cli_env, db_name, capsys):
         VectorStore(connect(cli_env), db_name).drop()
 
 
+@pytest.mark.parametrize("mistake,message", [(("--weights", "no_such.pth"), "no_such.pth: no such weights file"),
+                                              (("--num_features", 7), "--num_features 7, but efficientnet_lite0")])
+def test_a_rewrite_with_a_mistaken_model_flag_keeps_the_database(cli_env, db_name, mistake, message, capsys):
+    """--rewrite deleted the database and then the model flag was refused: a typo cost every image."""
+    store = VectorStore(connect(cli_env), db_name)
+    store.ensure_model("fp", {}, 2)
+    with store.writing():
+        store.add([ImageRecord(name=name, label=name) for name in "ab"], np.eye(2, dtype=np.float32))
+    try:
+        assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val", "--input_size",
+                   TEST_INPUT_SIZE, "--rewrite", *mistake, "--quiet") == 2
+        err = capsys.readouterr().err
+        assert message in err and "deleted" not in err
+        assert store.count() == 2 and store.model == "fp"
+    finally:
+        store.drop()
+
+
 def test_cli_writers_leave_a_database_being_written_alone(cli_env, db_name, capsys):
     store = VectorStore(connect(cli_env), db_name)
     add = ("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val", "--input_size", TEST_INPUT_SIZE,
