@@ -321,11 +321,13 @@ def _cmd_train_index(args) -> int:
           f"{report.build_seconds:.2f} s; tuned in {report.tune_seconds:.2f} s")
     print(f"  size: {report.bytes / 2**20:.1f} MiB ({report.bytes_per_vector:.1f} bytes/vector), saved in Redis")
     if report.tuning and report.tuning.tried:
-        print(f"  {'breadth':>8} {'recall@1':>9} {'recall@10':>10} {'queries/s':>10}   (vs exact search)")
+        refined = args.index == "ivfpq"  # candidates re-ranked by their vectors in Redis
+        print(f"  {'breadth':>8}{' re-rank' if refined else ''} {'recall@1':>9} {'recall@10':>10} {'queries/s':>10}"
+              "   (vs exact search)")
         for point in report.tuning.tried:
             mark = "  <- chosen" if point is report.tuning.chosen else ""
-            print(f"  {point.breadth:>8} {point.recall1:>9.3f} {point.recall10:>10.3f} "
-                  f"{point.queries_per_second:>10.0f}{mark}")
+            print(f"  {point.breadth:>8}{f' {point.refine:>6}x' if refined else ''} {point.recall1:>9.3f} "
+                  f"{point.recall10:>10.3f} {point.queries_per_second:>10.0f}{mark}")
         if not report.tuning.reached:
             print(f"  recall@10 {report.tuning.chosen.recall10:.3f} stays under the target {args.target_recall}: "
                   f"{_recall_advice(args.index, args.nprobe, report.tuning.chosen.breadth)}")
@@ -337,7 +339,7 @@ def _cmd_train_index(args) -> int:
 def _recall_advice(kind: str, given_breadth: int | None, breadth: int) -> str:
     """What would raise the recall of an index that stays under its target at search ``breadth``."""
     if kind == "ivfpq":
-        return "the PQ codes limit it (try a larger --m, or ivf)"
+        return "the PQ codes limit it, even re-ranking 16 x the candidates (try a larger --m, or ivf)"
     if given_breadth is not None:
         return f"try a larger --nprobe than {breadth}, or leave it out to have it tuned"
     if kind == "hnsw":
@@ -608,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arguments(train_index)
     _writer_arguments(train_index)
     train_index.add_argument("--index", default="ivf", choices=INDEX_KINDS,
-                             help="ivf (IVF-Flat, default), ivfpq (compressed 8-bit PQ codes), hnsw, or flat (exact)")
+                             help="ivf (IVF-Flat, default), ivfpq (compressed 8-bit PQ codes; its candidates are "
+                                  "re-ranked by their vectors in Redis), hnsw, or flat (exact)")
     train_index.add_argument("--nlist", type=COUNT, default=None,
                              help="inverted lists of ivf/ivfpq (default: about 4·sqrt(N))")
     train_index.add_argument("--nprobe", type=COUNT, default=None,

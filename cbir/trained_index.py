@@ -212,4 +212,6 @@ def search_index(store: VectorStore, exact: bool = False) -> SearchIndex:
                       "date with the stored images; searching exactly instead. Run train_index.py again.",
                       StaleIndexWarning, stacklevel=2)
         return SearchIndex.from_store(store)
+    if loaded.searcher.kind == "ivfpq":
+        loaded.searcher.refine_vectors = store.vector_rows  # this store's: the cache outlives the object
     return loaded.searcher

@@ -58,7 +58,7 @@ def test_parameters_follow_the_data_size():
     assert default_pq_m(128) == 16 and default_pq_m(1280) == 32 and default_pq_m(100) == 10
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
 def test_tuned_index_reaches_the_recall_target(kind):
     from cbir.index import tune
 
@@ -68,7 +68,30 @@ def test_tuned_index_reaches_the_recall_target(kind):
     exact = SearchIndex.exact(ids, vectors)
     tuning = tune(searcher, exact, ids[:300], vectors[:300], target_recall=0.95)
     assert tuning.reached and tuning.chosen.recall10 >= 0.95
-    assert tuning.chosen.breadth == min(p.breadth for p in tuning.tried if p.recall10 >= 0.95)
+    refine = tuning.chosen.refine
+    assert tuning.chosen.breadth == min(p.breadth for p in tuning.tried if p.recall10 >= 0.95 and p.refine == refine)
+    if kind == "ivfpq":  # 4 code bytes per vector cannot rank alone: the smallest factor that reaches it
+        assert refine > 1 and searcher.params["refine"] == refine
+        assert max(p.recall10 for p in tuning.tried if p.refine < refine) < 0.95
+    else:
+        assert refine == 1 and "refine" not in searcher.params
+
+
+def test_an_ivfpq_search_re_ranks_its_candidates_by_their_exact_vectors():
+    vectors = clustered(5000, 32)
+    ids = np.arange(5000) * 2
+    exact = SearchIndex.exact(ids, vectors)
+    searcher = SearchIndex.build("ivfpq", ids, vectors, nlist=20, m=4)
+    searcher.params.update(nprobe=20, refine=8)
+    queries = vectors[:200] + 0.05
+    coded_scores, coded = searcher.search(queries, 10)  # no exact vectors given: the codes rank
+    searcher.refine_vectors = exact.vectors_of
+    scores, found = searcher.search(queries, 10)
+    assert np.allclose(scores, exact.similarities(queries, found), atol=1e-5)  # exact scores, not estimates
+    assert (np.diff(scores, axis=1) <= 0).all()
+    truth = exact.search(queries, 10)[1]
+    assert recall_at(found, truth, 10) > recall_at(coded, truth, 10) + 0.2
+    assert not np.allclose(coded_scores, exact.similarities(queries, coded), atol=1e-3)
 
 
 def test_no_neighbours_is_an_error_not_one_neighbour():
@@ -187,17 +210,20 @@ def test_recall_counts_a_tied_duplicate_as_found():
 
 
 # ------------------------------------------------- real embeddings, real Redis
-@pytest.mark.parametrize("kind,floor", [("ivf", 0.95), ("hnsw", 0.95), ("ivfpq", 0.4)])
-def test_trained_index_on_real_embeddings(mednist_store, mednist_embeddings, kind, floor):
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
+def test_trained_index_on_real_embeddings(mednist_store, mednist_embeddings, kind):
+    """IVF-PQ's codes alone ranked these at recall@10 0.4-0.6; its candidates are re-ranked by
+    their vectors, read from Redis."""
     _, _, vectors = mednist_embeddings
     report = train_index(mednist_store, kind)
-    assert report.count == 2400 and report.tuning.chosen.recall10 >= floor
+    assert report.count == 2400 and report.tuning.chosen.recall10 >= 0.95
     _loaded.clear()  # as a fresh process: load from Redis
     searcher = search_index(mednist_store)
     assert searcher.kind == kind and searcher.size == 2400
+    assert (searcher.refine_vectors is not None) == (kind == "ivfpq")
     queries = vectors[::40] + 0.01  # near, not equal to, stored images
     found = searcher.search(queries, 10)[1]
-    assert recall_at(found, exact_truth(mednist_store, queries), 10) >= floor - 0.1
+    assert recall_at(found, exact_truth(mednist_store, queries), 10) >= 0.85
 
 
 def test_index_follows_additions_and_removals(mednist_store, mednist_embeddings):

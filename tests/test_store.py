@@ -59,6 +59,20 @@ def test_round_trip_keeps_vectors_and_records(small):
     assert [i for i, _ in small.iter_records()] == list(range(30))
 
 
+def test_vector_rows_read_scattered_ids_in_the_order_asked(small):
+    """What IVF-PQ re-ranks by: chunk 0 is asked 40 times (read whole), the rest once (row by row)."""
+    from cbir.store import ROWS_WORTH_A_CHUNK
+
+    vectors = unit_vectors(30)
+    with small.writing():
+        small.add(records(30), vectors)
+    wanted = np.array([29, 13, *np.tile(np.arange(8), 5), 17, 40, 2])  # 40: never written
+    assert 40 >= ROWS_WORTH_A_CHUNK > 3
+    rows = small.vector_rows(wanted)
+    np.testing.assert_array_equal(rows[wanted < 30], vectors[wanted[wanted < 30]])
+    assert not rows[wanted == 40].any()
+
+
 def test_readding_is_idempotent_and_changed_content_updates_in_place(small):
     vectors = unit_vectors(20)
     with small.writing():
