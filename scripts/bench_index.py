@@ -119,7 +119,7 @@ def run_set(client, count: int, dim: int, kinds: list[str], num_queries: int) ->
     del vectors
     queries = clustered(num_queries, dim, seed=1)
     truth = exact.search(queries, 10)[1]
-    header = (f"{'index':<7} {'params':<28} {'build s':>8} {'bytes/vec':>10} {'load s':>7} {'train mem':>9} "
+    header = (f"{'index':<7} {'params':<40} {'build s':>8} {'bytes/vec':>10} {'load s':>7} {'train mem':>9} "
               f"{'load mem':>9} {'q/s b=1':>9} {'q/s batch':>10} {'speed-up':>9} {'R@1':>6} {'R@10':>6}")
     print(header)
     raw = count * dim * 4
@@ -143,7 +143,7 @@ def run_set(client, count: int, dim: int, kinds: list[str], num_queries: int) ->
         batched = queries_per_second(searcher, queries, batched=True)
         found = searcher.search(queries, 10)[1]
         baseline = baseline or single
-        print(f"{kind:<7} {params:<28} {build:>8.1f} {size:>10.1f} {load:>7.2f} {memory} {single:>9.0f} {batched:>10.0f} "
+        print(f"{kind:<7} {params:<40} {build:>8.1f} {size:>10.1f} {load:>7.2f} {memory} {single:>9.0f} {batched:>10.0f} "
               f"{single / baseline:>8.1f}x {recall_at(found, truth, 1):>6.3f} {recall_at(found, truth, 10):>6.3f}",
               flush=True)
     store.drop()
