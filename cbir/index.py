@@ -270,10 +270,9 @@ class SearchIndex:
         held); exact where the index keeps its vectors uncompressed (flat, hnsw)."""
         queries = _unit_rows(queries)
         scores = np.full(ids.shape, -np.inf, np.float32)
-        positions = self._live_positions(ids)
-        found = positions >= 0
+        found = self._live_positions(ids) >= 0
         if found.any():
-            vectors = self.index.reconstruct_batch(positions[found])
+            vectors = self.vectors_of(ids[found])
             scores[found] = np.einsum("ij,ij->i", np.repeat(queries, found.sum(axis=1), axis=0), vectors)
         return scores
 
@@ -281,9 +280,10 @@ class SearchIndex:
         """The vector of each of ``ids`` as the index holds it (exact for flat and hnsw); zeros for an
         id not held. With the signature of ``refine_vectors``."""
         positions = self._live_positions(ids)
+        held = positions >= 0
         vectors = np.zeros((len(positions), self.index.d), np.float32)
-        if (positions >= 0).any():
-            vectors[positions >= 0] = self.index.reconstruct_batch(positions[positions >= 0])
+        if held.any():
+            vectors[held] = self.index.reconstruct_batch(positions[held])
         return vectors
 
     def _live_positions(self, ids: np.ndarray) -> np.ndarray:
@@ -376,30 +376,29 @@ def tune(searcher: SearchIndex, exact: SearchIndex, query_ids: np.ndarray, queri
     if breadths is None:
         limit = searcher.params.get("nlist", BREADTHS["hnsw"][-1])
         breadths = [b for b in BREADTHS["hnsw" if searcher.kind == "hnsw" else "ivf"] if b <= limit]
-    factors = REFINE_FACTORS if searcher.kind == "ivfpq" else (1,)
+    refined = searcher.kind == "ivfpq"
     refine_vectors, searcher.refine_vectors = searcher.refine_vectors, exact.vectors_of
     try:
-        for factor in factors:
-            searcher.params["refine"] = factor
+        for factor in REFINE_FACTORS if refined else (1,):
+            if refined:
+                searcher.params["refine"] = factor
             if _tune_breadth(searcher, exact, query_ids, queries, truth, truth_scores, k, breadths, target_recall,
-                             tried):
+                             factor, tried):
                 break
     finally:
         searcher.refine_vectors = refine_vectors
     best = next((p for p in tried if p.recall10 >= target_recall), max(tried, key=lambda p: p.recall10))
     searcher.set_breadth(best.breadth)
-    if searcher.kind == "ivfpq":
+    if refined:
         searcher.params["refine"] = best.refine
-    else:
-        searcher.params.pop("refine")
     return Tuning(chosen=best, tried=tried, reached=best.recall10 >= target_recall)
 
 
 def _tune_breadth(searcher: SearchIndex, exact: SearchIndex, query_ids: np.ndarray, queries: np.ndarray,
                   truth: np.ndarray, truth_scores: np.ndarray, k: int, breadths: Sequence[int],
-                  target_recall: float, tried: list[RecallPoint]) -> bool:
-    """Try ``breadths`` in turn, adding a point to ``tried`` for each, until one reaches the target
-    (True) or more breadth stops helping."""
+                  target_recall: float, refine: int, tried: list[RecallPoint]) -> bool:
+    """Try ``breadths`` in turn (re-ranking ``refine`` times the candidates), adding a point to
+    ``tried`` for each, until one reaches the target (True) or more breadth stops helping."""
     start = len(tried)
     for breadth in breadths:
         searcher.set_breadth(breadth)
@@ -408,8 +407,7 @@ def _tune_breadth(searcher: SearchIndex, exact: SearchIndex, query_ids: np.ndarr
         rate = len(queries) / max(time.perf_counter() - started, 1e-9)
         found_scores = exact.similarities(queries, found)  # IVF-PQ's own scores are estimates
         tried.append(RecallPoint(searcher.breadth, recall_at(found, truth, 1, found_scores, truth_scores),
-                                 recall_at(found, truth, k, found_scores, truth_scores), rate,
-                                 searcher.params["refine"]))
+                                 recall_at(found, truth, k, found_scores, truth_scores), rate, refine))
         if tried[-1].recall10 >= target_recall:
             return True
         if len(tried) - start >= 3 and tried[-1].recall10 <= tried[-3].recall10 + 1e-3:
