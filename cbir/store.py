@@ -884,8 +884,8 @@ class VectorStore:
     def vector_rows(self, ids: np.ndarray) -> np.ndarray:
         """The vector of each of ``ids``, in order: for scattered ids, such as the candidates an
         IVF-PQ search re-ranks. A chunk holding few of them is read row by row (GETRANGE), where
-        :meth:`vectors` would read all 512 KiB of it for each; a chunk holding ROWS_WORTH_A_CHUNK
-        or more is read whole. No liveness check; an id whose row was never written reads as zeros."""
+        :meth:`vectors` reads every chunk it touches whole (512 KiB for one row); a chunk holding
+        ROWS_WORTH_A_CHUNK or more is read whole here too. No liveness check; an id whose row was never written reads as zeros."""
         ids = np.asarray(ids, np.int64)
         row_bytes = self.dim * 4
         chunks, rows_in_chunk = np.divmod(ids, self.chunk_size)
