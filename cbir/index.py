@@ -269,26 +269,24 @@ class SearchIndex:
         """Similarity of ``queries[i]`` to the stored vector of each id in ``ids[i]`` (-inf for ids not
         held); exact where the index keeps its vectors uncompressed (flat, hnsw)."""
         queries = _unit_rows(queries)
-        scores = np.full(ids.shape, -np.inf, np.float32)
-        found = self._live_positions(ids) >= 0
-        if found.any():
-            vectors = self.vectors_of(ids[found])
-            scores[found] = np.einsum("ij,ij->i", np.repeat(queries, found.sum(axis=1), axis=0), vectors)
-        return scores
+        vectors, held = self._held_vectors(ids.ravel())
+        scores = np.einsum("ij,ij->i", np.repeat(queries, ids.shape[1], axis=0), vectors)
+        return np.where(held, scores, -np.inf).astype(np.float32).reshape(ids.shape)
 
     def vectors_of(self, ids: np.ndarray) -> np.ndarray:
         """The vector of each of ``ids`` as the index holds it (exact for flat and hnsw); zeros for an
         id not held. With the signature of ``refine_vectors``."""
-        positions = self._live_positions(ids)
+        return self._held_vectors(ids)[0]
+
+    def _held_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vector of each id, zeros where not held; whether it is held)."""
+        # A replaced or removed entry keeps its id in self.ids; only the live one is the stored vector.
+        positions = id_positions(self.ids if self.live is None else np.where(self.live, self.ids, -1), ids)
         held = positions >= 0
         vectors = np.zeros((len(positions), self.index.d), np.float32)
         if held.any():
             vectors[held] = self.index.reconstruct_batch(positions[held])
-        return vectors
-
-    def _live_positions(self, ids: np.ndarray) -> np.ndarray:
-        # A replaced or removed entry keeps its id in self.ids; only the live one is the stored vector.
-        return id_positions(self.ids if self.live is None else np.where(self.live, self.ids, -1), ids)
+        return vectors, held
 
     def search_excluding(self, queries: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`search`, with ``exclude[i]`` (e.g. the query's own id) never in row i."""

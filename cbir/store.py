@@ -868,24 +868,15 @@ class VectorStore:
     def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of those of ``ids`` that are stored, ascending."""
         wanted = np.unique(np.asarray(ids, np.int64))
-        chunks = np.unique(wanted // self.chunk_size).tolist()
-        metas = self._meta_chunks(chunks)
-        pipe = self.pipeline()
-        for chunk in chunks:
-            pipe.get(self._vec_key(chunk))
-        blobs = dict(zip(chunks, self.execute("reading vectors of", pipe)))
+        metas = self._meta_chunks(np.unique(wanted // self.chunk_size).tolist())
         live = wanted[np.isin(wanted, np.concatenate([m.ids for m in metas.values()] or [np.empty(0, np.int64)]))]
-        rows = np.empty((len(live), self.dim), np.float32)
-        for position, image_id in enumerate(live.tolist()):
-            chunk, row = divmod(image_id, self.chunk_size)
-            rows[position] = np.frombuffer(blobs[chunk], np.float32, self.dim, row * self.dim * 4)
-        return live, rows
+        return live, self.vector_rows(live)
 
     def vector_rows(self, ids: np.ndarray) -> np.ndarray:
-        """The vector of each of ``ids``, in order: for scattered ids, such as the candidates an
-        IVF-PQ search re-ranks. A chunk holding few of them is read row by row (GETRANGE), where
-        :meth:`vectors` reads every chunk it touches whole (512 KiB for one row); a chunk holding
-        ROWS_WORTH_A_CHUNK or more is read whole here too. No liveness check; an id whose row was never written reads as zeros."""
+        """The vector of each of ``ids``, in order, e.g. the candidates an IVF-PQ search re-ranks:
+        a chunk holding fewer than ROWS_WORTH_A_CHUNK of them is read row by row (GETRANGE), not
+        whole (512 KiB for one row), the others whole. No liveness check (see :meth:`vectors`);
+        an id whose row was never written reads as zeros."""
         ids = np.asarray(ids, np.int64)
         row_bytes = self.dim * 4
         chunks, rows_in_chunk = np.divmod(ids, self.chunk_size)
