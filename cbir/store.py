@@ -385,7 +385,7 @@ class VectorStore:
             return fn(*args, **kwargs)
         except redis.RedisError as exc:
             raise StoreError(
-                f"Redis failed while {what} database '{self.name}': {exc}. "
+                f"Redis failed while {what} database '{self.name}': {str(exc).rstrip('.')}. "
                 "Stored images are kept; re-run to continue."
             ) from exc
 
@@ -512,16 +512,23 @@ class VectorStore:
         self._lock_token = token
         self._names = None  # names added since an earlier lock are not in it
         self.refresh()  # another process may have changed the database (e.g. started its journal)
+        server_gone = False
         try:
             yield self
+        except StoreError as exc:
+            server_gone = isinstance(exc.__cause__, (redis.ConnectionError, redis.TimeoutError))
+            raise
         finally:
             self._lock_token = None
             self._names = None
             self._unsettled.clear()
-            try:
-                self.client.eval(_DELETE_IF_EQUAL, 1, key, token)
-            except redis.RedisError:
-                pass  # the lock expires by itself
+            # With the server gone, releasing would wait out the client's retries a second time. The
+            # lock expires by itself, and a re-run on this host takes it over from the dead process.
+            if not server_gone:
+                try:
+                    self.client.eval(_DELETE_IF_EQUAL, 1, key, token)
+                except redis.RedisError:
+                    pass  # the lock expires by itself
 
     def _take_lock(self, key: str, token: str) -> str | None:
         """Take the writer lock with ``token``: None when taken, else the live holder's token."""

@@ -24,7 +24,7 @@ from cbir.indexing import decode_batches, extractor_for_store, index_images, reg
 from cbir.retrieval import Neighbour, Retrieval, Retriever, majority_vote
 from cbir.store import ImageRecord, VectorStore
 
-from .conftest import BREASTMNIST, ROOT, TEST_INPUT_SIZE
+from .conftest import BREASTMNIST, ROOT, TEST_INPUT_SIZE, _free_port, _start_server, _stop
 
 
 def indexed(store, items, extractor, chunk_size=128):
@@ -366,6 +366,35 @@ def test_cli_writers_leave_a_database_being_written_alone(cli_env, db_name, caps
         store.drop()
 
 
+def _add_busi_command(db_name: str, busi) -> list[str]:
+    """`add` of BUSI in small batches and chunks, so that a kill lands between many writes."""
+    return [sys.executable, str(ROOT / "add_images.py"), "--db_name", db_name, "--path", str(busi),
+            "--input_size", str(TEST_INPUT_SIZE), "--batch_size", "8", "--chunk_size", "64", "--quiet"]
+
+
+def _once_stored(store: VectorStore, process: subprocess.Popen, count: int) -> None:
+    """Returns once the running ``process`` has stored ``count`` images."""
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        store.refresh()
+        if store.exists and store.count() >= count:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read().decode()
+
+
+def _rerun_completes(store: VectorStore, command: list[str], env: dict, partial: int) -> None:
+    """A re-run of ``command`` stores the missing images: every BUSI image once, each with its vector."""
+    assert 100 <= partial < 780
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    ids, vectors = store.load_vectors()
+    names = [record.name for _, record in store.iter_records()]
+    assert len(ids) == 780 and len(names) == 780 and len(set(names)) == 780
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3), "a stored image without its vector"
+    assert f"{780 - partial} new" in rerun.stdout, rerun.stdout
+
+
 @pytest.mark.parametrize("where,kill", [("embedded", signal.SIGKILL), ("standalone", signal.SIGKILL),
                                         ("embedded", signal.SIGTERM)])
 def test_killed_indexing_rerun_stores_every_image_exactly_once(where, kill, request, db_name, busi):
@@ -380,33 +409,47 @@ def test_killed_indexing_rerun_stores_every_image_exactly_once(where, kill, requ
         url = request.getfixturevalue("standalone_url")
         client = connect(url)
         env["CBIR_REDIS_URL"] = url
-    command = [sys.executable, str(ROOT / "add_images.py"), "--db_name", db_name, "--path", str(busi),
-               "--input_size", str(TEST_INPUT_SIZE), "--batch_size", "8", "--chunk_size", "64", "--quiet"]
+    command = _add_busi_command(db_name, busi)
     store = VectorStore(client, db_name)
     try:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            store.refresh()
-            if store.exists and store.count() >= 100:
-                break
-            time.sleep(0.05)
-        assert process.poll() is None, process.stderr.read().decode()
+        _once_stored(store, process, 100)
         process.send_signal(kill)
         process.wait(timeout=60)
         if kill == signal.SIGTERM:  # ended like Ctrl-C: the batch in flight stored, exit handlers run
             assert process.returncode == 128 + signal.SIGTERM
             assert "terminated: what was stored is kept" in process.stderr.read().decode()
-        partial = store.count()
-        assert 100 <= partial < 780
-        rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert rerun.returncode == 0, rerun.stderr
-        ids, _ = store.load_vectors()
-        names = [record.name for _, record in store.iter_records()]
-        assert len(ids) == 780 and len(names) == 780 and len(set(names)) == 780
-        assert f"{780 - partial} new" in rerun.stdout, rerun.stdout
+        _rerun_completes(store, command, env, store.count())
     finally:
         store.drop()
+
+
+def test_a_redis_crash_mid_indexing_is_one_error_and_a_rerun_completes(redis_server_binary, tmp_path, db_name,
+                                                                      busi):
+    """The server dies (SIGKILL) mid-`add` and stays down past the client's retries; it comes back from
+    its append-only file, which holds every acknowledged write in order: whatever prefix of a write
+    survived, the re-run stores every image once, each one whole."""
+    port = _free_port()
+    durable = ("--appendonly", "yes", "--appendfsync", "always")
+    server = _start_server(redis_server_binary, port, tmp_path, *durable)
+    url = f"redis://127.0.0.1:{port}/0"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CBIR_REDIS_URL=url)
+    command = _add_busi_command(db_name, busi)
+    try:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _once_stored(VectorStore(connect(url), db_name), process, 100)
+        server.kill()
+        server.wait()
+        process.wait(timeout=120)
+        errors = process.stderr.read().decode().splitlines()
+        assert process.returncode == 2, errors
+        assert errors[-1].startswith(f"error: Redis failed while writing to database '{db_name}': ")
+        assert errors[-1].endswith(". Stored images are kept; re-run to continue.") and ".." not in errors[-1]
+        server = _start_server(redis_server_binary, port, tmp_path, *durable)
+        store = VectorStore(connect(url), db_name)
+        _rerun_completes(store, command, env, store.count())
+    finally:
+        _stop([server])
 
 
 def test_a_reader_that_leaves_early_ends_the_command_quietly(standalone_url, db_name):

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from cbir.connection import connect, describe, redact, scratch
 from cbir.errors import DatabaseBusyError, LockWaitWarning, ModelMismatchError, StoreError
@@ -317,6 +320,34 @@ def test_a_server_restart_during_a_run_is_ridden_out(redis_server_binary, tmp_pa
         assert restarted and client.get("after") == b"2"
     finally:
         _stop(restarted)
+
+
+class _CountingBackoff(NoBackoff):
+    """No wait between retries; counts them on the class, as redis-py copies its retry policy into
+    each connection."""
+    retries = 0
+
+    def compute(self, failures: int) -> float:
+        type(self).retries += 1
+        return super().compute(failures)
+
+
+def test_a_writer_whose_server_is_gone_does_not_retry_again_to_release_its_lock(redis_server_binary, tmp_path):
+    """Releasing the lock after the server went away waited out every retry a second time (11 s
+    with the retries `connect` sets up); the lock expires by itself."""
+    port = _free_port()
+    server = _start_server(redis_server_binary, port, tmp_path)
+    _CountingBackoff.retries = 0
+    store = VectorStore(redis.Redis(port=port, retry=Retry(_CountingBackoff(), 3)), "gone")
+    store.ensure_model("fp", {}, 2)
+    try:
+        with pytest.raises(StoreError, match="re-run to continue"):
+            with store.writing():
+                _stop([server])
+                store.add([ImageRecord(name="a", label="x")], np.ones((1, 2), dtype=np.float32))
+        assert _CountingBackoff.retries == 3, "the failed write, then nothing more"
+    finally:
+        _stop([server])
 
 
 def test_record_blocks_round_trip_unusual_text_and_later_entries_win():
