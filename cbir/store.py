@@ -21,10 +21,12 @@ An image is stored exactly when its id has an entry in its ``meta`` chunk. A wri
 name index pairs and the vector first and appends the meta entry last; a removal rewrites the
 meta chunk without the id first. So a run killed at any point leaves a store whose live images
 are all complete; a re-run stores the images whose entry is missing again, under new ids (the
-ids the killed run reserved hold no image and are never used again).
+ids the killed run reserved hold no image and are never used again). A load reads a chunk's meta,
+its vectors, then its meta again, and reads the chunk again if the meta changed: so a load beside
+a writer sees every image it returns whole.
 
 Chunks, rather than a hash per image, are what make ingest and bulk load fast: one SET or
-SETRANGE and one APPEND per chunk on write, two GETs per chunk on load, and no Redis field per
+SETRANGE and one APPEND per chunk on write, three GETs per chunk on load, and no Redis field per
 image at all. Vector memory stays within a few percent of the raw float32 bytes. No key carries
 a hash tag, so under Redis Cluster the chunks and name buckets spread over all nodes; multi-key
 work goes through pipelines, which redis-py splits by node.
@@ -463,9 +465,10 @@ class VectorStore:
         next_id = int(self.call("reading", self.client.get, self.prefix + "next_id") or 0)
         return -(-next_id // self.chunk_size)
 
-    def _chunk_batches(self) -> Iterator[range]:
-        """The database's chunk numbers, in groups read with one pipeline round trip each."""
-        chunks = self._num_chunks()
+    def _chunk_batches(self, chunks: int | None = None) -> Iterator[range]:
+        """The numbers of the database's chunks (of its first ``chunks``), in groups read with one
+        pipeline round trip each."""
+        chunks = self._num_chunks() if chunks is None else chunks
         for first in range(0, chunks, _PIPELINE_CHUNKS):
             yield range(first, min(first + _PIPELINE_CHUNKS, chunks))
 
@@ -586,11 +589,13 @@ class VectorStore:
         return ids, digests
 
     def _meta_chunks(self, chunks: Iterable[int]) -> dict[int, MetaChunk]:
-        chunks = sorted(set(chunks))
+        return {c: MetaChunk(blob) for c, blob in self._meta_blobs(sorted(set(chunks))).items()}
+
+    def _meta_blobs(self, chunks: list[int]) -> dict[int, bytes | None]:
         pipe = self.pipeline()
         for chunk in chunks:
             pipe.get(self._meta_key(chunk))
-        return {c: MetaChunk(blob) for c, blob in zip(chunks, self.execute("reading", pipe))}
+        return dict(zip(chunks, self.execute("reading", pipe)))
 
     def _require_lock(self) -> None:
         if not self._lock_token:
@@ -911,6 +916,29 @@ class VectorStore:
                 rows[position] = np.frombuffer(blob, np.float32)
         return rows
 
+    def _settled_chunks(self, batch: range) -> dict[int, tuple[bytes | None, bytes | None]]:
+        """The (records, vectors) blobs of each chunk of ``batch``, read so that they agree while
+        other processes write: records, then vectors, then records again, each read after the last
+        one's answer (under Cluster they live on different nodes), and a chunk whose records changed
+        in between read again. A write stores vectors before the records that make them live, and
+        a removal drops records before erasing vectors, so records that stayed the same across the
+        vector read have every live row in it. A chunk stops changing once it is full."""
+        settled: dict[int, tuple[bytes | None, bytes | None]] = {}
+        pending = list(batch)
+        before = self._meta_blobs(pending)
+        while pending:
+            pipe = self.pipeline()
+            for chunk in pending:
+                pipe.get(self._vec_key(chunk))
+            blobs = dict(zip(pending, self.execute("loading vectors from", pipe)))
+            after = self._meta_blobs(pending)
+            for chunk in pending:
+                if after[chunk] == before[chunk]:
+                    settled[chunk] = (after[chunk], blobs[chunk])
+            pending = [chunk for chunk in pending if chunk not in settled]
+            before = after
+        return dict(sorted(settled.items()))
+
     def load_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All stored (ids, vectors), ids ascending; vectors float32 of shape (n, dim)."""
         ids, vectors, _ = self._load(decode_records=False)
@@ -923,21 +951,17 @@ class VectorStore:
     def _load(self, decode_records: bool) -> tuple[np.ndarray, np.ndarray, list[ImageRecord]]:
         self.require()
         row_bytes = self.dim * 4
-        # Filled in place, sized for every id ever given: pages past the live rows are never
+        # Filled in place, sized for every id given so far: pages past the live rows are never
         # touched, so they cost address space only, where gathering parts and concatenating them
-        # would write every vector twice.
-        capacity = self._num_chunks() * self.chunk_size
+        # would write every vector twice. Chunks a writer starts while this runs are left out.
+        chunks = self._num_chunks()
+        capacity = chunks * self.chunk_size
         ids = np.empty(capacity, np.int64)
         vectors = np.empty((capacity, self.dim), np.float32)
         records: list[ImageRecord] = []
         count = 0
-        for batch in self._chunk_batches():
-            pipe = self.pipeline()
-            for chunk in batch:
-                pipe.get(self._vec_key(chunk))
-                pipe.get(self._meta_key(chunk))
-            replies = self.execute("loading vectors from", pipe)
-            for chunk, blob, meta in zip(batch, replies[0::2], replies[1::2]):
+        for batch in self._chunk_batches(chunks):
+            for chunk, (meta, blob) in self._settled_chunks(batch).items():
                 records_of_chunk = MetaChunk(meta)
                 live = len(records_of_chunk)
                 if not live:

@@ -322,6 +322,46 @@ def test_a_server_restart_during_a_run_is_ridden_out(redis_server_binary, tmp_pa
         _stop(restarted)
 
 
+def _vectors_of(ids: np.ndarray) -> np.ndarray:
+    """A vector that tells its id, never zero."""
+    return np.cos(np.outer(np.asarray(ids) + 1, np.arange(1, DIM + 1))).astype(np.float32)
+
+
+def test_a_load_while_another_process_writes_and_removes_reads_whole_images(small):
+    """A load that ran beside a writer crashed when a chunk was started in the middle of it, and
+    could read an image whose records it saw before its vector was written as zeros."""
+    stop = threading.Event()
+    writer = VectorStore(small.client, small.name)
+    rng = np.random.default_rng(0)
+
+    def write_and_remove() -> None:
+        with writer.writing():
+            for batch in range(100_000):
+                if stop.is_set():
+                    return
+                plan = writer.prepare(records(3, start=3 * batch))
+                writer.write(plan, _vectors_of(plan.ids))
+                if batch % 4 == 3:
+                    writer.remove(rng.choice(3 * batch, 2, replace=False).tolist())
+
+    thread = threading.Thread(target=write_and_remove)
+    thread.start()
+    loads = 0
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and thread.is_alive():
+            small.refresh()
+            if small.exists:
+                ids, vectors = small.load_vectors()
+                assert (np.diff(ids) > 0).all()
+                np.testing.assert_array_equal(vectors, _vectors_of(ids))
+                loads += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert loads >= 10 and small.count() > 100
+
+
 class _CountingBackoff(NoBackoff):
     """No wait between retries; counts them on the class, as redis-py copies its retry policy into
     each connection."""
