@@ -29,6 +29,9 @@ from .store import VectorStore
 
 INDEX_CHUNK_BYTES = 16 * 1024 * 1024
 TUNING_QUERIES = 1000
+# Under Cluster a commit's journal entry and its version bump go to two nodes at once, so a
+# reader can see the bump a moment before the entry; longer than this, the entry is missing.
+JOURNAL_LAG_SECONDS = 0.2
 
 
 class StaleIndexWarning(UserWarning):
@@ -181,6 +184,10 @@ def _catch_up(store: VectorStore, loaded: _Loaded) -> bool:
     """Replay the journal's changes since ``loaded`` was current; False if they do not add up."""
     version, entries = store.changes(loaded.position)
     due = version - loaded.version
+    deadline = time.monotonic() + JOURNAL_LAG_SECONDS
+    while 0 <= due and len(entries) < due and time.monotonic() < deadline:
+        time.sleep(0.005)
+        entries = store.changes(loaded.position)[1]
     if due < 0 or len(entries) < due:
         return False
     for sign, ids in entries[:due]:

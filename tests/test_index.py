@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -240,6 +242,25 @@ def test_index_follows_additions_and_removals(mednist_store, mednist_embeddings)
     assert searcher.search(-vectors[:5], 1)[1][:, 0].tolist() == new.ids.tolist()
     _loaded.clear()  # another process replays the same journal
     assert search_index(mednist_store).size == 2400 - 300 + 5
+
+
+def test_a_journal_entry_a_moment_behind_its_version_bump_is_waited_for(mednist_store):
+    """Under Cluster a commit's version bump and journal entry land on two nodes at once: a search
+    between the two fell back to exact search with a warning, and reloaded the index next time."""
+    train_index(mednist_store, "ivf")
+    ids, _ = mednist_store.load_vectors()
+    assert search_index(mednist_store).size == 2400
+    mednist_store.client.hincrby(mednist_store.info_key, "version", 1)
+    late = threading.Timer(0.05, mednist_store.client.rpush,
+                           (mednist_store.journal_key, b"-" + ids[:1].astype("<i8").tobytes()))
+    late.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", StaleIndexWarning)
+            searcher = search_index(mednist_store)
+    finally:
+        late.join()
+    assert searcher.kind == "ivf" and searcher.size == 2399
 
 
 def test_an_index_that_cannot_catch_up_falls_back_to_exact(mednist_store, mednist_embeddings):
