@@ -138,6 +138,30 @@ def test_drop_deletes_only_this_database(deployment, small, db_name):
         client.delete("unrelated:key")
 
 
+def test_a_drop_cut_short_is_finished_by_running_it_again(standalone_url, db_name):
+    """A drop that deleted the info and id counter before the chunks, and failed in between, left
+    chunks no later drop could find, which a new database of the same name then appended to."""
+    admin = connect(standalone_url)
+    store = VectorStore(admin, db_name)
+    store.ensure_model("fp-a", {}, DIM, chunk_size=8)
+    with store.writing():
+        store.add(records(20), unit_vectors(20))
+    user = f"{db_name}-no-chunks"  # may touch every key of the database but its chunks
+    admin.acl_setuser(user, enabled=True, nopass=True, commands=["+@all"],
+                      keys=[f"cbir:{db_name}:{suffix}" for suffix in ("info", "next_id", "journal", "lock", "keys",
+                                                                      "names:*")])
+    try:
+        limited = redis.Redis.from_url(standalone_url, username=user)
+        with pytest.raises(StoreError, match="while deleting"):
+            VectorStore(limited, db_name).drop()
+        assert VectorStore(admin, db_name).exists, "the info and id counter stay until the rest is gone"
+        assert store.drop() > 0
+        assert list(admin.scan_iter(match=f"cbir:{db_name}:*")) == []
+    finally:
+        admin.acl_deluser(user)
+        store.drop()
+
+
 def test_database_names_lists_every_database_on_every_node_and_nothing_else(deployment, small, db_name):
     _, client, _ = deployment
     others = [VectorStore(client, f"{db_name}-{i}") for i in range(12)]  # spread over a cluster's nodes
