@@ -807,14 +807,15 @@ class VectorStore:
         """Delete every key of this database (and nothing else; its writer lock only if not held
         by this store, which releases it on leaving :meth:`writing`); returns how many existed."""
         chunks = self._num_chunks()
-        # The records first (a reader then sees images vanish whole), the info and the id counter,
-        # which say what there is to delete, last, once the rest is gone: a drop cut short is
-        # finished by running it again.
-        contents = [self._meta_key(c) for c in range(chunks)] + [self._vec_key(c) for c in range(chunks)]
-        contents += [self._name_key(b) for b in range(NAME_BUCKETS)] + self._extra_keys() + [self.journal_key]
-        contents += [] if self._lock_token else [self.prefix + "lock"]
+        # In three steps, each once the last is done (under Cluster the keys of a step are deleted
+        # on all nodes at once): the records, so a load sees images vanish whole (see
+        # _settled_chunks); then the vectors and the rest; then the info and the id counter, which
+        # say what there is to delete, so a drop cut short is finished by running it again.
+        records = [self._meta_key(c) for c in range(chunks)]
+        rest = [self._vec_key(c) for c in range(chunks)] + [self._name_key(b) for b in range(NAME_BUCKETS)]
+        rest += self._extra_keys() + [self.journal_key] + ([] if self._lock_token else [self.prefix + "lock"])
         deleted = 0
-        for keys in (contents, [self.prefix + "next_id", self.info_key]):
+        for keys in (records, rest, [self.prefix + "next_id", self.info_key]):
             pipe = self.pipeline()
             for key in keys:
                 pipe.unlink(key)  # one key per command: keys of one database may live on many nodes

@@ -386,6 +386,39 @@ def test_a_load_while_another_process_writes_and_removes_reads_whole_images(smal
     assert loads >= 10 and small.count() > 100
 
 
+def test_a_load_beside_a_rewrite_reads_whole_images_or_none(small):
+    """A drop deletes a database's chunks while a load may be reading them: the load returns the
+    images whose records it read, each whole, or nothing; "vectors of chunk N are missing" was
+    raised on a Cluster, whose nodes delete at once."""
+    stop = threading.Event()
+    writer = VectorStore(small.client, small.name)
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            writer.ensure_model("fp-a", {}, DIM, chunk_size=8)
+            with writer.writing():
+                plan = writer.prepare(records(40))
+                writer.write(plan, _vectors_of(plan.ids))
+                time.sleep(0.01)  # a moment for loads to find the images
+                writer.drop()
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    loads = 0
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and thread.is_alive():
+            small.refresh()
+            if small.exists:
+                ids, vectors = small.load_vectors()
+                np.testing.assert_array_equal(vectors, _vectors_of(ids))
+                loads += len(ids) > 0
+    finally:
+        stop.set()
+        thread.join()
+    assert loads >= 10
+
+
 class _CountingBackoff(NoBackoff):
     """No wait between retries; counts them on the class, as redis-py copies its retry policy into
     each connection."""
