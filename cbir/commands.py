@@ -12,10 +12,15 @@ from collections import deque
 from typing import Callable, Sequence
 
 from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _ARGUMENT_HEADERS = [b"$%d\r\n" % n for n in range(4096)]  # "$<length>\r\n" of short arguments
 SEND_BUFFER_BYTES = 16 << 20
 _LARGE = 64 * 1024  # arguments from this size on go out as their own buffer, uncopied
+# How often a stream reconnects and sends its batches in flight again after losing its server;
+# each reconnection rides out the client's own retries (a restart of several seconds).
+RESUMPTIONS = 3
 
 
 def _header(length: int) -> bytes:
@@ -76,18 +81,27 @@ class CommandStream:
     (say vectors, then the records that make them visible) with no round trip between phases,
     and the client prepares the next batch while Redis stores this one. ``done(token)`` runs
     once a batch's replies are all in. A Redis Cluster has no order across its nodes: there each
-    phase is a pipeline that completes before the next is sent.
+    phase is a pipeline that completes before the next is sent (redis-py retries it).
+
+    A lost connection (a server restart) is reconnected through the client's retries, then
+    ``resumed()`` runs (it may raise to give up: the writer's lock gone with a server that kept
+    nothing, say) and every batch in flight is sent again, whole: its commands must be safe to
+    apply twice.
     """
 
-    def __init__(self, client, depth: int = 2, done: Callable[[object], None] = lambda token: None):
+    def __init__(self, client, depth: int = 2, done: Callable[[object], None] = lambda token: None,
+                 resumed: Callable[[], None] = lambda: None):
         self.client = client
         self.depth = depth
         self.done = done
+        self.resumed = resumed
+        self.resumptions = 0  # how often the connection was lost and made again
+        self.failed = False  # a batch's error was raised: the batches in flight then were not all stored
         self._cluster = isinstance(client, RedisCluster)
         self._connection = None if self._cluster else client.connection_pool.get_connection()
         if self._connection is not None:
             _widen_send_buffer(self._connection)
-        self._in_flight: deque[tuple[object, int]] = deque()
+        self._in_flight: deque[tuple[object, int, list[bytes]]] = deque()
 
     def send(self, phases: Sequence[Sequence[Command]], token: object = None) -> None:
         if self._cluster:
@@ -98,9 +112,10 @@ class CommandStream:
                 self.done(token)
             return
         commands = [command for phase in phases for command in phase]
-        self._in_flight.append((token, len(commands)))
+        packed = _packed(commands)
+        self._in_flight.append((token, len(commands), packed))
         self._receive_while(lambda: len(self._in_flight) > self.depth,
-                            lambda: self._connection.send_packed_command(_packed(commands)))
+                            lambda: self._connection.send_packed_command(packed))
 
     def close(self) -> None:
         """Wait for every batch in flight; raises the first error among them."""
@@ -113,18 +128,38 @@ class CommandStream:
             self._connection = None
 
     def _receive_while(self, condition: Callable[[], bool], first: Callable[[], None] = lambda: None) -> None:
-        """``first()``, then read the oldest batch's replies while ``condition()``. After an error
-        the connection is dropped (replies may be left unread) and every batch counts as done."""
+        """``first()``, then read the oldest batch's replies while ``condition()``; after a lost
+        connection, see the class. After any other error, or the last resumption, the connection
+        is dropped (replies may be left unread) and every batch counts as done."""
         try:
-            first()
-            while condition():
-                token, replies = self._in_flight[0]
-                for _ in range(replies):
-                    self._connection.read_response()
-                self._in_flight.popleft()
-                self.done(token)
+            for resumption in range(RESUMPTIONS + 1):
+                try:
+                    first()
+                    while condition():
+                        token, replies, _ = self._in_flight[0]
+                        for _ in range(replies):
+                            self._connection.read_response()
+                        self._in_flight.popleft()
+                        self.done(token)
+                    return
+                except (RedisConnectionError, RedisTimeoutError):
+                    if resumption == RESUMPTIONS:
+                        raise
+                    self._reconnect()  # its own failure, after the client's retries, is final
+                    first = self._send_in_flight
         except BaseException:
+            self.failed = True
             self._connection.disconnect()
             while self._in_flight:
                 self.done(self._in_flight.popleft()[0])
             raise
+
+    def _reconnect(self) -> None:
+        self._connection.disconnect()
+        _widen_send_buffer(self._connection)
+        self.resumptions += 1
+        self.resumed()
+
+    def _send_in_flight(self) -> None:
+        for _, _, packed in self._in_flight:
+            self._connection.send_packed_command(packed)

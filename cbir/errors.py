@@ -37,6 +37,10 @@ class LockWaitWarning(UserWarning):
     """A command waits for another process to finish writing the database."""
 
 
+class ConnectionResumedWarning(UserWarning):
+    """A write went on after its connection to Redis was lost and made again."""
+
+
 class ModelError(CbirError):
     """A backbone, weights file or checkpoint cannot be loaded."""
 

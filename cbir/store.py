@@ -53,7 +53,7 @@ import redis
 
 from . import commands
 from .commands import Command
-from .errors import DatabaseBusyError, LockWaitWarning, ModelMismatchError, StoreError
+from .errors import ConnectionResumedWarning, DatabaseBusyError, LockWaitWarning, ModelMismatchError, StoreError
 from .names import NAME_BUCKETS, PAIR, NameIndex, buckets, name_hashes, pairs
 
 # 3: a name index of hash pairs (2: a name -> id hash map; 1: one meta entry per record)
@@ -682,9 +682,21 @@ class VectorStore:
 
     def _run_phases(self, what: str, phases: list[list[Command]]) -> None:
         """Run ``phases`` in order and wait for them (one round trip on a single server)."""
-        stream = self.call("connecting to", commands.CommandStream, self.client, 0)
+        stream = self.call("connecting to", commands.CommandStream, self.client, 0, resumed=self._lock_kept)
         self.call(what, stream.send, phases)
         self.call(what, stream.close)
+        _say_resumed(stream, self.name)
+
+    def _lock_kept(self) -> None:
+        """After a write's connection was made again: the writer lock must still be this run's."""
+        if not self._lock_token:
+            return
+        holder = _decode_str(self.call("checking the writer lock of", self.client.get, self.prefix + "lock") or b"")
+        if holder != self._lock_token:
+            raise StoreError(
+                f"database '{self.name}': Redis no longer holds this run's writer lock after the connection was "
+                f"lost (a server restarted without its data, or another process took the lock); nothing more is "
+                f"written: re-run to continue")
 
     def _write_phases(self, plan: WritePlan, vectors: np.ndarray) -> list[list[Command]]:
         """The commands of a write: the new names' index pairs and the vectors, then the records
@@ -989,7 +1001,8 @@ class WriteStream:
 
     def __init__(self, store: VectorStore, depth: int = 2):
         self.store = store
-        self._stream = store.call("connecting to", commands.CommandStream, store.client, depth, store.settled)
+        self._stream = store.call("connecting to", commands.CommandStream, store.client, depth, store.settled,
+                                  store._lock_kept)
 
     def write(self, plan: WritePlan, vectors: np.ndarray) -> None:
         if not plan.records:
@@ -1004,3 +1017,13 @@ class WriteStream:
     def close(self) -> None:
         """Wait for every write in flight; raises the first Redis error among them."""
         self.store.call("writing to", self._stream.close)
+        _say_resumed(self._stream, self.store.name)
+
+
+def _say_resumed(stream: commands.CommandStream, database: str) -> None:
+    if stream.resumptions and not stream.failed:  # a failure says what to do itself
+        warnings.warn(
+            f"database '{database}': the connection to Redis was lost and made again {stream.resumptions} time(s); "
+            "the writes in flight were sent again. If the server crashed rather than restarted, it may have lost "
+            "its last second of writes: run the same command again to store what is missing (stored images are "
+            "skipped)", ConnectionResumedWarning, stacklevel=3)

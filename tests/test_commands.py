@@ -1,14 +1,22 @@
 """Command batches: the hand-packed protocol matches redis-py's, and runs on every real deployment."""
 from __future__ import annotations
 
+import threading
+import time
+import warnings
+
+import numpy as np
 import pytest
 import redis
 from redis.cluster import RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
 
 from cbir.commands import CommandStream, _packed
+from cbir.connection import connect
+from cbir.errors import ConnectionResumedWarning, StoreError
+from cbir.store import ImageRecord, VectorStore, WriteStream
 
-from .conftest import WITH_TLS
+from .conftest import WITH_TLS, _free_port, _start_server, _stop
 
 
 def _redis_py_packing(*args) -> bytes:
@@ -52,3 +60,65 @@ def test_stream_error_raises_and_settles_every_batch_in_flight(deployment, db_na
     assert done == (["bad"] if isinstance(client, RedisCluster) else ["bad", "good"])
     assert client.get(f"{db_name}:s") == b"text"  # and the client is still usable
     client.delete(f"{db_name}:s", f"{db_name}:t")
+
+
+def _restart_later(binary: str, port: int, directory, *options: str, after: float = 0.5) -> tuple[threading.Thread, list]:
+    """Starts redis-server on ``port`` again after ``after`` seconds, in a thread; its process
+    lands in the list."""
+    started: list = []
+
+    def restart() -> None:
+        time.sleep(after)
+        started.append(_start_server(binary, port, directory, *options))
+    thread = threading.Thread(target=restart)
+    thread.start()
+    return thread, started
+
+
+def test_a_stream_rides_out_a_server_restart_and_sends_its_batches_in_flight_again(redis_server_binary, tmp_path):
+    durable = ("--appendonly", "yes", "--appendfsync", "always")
+    port = _free_port()
+    servers = [_start_server(redis_server_binary, port, tmp_path, *durable)]
+    try:
+        client = connect(f"redis://127.0.0.1:{port}/0")
+        done, checks = [], []
+        stream = CommandStream(client, depth=4, done=done.append, resumed=lambda: checks.append(client.ping()))
+        for batch in range(10):
+            if batch == 5:  # with batches in flight: some stored, some sent into the closing socket
+                _stop(servers)
+                restarter, servers = _restart_later(redis_server_binary, port, tmp_path, *durable)
+            stream.send([[("SET", f"k:{batch}", b"%d" % batch)], [("RPUSH", "log", b"%d" % batch)]], token=batch)
+        stream.close()
+        restarter.join()
+        assert stream.resumptions == 1 and checks == [True] and not stream.failed
+        assert done == list(range(10))
+        assert [client.get(f"k:{batch}") for batch in range(10)] == [b"%d" % batch for batch in range(10)]
+        assert set(client.lrange("log", 0, -1)) == {b"%d" % batch for batch in range(10)}
+    finally:
+        _stop(servers)
+
+
+def test_a_writer_whose_server_came_back_empty_stops_with_one_error(redis_server_binary, tmp_path):
+    """A restart without persistence lost the database and the writer's lock: writing on would
+    leave chunks without the info that says what they are."""
+    port = _free_port()
+    servers = [_start_server(redis_server_binary, port, tmp_path)]
+    try:
+        store = VectorStore(connect(f"redis://127.0.0.1:{port}/0"), "lost")
+        store.ensure_model("fp", {}, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConnectionResumedWarning)
+            with store.writing():
+                stream = WriteStream(store, depth=0)  # each write waits for its replies
+                stream.write(store.prepare([ImageRecord(name="a", label="x")]), np.ones((1, 2), np.float32))
+                _stop(servers)
+                restarter, servers = _restart_later(redis_server_binary, port, tmp_path)
+                plan = store.prepare([ImageRecord(name="b", label="x")])  # its id reserved through the restart
+                with pytest.raises(StoreError, match="no longer holds this run's writer lock"):
+                    stream.write(plan, np.ones((1, 2), np.float32))
+                    stream.close()
+                restarter.join()
+        assert stream._stream.failed
+        assert store.client.keys("cbir:lost:vec:*") == []
+    finally:
+        _stop(servers)

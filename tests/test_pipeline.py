@@ -383,15 +383,19 @@ def _once_stored(store: VectorStore, process: subprocess.Popen, count: int) -> N
     assert process.poll() is None, process.stderr.read().decode()
 
 
+def _every_busi_image_once(store: VectorStore) -> None:
+    ids, vectors = store.load_vectors()
+    names = [record.name for _, record in store.iter_records()]
+    assert len(ids) == 780 and len(names) == 780 and len(set(names)) == 780
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3), "a stored image without its vector"
+
+
 def _rerun_completes(store: VectorStore, command: list[str], env: dict, partial: int) -> None:
     """A re-run of ``command`` stores the missing images: every BUSI image once, each with its vector."""
     assert 100 <= partial < 780
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    ids, vectors = store.load_vectors()
-    names = [record.name for _, record in store.iter_records()]
-    assert len(ids) == 780 and len(names) == 780 and len(set(names)) == 780
-    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3), "a stored image without its vector"
+    _every_busi_image_once(store)
     assert f"{780 - partial} new" in rerun.stdout, rerun.stdout
 
 
@@ -422,6 +426,31 @@ def test_killed_indexing_rerun_stores_every_image_exactly_once(where, kill, requ
         _rerun_completes(store, command, env, store.count())
     finally:
         store.drop()
+
+
+def test_indexing_rides_out_a_redis_restart(redis_server_binary, tmp_path, db_name, busi):
+    """The server restarts mid-`add` (down for about a second): the run goes on, sends its writes
+    in flight again, stores every image once and says that it reconnected."""
+    port = _free_port()
+    durable = ("--appendonly", "yes", "--appendfsync", "always")
+    servers = [_start_server(redis_server_binary, port, tmp_path, *durable)]
+    url = f"redis://127.0.0.1:{port}/0"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CBIR_REDIS_URL=url)
+    try:
+        process = subprocess.Popen(_add_busi_command(db_name, busi), env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        store = VectorStore(connect(url), db_name)
+        _once_stored(store, process, 100)
+        _stop(servers)
+        time.sleep(1.0)
+        servers = [_start_server(redis_server_binary, port, tmp_path, *durable)]
+        out, errors = process.communicate(timeout=300)
+        assert process.returncode == 0, errors
+        assert "the connection to Redis was lost and made again 1 time(s)" in errors
+        assert "780 new" in out
+        _every_busi_image_once(store)
+    finally:
+        _stop(servers)
 
 
 def test_a_redis_crash_mid_indexing_is_one_error_and_a_rerun_completes(redis_server_binary, tmp_path, db_name,
