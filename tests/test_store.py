@@ -351,14 +351,35 @@ def _vectors_of(ids: np.ndarray) -> np.ndarray:
     return np.cos(np.outer(np.asarray(ids) + 1, np.arange(1, DIM + 1))).astype(np.float32)
 
 
+def _loads_beside(store: VectorStore, write_loop) -> int:
+    """Loads ``store`` for 2 s while ``write_loop(stop)`` writes it in a thread, checking that every
+    load returns whole images (each vector the one written for its id); how many found some."""
+    stop = threading.Event()
+    thread = threading.Thread(target=write_loop, args=(stop,))
+    thread.start()
+    loads = 0
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and thread.is_alive():
+            store.refresh()
+            if store.exists:
+                ids, vectors = store.load_vectors()
+                assert (np.diff(ids) > 0).all()
+                np.testing.assert_array_equal(vectors, _vectors_of(ids))
+                loads += len(ids) > 0
+    finally:
+        stop.set()
+        thread.join()
+    return loads
+
+
 def test_a_load_while_another_process_writes_and_removes_reads_whole_images(small):
     """A load that ran beside a writer crashed when a chunk was started in the middle of it, and
     could read an image whose records it saw before its vector was written as zeros."""
-    stop = threading.Event()
     writer = VectorStore(small.client, small.name)
     rng = np.random.default_rng(0)
 
-    def write_and_remove() -> None:
+    def write_and_remove(stop: threading.Event) -> None:
         with writer.writing():
             for batch in range(100_000):
                 if stop.is_set():
@@ -368,32 +389,16 @@ def test_a_load_while_another_process_writes_and_removes_reads_whole_images(smal
                 if batch % 4 == 3:
                     writer.remove(rng.choice(3 * batch, 2, replace=False).tolist())
 
-    thread = threading.Thread(target=write_and_remove)
-    thread.start()
-    loads = 0
-    try:
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and thread.is_alive():
-            small.refresh()
-            if small.exists:
-                ids, vectors = small.load_vectors()
-                assert (np.diff(ids) > 0).all()
-                np.testing.assert_array_equal(vectors, _vectors_of(ids))
-                loads += 1
-    finally:
-        stop.set()
-        thread.join()
-    assert loads >= 10 and small.count() > 100
+    assert _loads_beside(small, write_and_remove) >= 10 and small.count() > 100
 
 
 def test_a_load_beside_a_rewrite_reads_whole_images_or_none(small):
     """A drop deletes a database's chunks while a load may be reading them: the load returns the
     images whose records it read, each whole, or nothing; "vectors of chunk N are missing" was
     raised on a Cluster, whose nodes delete at once."""
-    stop = threading.Event()
     writer = VectorStore(small.client, small.name)
 
-    def rewrite() -> None:
+    def rewrite(stop: threading.Event) -> None:
         while not stop.is_set():
             writer.ensure_model("fp-a", {}, DIM, chunk_size=8)
             with writer.writing():
@@ -402,21 +407,7 @@ def test_a_load_beside_a_rewrite_reads_whole_images_or_none(small):
                 time.sleep(0.01)  # a moment for loads to find the images
                 writer.drop()
 
-    thread = threading.Thread(target=rewrite)
-    thread.start()
-    loads = 0
-    try:
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and thread.is_alive():
-            small.refresh()
-            if small.exists:
-                ids, vectors = small.load_vectors()
-                np.testing.assert_array_equal(vectors, _vectors_of(ids))
-                loads += len(ids) > 0
-    finally:
-        stop.set()
-        thread.join()
-    assert loads >= 10
+    assert _loads_beside(small, rewrite) >= 10
 
 
 class _CountingBackoff(NoBackoff):
