@@ -592,10 +592,14 @@ class VectorStore:
         return {c: MetaChunk(blob) for c, blob in self._meta_blobs(sorted(set(chunks))).items()}
 
     def _meta_blobs(self, chunks: list[int]) -> dict[int, bytes | None]:
+        return self._chunk_blobs(self._meta_key, chunks)
+
+    def _chunk_blobs(self, key_of, chunks: list[int], what: str = "reading") -> dict[int, bytes | None]:
+        """The value of ``key_of(chunk)`` for each of ``chunks``, in one pipeline."""
         pipe = self.pipeline()
         for chunk in chunks:
-            pipe.get(self._meta_key(chunk))
-        return dict(zip(chunks, self.execute("reading", pipe)))
+            pipe.get(key_of(chunk))
+        return dict(zip(chunks, self.execute(what, pipe)))
 
     def _require_lock(self) -> None:
         if not self._lock_token:
@@ -943,10 +947,7 @@ class VectorStore:
         pending = list(batch)
         before = self._meta_blobs(pending)
         while pending:
-            pipe = self.pipeline()
-            for chunk in pending:
-                pipe.get(self._vec_key(chunk))
-            blobs = dict(zip(pending, self.execute("loading vectors from", pipe)))
+            blobs = self._chunk_blobs(self._vec_key, pending, "loading vectors from")
             after = self._meta_blobs(pending)
             for chunk in pending:
                 if after[chunk] == before[chunk]:

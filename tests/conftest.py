@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -114,6 +115,20 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def _restart_later(binary: str, port: int, directory: Path, *options: str,
+                   after: float = 0.5) -> tuple[threading.Thread, list[subprocess.Popen]]:
+    """Starts redis-server on ``port`` again after ``after`` seconds, in a thread (join it); its
+    process lands in the list."""
+    started: list[subprocess.Popen] = []
+
+    def restart() -> None:
+        time.sleep(after)
+        started.append(_start_server(binary, port, directory, *options))
+    thread = threading.Thread(target=restart)
+    thread.start()
+    return thread, started
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,6 @@
 """Command batches: the hand-packed protocol matches redis-py's, and runs on every real deployment."""
 from __future__ import annotations
 
-import threading
-import time
 import warnings
 
 import numpy as np
@@ -16,7 +14,7 @@ from cbir.connection import connect
 from cbir.errors import ConnectionResumedWarning, StoreError
 from cbir.store import ImageRecord, VectorStore, WriteStream
 
-from .conftest import WITH_TLS, _free_port, _start_server, _stop
+from .conftest import WITH_TLS, _free_port, _restart_later, _start_server, _stop
 
 
 def _redis_py_packing(*args) -> bytes:
@@ -60,19 +58,6 @@ def test_stream_error_raises_and_settles_every_batch_in_flight(deployment, db_na
     assert done == (["bad"] if isinstance(client, RedisCluster) else ["bad", "good"])
     assert client.get(f"{db_name}:s") == b"text"  # and the client is still usable
     client.delete(f"{db_name}:s", f"{db_name}:t")
-
-
-def _restart_later(binary: str, port: int, directory, *options: str, after: float = 0.5) -> tuple[threading.Thread, list]:
-    """Starts redis-server on ``port`` again after ``after`` seconds, in a thread; its process
-    lands in the list."""
-    started: list = []
-
-    def restart() -> None:
-        time.sleep(after)
-        started.append(_start_server(binary, port, directory, *options))
-    thread = threading.Thread(target=restart)
-    thread.start()
-    return thread, started
 
 
 def test_a_stream_rides_out_a_server_restart_and_sends_its_batches_in_flight_again(redis_server_binary, tmp_path):

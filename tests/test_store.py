@@ -26,7 +26,7 @@ from cbir.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
 from cbir.store import (Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name,
                         database_names)
 
-from .conftest import ROOT, WITH_TLS, _free_port, _start_server, _stop
+from .conftest import ROOT, WITH_TLS, _free_port, _restart_later, _start_server, _stop
 
 DIM = 16
 
@@ -331,12 +331,7 @@ def test_a_server_restart_during_a_run_is_ridden_out(redis_server_binary, tmp_pa
         client = connect(f"redis://127.0.0.1:{port}/0")
         assert client.set("before", 1)
         _stop([process])
-
-        def restart_later() -> None:
-            time.sleep(1.0)
-            restarted.append(_start_server(binary, port, tmp_path))
-        helper = threading.Thread(target=restart_later)
-        helper.start()
+        helper, restarted = _restart_later(binary, port, tmp_path, after=1.0)
         try:
             assert client.set("after", 2)  # sent to a server that is down for about a second
         finally:
