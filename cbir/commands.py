@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _ARGUMENT_HEADERS = [b"$%d\r\n" % n for n in range(4096)]  # "$<length>\r\n" of short arguments
@@ -62,6 +63,13 @@ def _pipeline(cluster: RedisCluster, commands: Sequence[Command]) -> list:
     return pipe.execute()
 
 
+def _raise_first_error(replies: list) -> None:
+    """Raise the first error among a transaction's replies (which redis-py returns, not raises)."""
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+
+
 def _widen_send_buffer(connection) -> None:
     """Let whole batches wait in the kernel's socket buffer (the kernel caps the size, at 8 MiB
     here): ``sendall`` then returns at once and the client encodes the next batch while Redis
@@ -79,9 +87,12 @@ class CommandStream:
 
     Redis applies one connection's commands in the order sent, so a batch keeps its phase order
     (say vectors, then the records that make them visible) with no round trip between phases,
-    and the client prepares the next batch while Redis stores this one. ``done(token)`` runs
-    once a batch's replies are all in. A Redis Cluster has no order across its nodes: there each
-    phase is a pipeline that completes before the next is sent (redis-py retries it).
+    and the client prepares the next batch while Redis stores this one. Each batch is a
+    transaction (MULTI/EXEC): where Redis refuses one of its commands (out of memory, say), it
+    applies none of them, where the phases sent alone would have made records visible whose
+    vectors it had refused. ``done(token)`` runs once a batch's replies are all in. A Redis
+    Cluster has no order across its nodes: there each phase is a pipeline that completes before
+    the next is sent (redis-py retries it), and a phase with an error stops the batch.
 
     A lost connection (a server restart) is reconnected through the client's retries, then
     ``resumed()`` runs (it may raise to give up: the writer's lock gone with a server that kept
@@ -111,7 +122,7 @@ class CommandStream:
             finally:
                 self.done(token)
             return
-        commands = [command for phase in phases for command in phase]
+        commands = [("MULTI",), *(command for phase in phases for command in phase), ("EXEC",)]
         packed = _packed(commands)
         self._in_flight.append((token, len(commands), packed))
         self._receive_while(lambda: len(self._in_flight) > self.depth,
@@ -137,8 +148,9 @@ class CommandStream:
                     first()
                     while condition():
                         token, replies, _ = self._in_flight[0]
-                        for _ in range(replies):
+                        for _ in range(replies - 1):  # MULTI's and each command's: OK, QUEUED or why not
                             self._connection.read_response()
+                        _raise_first_error(self._connection.read_response())  # EXEC's: the commands' replies
                         self._in_flight.popleft()
                         self.done(token)
                     return

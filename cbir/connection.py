@@ -281,6 +281,25 @@ def scratch(url: str | None = None) -> Iterator:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def evicting_servers(client) -> list[str]:
+    """The servers behind ``client`` that evict keys without an expiry time when their memory is
+    full (a ``maxmemory`` and an ``allkeys-*`` policy, a cache's set-up), each as "where (policy,
+    limit)". Such a server drops a database's images without a word; ``volatile-*`` policies only
+    evict keys that expire, of which cbir keeps none but a writer's lock. Read from INFO, which
+    managed services leave open where they rename CONFIG."""
+    if isinstance(client, RedisCluster):
+        replies = client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        # redis-py answers for a single node with its reply alone, for several by node name
+        by_server = ({describe(client): replies} if "maxmemory_policy" in replies
+                     else {f"Redis Cluster node {node}": reply for node, reply in replies.items()})
+    else:
+        by_server = {describe(client): client.info("memory")}
+    return [f"{where} (maxmemory-policy {info['maxmemory_policy']}, maxmemory "
+            f"{info.get('maxmemory_human', info['maxmemory'])})"
+            for where, info in by_server.items()
+            if int(info.get("maxmemory", 0)) > 0 and str(info.get("maxmemory_policy", "")).startswith("allkeys-")]
+
+
 def describe(client) -> str:
     """A short human description of where ``client`` points, without secrets."""
     if isinstance(client, RedisCluster):

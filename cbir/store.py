@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -53,6 +54,7 @@ import redis
 
 from . import commands
 from .commands import Command
+from .connection import evicting_servers
 from .errors import ConnectionResumedWarning, DatabaseBusyError, LockWaitWarning, ModelMismatchError, StoreError
 from .names import NAME_BUCKETS, PAIR, NameIndex, buckets, name_hashes, pairs
 
@@ -65,6 +67,8 @@ ROWS_WORTH_A_CHUNK = 32
 LOCK_TTL_SECONDS = 120
 _DB_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _PIPELINE_CHUNKS = 32  # chunks read per pipeline round trip when loading
+# What redis-py puts before an error in a pipeline: the command, binary vectors and all.
+_PIPELINE_ANNOTATION = re.compile(r"Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
 # The info hash with all its fields, unless it exists: one key, so one slot on a Cluster too.
 _CREATE_IF_ABSENT = ("if redis.call('exists', KEYS[1]) == 1 then return 0 end "
                      "redis.call('hset', KEYS[1], unpack(ARGV)) return 1")
@@ -337,6 +341,11 @@ def database_names(client) -> list[str]:
     return sorted(names)
 
 
+def _reason(exc: redis.RedisError) -> str:
+    """Redis's own words for ``exc``, as one sentence without its final period."""
+    return _PIPELINE_ANNOTATION.sub("", str(exc)).rstrip(".")
+
+
 def _decode_str(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -385,9 +394,14 @@ class VectorStore:
         """``fn(*args)``, with a Redis failure turned into a StoreError saying what was being done."""
         try:
             return fn(*args, **kwargs)
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise StoreError(
+                f"Redis is out of memory ({_reason(exc)}) while {what} database '{self.name}': raise its maxmemory or "
+                "free memory. Stored images are kept; re-run to continue."
+            ) from exc
         except redis.RedisError as exc:
             raise StoreError(
-                f"Redis failed while {what} database '{self.name}': {str(exc).rstrip('.')}. "
+                f"Redis failed while {what} database '{self.name}': {_reason(exc)}. "
                 "Stored images are kept; re-run to continue."
             ) from exc
 
@@ -430,11 +444,29 @@ class VectorStore:
             raise StoreError(f"database '{self.name}' was written by an older cbir (store schema {schema}, "
                              f"this one reads {SCHEMA_VERSION}); index it again with --rewrite")
 
+    def _evicting_servers(self) -> list[str]:
+        """:func:`~cbir.connection.evicting_servers`, or none where the user may not read INFO."""
+        try:
+            return evicting_servers(self.client)
+        except redis.exceptions.NoPermissionError:
+            return []
+
+    def check_keeps_data(self) -> None:
+        """Refuse to store anything on a server that may evict it when its memory is full."""
+        evicting = self.call("reading", self._evicting_servers)
+        if evicting:
+            raise StoreError(
+                f"database '{self.name}' is not written: {'; '.join(evicting)} evicts keys when its memory is "
+                "full, which would drop stored images without a word. Set its maxmemory-policy to noeviction "
+                "(redis-cli CONFIG SET maxmemory-policy noeviction) or a volatile-* policy")
+
     def ensure_model(self, fingerprint: str, spec: dict, dim: int, chunk_size: int | None = None) -> None:
-        """Create the database for this model, or check that it was built by the same one.
+        """Create the database for this model, or check that it was built by the same one; refuse
+        a server that evicts keys (:meth:`check_keeps_data`).
 
         ``chunk_size`` (vectors per chunk key) defaults to :func:`chunk_size_for` ``(dim)``.
         """
+        self.check_keeps_data()
         model_fields = {"schema": SCHEMA_VERSION, "model_spec": json.dumps(spec, sort_keys=True), "dim": dim,
                         "chunk_size": chunk_size or chunk_size_for(dim), "created": time.time(), "version": 0}
         if not self.exists:
@@ -956,6 +988,14 @@ class VectorStore:
             before = after
         return dict(sorted(settled.items()))
 
+    def _why_missing(self) -> str:
+        """The likely cause of data gone missing, where the server says so; else nothing."""
+        try:
+            evicting = self._evicting_servers()
+        except redis.RedisError:
+            return ""
+        return f", likely evicted by {'; '.join(evicting)}" if evicting else ""
+
     def load_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All stored (ids, vectors), ids ascending; vectors float32 of shape (n, dim)."""
         ids, vectors, _ = self._load(decode_records=False)
@@ -985,7 +1025,8 @@ class VectorStore:
                     continue
                 rows = records_of_chunk.ids - chunk * self.chunk_size
                 if blob is None or len(blob) < (int(rows[-1]) + 1) * row_bytes:
-                    raise StoreError(f"database '{self.name}': vectors of chunk {chunk} are missing")
+                    raise StoreError(f"database '{self.name}': vectors of chunk {chunk} are missing"
+                                     + self._why_missing())
                 matrix = np.frombuffer(blob, np.float32, (len(blob) // row_bytes) * self.dim).reshape(-1, self.dim)
                 contiguous = rows[0] == 0 and rows[-1] == live - 1
                 vectors[count:count + live] = matrix[:live] if contiguous else matrix[rows]

@@ -75,6 +75,7 @@ def train_index(store: VectorStore, kind: str = "ivf", nlist: int | None = None,
     if breadth is not None and kind == "flat":
         raise CbirError("--nprobe applies to the ivf, ivfpq and hnsw indexes, not flat")
     store.require()
+    store.check_keeps_data()
     with store.writing():  # no change may land between the snapshot and its version
         started = time.perf_counter()  # after any wait for another writer
         version, journal_start = store.start_journal()

@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import psutil
 import pytest
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from cbir.connection import connect, describe, redact, scratch
@@ -25,6 +27,7 @@ from cbir.errors import DatabaseBusyError, LockWaitWarning, ModelMismatchError, 
 from cbir.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
 from cbir.store import (Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name,
                         database_names)
+from cbir.trained_index import train_index
 
 from .conftest import ROOT, WITH_TLS, _free_port, _restart_later, _start_server, _stop
 
@@ -160,6 +163,79 @@ def test_a_drop_cut_short_is_finished_by_running_it_again(standalone_url, db_nam
     finally:
         admin.acl_deluser(user)
         store.drop()
+
+
+@contextmanager
+def _configured(client, settings, last_primary_only: bool = False):
+    """For the block, ``settings(target)`` (CONFIG SET) on the server, or on each primary of a
+    Cluster (the last one alone with ``last_primary_only``); ``target`` is the client's keyword
+    arguments that reach that node."""
+    targets = ([{"target_nodes": node} for node in client.get_primaries()] if isinstance(client, RedisCluster)
+               else [{}])
+    targets = targets[-1:] if last_primary_only else targets
+    saved = [client.config_get("maxmemory*", **target) for target in targets]
+    try:
+        for target in targets:
+            for name, value in settings(target).items():
+                client.config_set(name, value, **target)
+        yield
+    finally:
+        for target, before in zip(targets, saved):
+            for name in ("maxmemory", "maxmemory-policy"):
+                client.config_set(name, before[name], **target)
+
+
+def _evicting(client, policy: str):
+    return _configured(client, lambda _: {"maxmemory": "1gb", "maxmemory-policy": policy}, last_primary_only=True)
+
+
+def test_a_server_that_evicts_keys_is_refused_before_anything_is_written(deployment, store):
+    """A cache's set-up (maxmemory and an allkeys-* policy) drops a database's keys when full,
+    without a word; volatile-* policies evict only keys that expire, which images never do."""
+    _, client, _ = deployment
+    with _evicting(client, "allkeys-lru"):
+        with pytest.raises(StoreError, match=r"is not written: .*maxmemory-policy allkeys-lru.* evicts keys.*noeviction"):
+            store.ensure_model("fp-a", {}, DIM, chunk_size=8)
+    assert not VectorStore(client, store.name).exists
+    assert list(client.scan_iter(match=f"cbir:{store.name}:*")) == []
+    with _evicting(client, "volatile-lru"):
+        store.ensure_model("fp-a", {}, DIM, chunk_size=8)
+        with store.writing():
+            store.add(records(20), unit_vectors(20))
+    with _evicting(client, "allkeys-lfu"):
+        with pytest.raises(StoreError, match="is not written"):
+            train_index(store, "flat")
+        client.delete(f"cbir:{store.name}:vec:1")  # as an eviction would
+        with pytest.raises(StoreError, match=r"vectors of chunk 1 are missing, likely evicted by .*allkeys-lfu"):
+            store.load_vectors()
+    with pytest.raises(StoreError, match=r"vectors of chunk 1 are missing$"):
+        store.load_vectors()
+
+
+def test_a_server_out_of_memory_stops_a_write_with_one_error_and_a_rerun_completes(deployment, store):
+    """Redis refuses a vector chunk too big for its memory left, then takes the small records
+    after it: they must not become visible without their vectors, which no re-run would mend."""
+    _, client, _ = deployment
+    store.ensure_model("fp-a", {}, 256)
+    wanted = records(4000)
+    vectors = np.random.default_rng(0).standard_normal((len(wanted), 256)).astype(np.float32)  # 4 MB
+
+    def add_in_batches() -> int:
+        with store.writing():
+            return sum(store.add(wanted[start:start + 500], vectors[start:start + 500]).new
+                       for start in range(0, len(wanted), 500))
+
+    with _configured(client, lambda target: {"maxmemory": client.info("memory", **target)["used_memory"] + 1_500_000}):
+        with pytest.raises(StoreError, match=r"^Redis is out of memory \(command not allowed when used memory > "
+                                             r"'maxmemory'\) while writing to database .*: raise its maxmemory"):
+            add_in_batches()
+    kept = store.count()
+    assert kept < len(wanted)
+    assert add_in_batches() == len(wanted) - kept
+    _, loaded, stored = store.load_with_records()
+    vector_of = dict(zip((record.name for record in wanted), vectors))
+    assert sorted(record.name for record in stored) == sorted(vector_of)
+    np.testing.assert_array_equal(loaded, [vector_of[record.name] for record in stored])
 
 
 def test_database_names_lists_every_database_on_every_node_and_nothing_else(deployment, small, db_name):
