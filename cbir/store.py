@@ -444,16 +444,9 @@ class VectorStore:
             raise StoreError(f"database '{self.name}' was written by an older cbir (store schema {schema}, "
                              f"this one reads {SCHEMA_VERSION}); index it again with --rewrite")
 
-    def _evicting_servers(self) -> list[str]:
-        """:func:`~cbir.connection.evicting_servers`, or none where the user may not read INFO."""
-        try:
-            return evicting_servers(self.client)
-        except redis.exceptions.NoPermissionError:
-            return []
-
     def check_keeps_data(self) -> None:
         """Refuse to store anything on a server that may evict it when its memory is full."""
-        evicting = self.call("reading", self._evicting_servers)
+        evicting = self.call("reading", evicting_servers, self.client)
         if evicting:
             raise StoreError(
                 f"database '{self.name}' is not written: {'; '.join(evicting)} evicts keys when its memory is "
@@ -991,7 +984,7 @@ class VectorStore:
     def _why_missing(self) -> str:
         """The likely cause of data gone missing, where the server says so; else nothing."""
         try:
-            evicting = self._evicting_servers()
+            evicting = evicting_servers(self.client)
         except redis.RedisError:
             return ""
         return f", likely evicted by {'; '.join(evicting)}" if evicting else ""
