@@ -281,23 +281,47 @@ def scratch(url: str | None = None) -> Iterator:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def _server_infos(client) -> dict[str, dict]:
+    """INFO of the server behind ``client``, or of each primary of a Cluster, by where it is.
+    INFO, not CONFIG: managed services leave it open where they rename CONFIG."""
+    if not isinstance(client, RedisCluster):
+        return {describe(client): client.info()}
+    replies = client.info(target_nodes=RedisCluster.PRIMARIES)
+    # redis-py answers for a single node with its reply alone, for several by node name
+    return ({describe(client): replies} if "redis_version" in replies
+            else {f"Redis Cluster node {node}": reply for node, reply in replies.items()})
+
+
+def _evicts(info: dict) -> bool:
+    """Whether a server evicts keys without an expiry time when its memory is full (a ``maxmemory``
+    and an ``allkeys-*`` policy, a cache's set-up). ``volatile-*`` policies only evict keys that
+    expire, of which cbir keeps none but a writer's lock."""
+    return int(info.get("maxmemory", 0)) > 0 and str(info.get("maxmemory_policy", "")).startswith("allkeys-")
+
+
+def _eviction(where: str, info: dict) -> str:
+    return f"{where} (maxmemory-policy {info['maxmemory_policy']}, maxmemory {info.get('maxmemory_human', info['maxmemory'])})"
+
+
 def evicting_servers(client) -> list[str]:
-    """The servers behind ``client`` that evict keys without an expiry time when their memory is
-    full (a ``maxmemory`` and an ``allkeys-*`` policy, a cache's set-up), each as "where (policy,
-    limit)". Such a server drops a database's images without a word; ``volatile-*`` policies only
-    evict keys that expire, of which cbir keeps none but a writer's lock. Read from INFO, which
-    managed services leave open where they rename CONFIG."""
-    if isinstance(client, RedisCluster):
-        replies = client.info("memory", target_nodes=RedisCluster.PRIMARIES)
-        # redis-py answers for a single node with its reply alone, for several by node name
-        by_server = ({describe(client): replies} if "maxmemory_policy" in replies
-                     else {f"Redis Cluster node {node}": reply for node, reply in replies.items()})
-    else:
-        by_server = {describe(client): client.info("memory")}
-    return [f"{where} (maxmemory-policy {info['maxmemory_policy']}, maxmemory "
-            f"{info.get('maxmemory_human', info['maxmemory'])})"
-            for where, info in by_server.items()
-            if int(info.get("maxmemory", 0)) > 0 and str(info.get("maxmemory_policy", "")).startswith("allkeys-")]
+    """The servers behind ``client`` that evict keys when full, each as "where (policy, limit)"."""
+    return [_eviction(where, info) for where, info in _server_infos(client).items() if _evicts(info)]
+
+
+def unfit_for_writes(client) -> list[str]:
+    """Why the servers behind ``client`` would not keep what is written to them, one reason each:
+    a replica (read-only, and resynchronised from its primary), or a server that evicts keys when
+    full (it would drop a database's images without a word)."""
+    reasons = []
+    for where, info in _server_infos(client).items():
+        if info.get("role") == "slave":
+            reasons.append(f"{where} is a replica of {info.get('master_host')}:{info.get('master_port')}: "
+                           "use the URL of its primary")
+        elif _evicts(info):
+            reasons.append(f"{_eviction(where, info)} evicts keys when its memory is full, which would drop stored "
+                           "images without a word: set its maxmemory-policy to noeviction (redis-cli CONFIG SET "
+                           "maxmemory-policy noeviction) or a volatile-* policy")
+    return reasons
 
 
 def describe(client) -> str:

@@ -54,7 +54,7 @@ import redis
 
 from . import commands
 from .commands import Command
-from .connection import evicting_servers
+from .connection import evicting_servers, unfit_for_writes
 from .errors import ConnectionResumedWarning, DatabaseBusyError, LockWaitWarning, ModelMismatchError, StoreError
 from .names import NAME_BUCKETS, PAIR, NameIndex, buckets, name_hashes, pairs
 
@@ -445,17 +445,15 @@ class VectorStore:
                              f"this one reads {SCHEMA_VERSION}); index it again with --rewrite")
 
     def check_keeps_data(self) -> None:
-        """Refuse to store anything on a server that may evict it when its memory is full."""
-        evicting = self.call("reading", evicting_servers, self.client)
-        if evicting:
-            raise StoreError(
-                f"database '{self.name}' is not written: {'; '.join(evicting)} evicts keys when its memory is "
-                "full, which would drop stored images without a word. Set its maxmemory-policy to noeviction "
-                "(redis-cli CONFIG SET maxmemory-policy noeviction) or a volatile-* policy")
+        """Refuse to store anything on a server that would not keep it (see
+        :func:`~cbir.connection.unfit_for_writes`), before anything is written."""
+        reasons = self.call("reading", unfit_for_writes, self.client)
+        if reasons:
+            raise StoreError(f"database '{self.name}' is not written: {'; '.join(reasons)}")
 
     def ensure_model(self, fingerprint: str, spec: dict, dim: int, chunk_size: int | None = None) -> None:
         """Create the database for this model, or check that it was built by the same one; refuse
-        a server that evicts keys (:meth:`check_keeps_data`).
+        a server that would not keep it (:meth:`check_keeps_data`).
 
         ``chunk_size`` (vectors per chunk key) defaults to :func:`chunk_size_for` ``(dim)``.
         """

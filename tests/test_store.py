@@ -212,6 +212,21 @@ def test_a_server_that_evicts_keys_is_refused_before_anything_is_written(deploym
         store.load_vectors()
 
 
+def test_a_replica_is_refused_with_the_way_to_its_primary(redis_server_binary, tmp_path, db_name):
+    primary_port, replica_port = _free_port(), _free_port()
+    processes = [_start_server(redis_server_binary, primary_port, tmp_path / "primary")]
+    try:
+        processes.append(_start_server(redis_server_binary, replica_port, tmp_path / "replica",
+                                       "--replicaof", "127.0.0.1", str(primary_port)))
+        store = VectorStore(connect(f"redis://127.0.0.1:{replica_port}/0"), db_name)
+        with pytest.raises(StoreError, match=rf"is not written: Redis at 127.0.0.1:{replica_port}/0 is a replica of "
+                                             rf"127.0.0.1:{primary_port}: use the URL of its primary$"):
+            store.ensure_model("fp-a", {}, DIM)
+        assert connect(f"redis://127.0.0.1:{primary_port}/0").dbsize() == 0
+    finally:
+        _stop(processes)
+
+
 def test_a_server_out_of_memory_stops_a_write_with_one_error_and_a_rerun_completes(deployment, store):
     """Redis refuses a vector chunk too big for its memory left, then takes the small records
     after it: they must not become visible without their vectors, which no re-run would mend."""
