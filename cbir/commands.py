@@ -14,7 +14,6 @@ from typing import Callable, Sequence
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _ARGUMENT_HEADERS = [b"$%d\r\n" % n for n in range(4096)]  # "$<length>\r\n" of short arguments
 SEND_BUFFER_BYTES = 16 << 20
@@ -154,7 +153,7 @@ class CommandStream:
                         self._in_flight.popleft()
                         self.done(token)
                     return
-                except (RedisConnectionError, RedisTimeoutError):
+                except RedisConnectionError:  # not a timeout: a server silent that long is reported
                     if resumption == RESUMPTIONS:
                         raise
                     self._reconnect()  # its own failure, after the client's retries, is final

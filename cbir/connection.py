@@ -45,10 +45,18 @@ EMBEDDED_LOG, EMBEDDED_LOG_BYTES = "redis.log", 1 << 20
 SERVER_LOCK = "server.lock"  # beside the data: held while a command starts or stops the server
 
 
+# A server that stops answering (stalled, or cut off by the network) is reported after this long,
+# where redis-py would wait for ever; a URL may set its own (?socket_timeout=120&socket_connect_timeout=10).
+SOCKET_TIMEOUT_SECONDS = 30.0
+CONNECT_TIMEOUT_SECONDS = 5.0
+_TIMEOUTS = {"socket_timeout": SOCKET_TIMEOUT_SECONDS, "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS}
+
+
 def _retry() -> Retry:
-    """Enough retries (of connection errors and timeouts) to ride out a Redis restart of a few
-    seconds in the middle of a long run."""
-    return Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=8)
+    """Enough retries of a lost connection to ride out a Redis restart of a few seconds in the
+    middle of a long run. Not of a timeout: the server stayed silent for SOCKET_TIMEOUT_SECONDS,
+    and each retry would wait as long again."""
+    return Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=8, supported_errors=(redis.ConnectionError,))
 
 
 def data_home(home: str | os.PathLike | None = None) -> Path:
@@ -83,7 +91,7 @@ def connect(url: str | None = None, home: str | os.PathLike | None = None):
     try:
         # The first contact is not retried: a wrong address, password or certificate is reported
         # at once, where the retries of a run took 11 s to give up on it.
-        client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+        client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **_TIMEOUTS)
         cluster_enabled = client.info("cluster").get("cluster_enabled", 0)
     except redis.AuthenticationError as exc:
         # Without a password, Redis 7 answers redis-py's HELLO with advice about HELLO AUTH.
@@ -97,7 +105,7 @@ def connect(url: str | None = None, home: str | os.PathLike | None = None):
         return client
     client.close()
     try:
-        return RedisCluster.from_url(url, retry=_retry())
+        return RedisCluster.from_url(url, retry=_retry(), **_TIMEOUTS)
     except (redis.RedisError, RedisClusterException, OSError) as exc:  # the latter is no RedisError
         raise StoreError(f"cannot use Redis Cluster at {redact(url)}: {exc}") from exc
 

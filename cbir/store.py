@@ -54,7 +54,7 @@ import redis
 
 from . import commands
 from .commands import Command
-from .connection import evicting_servers, unfit_for_writes
+from .connection import SOCKET_TIMEOUT_SECONDS, evicting_servers, unfit_for_writes
 from .errors import ConnectionResumedWarning, DatabaseBusyError, LockWaitWarning, ModelMismatchError, StoreError
 from .names import NAME_BUCKETS, PAIR, NameIndex, buckets, name_hashes, pairs
 
@@ -398,6 +398,12 @@ class VectorStore:
             raise StoreError(
                 f"Redis is out of memory ({_reason(exc)}) while {what} database '{self.name}': raise its maxmemory or "
                 "free memory. Stored images are kept; re-run to continue."
+            ) from exc
+        except redis.TimeoutError as exc:
+            raise StoreError(
+                f"Redis stopped answering ({_reason(exc)}) while {what} database '{self.name}': it is stalled or cut "
+                f"off by the network (a URL sets how long to wait: ?socket_timeout=SECONDS, {SOCKET_TIMEOUT_SECONDS:g} s "
+                "by default). Stored images are kept; re-run to continue."
             ) from exc
         except redis.RedisError as exc:
             raise StoreError(

@@ -5,6 +5,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from cbir.connection import connect, describe, redact, scratch
+from cbir.connection import SOCKET_TIMEOUT_SECONDS, connect, describe, redact, scratch
 from cbir.errors import DatabaseBusyError, LockWaitWarning, ModelMismatchError, StoreError
 from cbir.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
 from cbir.store import (Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name,
@@ -520,6 +521,34 @@ def test_a_writer_whose_server_is_gone_does_not_retry_again_to_release_its_lock(
                 _stop([server])
                 store.add([ImageRecord(name="a", label="x")], np.ones((1, 2), dtype=np.float32))
         assert _CountingBackoff.retries == 3, "the failed write, then nothing more"
+    finally:
+        _stop([server])
+
+
+def test_a_stalled_server_is_one_error_after_the_socket_timeout_not_a_hang(redis_server_binary, tmp_path):
+    """redis-py waits for ever by default: a server stopped (or cut off by the network) in the
+    middle of an add hung it until killed. A timeout is not retried: each retry would wait as long."""
+    port = _free_port()
+    server = _start_server(redis_server_binary, port, tmp_path)
+    try:
+        assert connect(f"redis://127.0.0.1:{port}/0").connection_pool.connection_kwargs["socket_timeout"] == \
+            SOCKET_TIMEOUT_SECONDS
+        store = VectorStore(connect(f"redis://127.0.0.1:{port}/0?socket_timeout=0.5"), "stalled")
+        store.ensure_model("fp", {}, DIM, chunk_size=8)
+        with pytest.raises(StoreError, match=r"^Redis stopped answering \(Timeout reading from socket\) while writing "
+                                             r"to database 'stalled': .*\?socket_timeout=SECONDS"):
+            with store.writing():
+                stream = WriteStream(store)
+                plan = store.prepare(records(20))
+                server.send_signal(signal.SIGSTOP)
+                started = time.monotonic()
+                try:
+                    stream.write(plan, unit_vectors(20))
+                    stream.close()
+                finally:
+                    stalled_for = time.monotonic() - started
+                    server.send_signal(signal.SIGCONT)
+        assert stalled_for < 5, "one timeout of 0.5 s, not a retry or a resumption after it"
     finally:
         _stop([server])
 
