@@ -135,8 +135,8 @@ def _store_arguments(parser: argparse.ArgumentParser, db_help: str | None = None
     parser.add_argument("--db_name", required=db_help is None,
                         help=db_help or "database name (its keys live under cbir:<db_name>:)")
     parser.add_argument("--redis-url", "--redis_url", dest="redis_url", default=None,
-                        help=f"Redis URL (redis://, rediss://, with password; a Cluster node works too; "
-                             f"a private CA: rediss://...?ssl_ca_certs=ca.pem). "
+                        help=f"Redis URL (redis://, rediss://, with password, or unix:///path/redis.sock; a "
+                             f"Cluster node works too; a private CA: rediss://...?ssl_ca_certs=ca.pem). "
                              f"Default: ${URL_ENV}, else an embedded Redis under $CBIR_HOME")
 
 

