@@ -309,7 +309,8 @@ def _evicts(info: dict) -> bool:
 
 
 def _eviction(where: str, info: dict) -> str:
-    return f"{where} (maxmemory-policy {info['maxmemory_policy']}, maxmemory {info.get('maxmemory_human', info['maxmemory'])})"
+    limit = info.get("maxmemory_human", info["maxmemory"])
+    return f"{where} (maxmemory-policy {info['maxmemory_policy']}, maxmemory {limit})"
 
 
 def evicting_servers(client) -> list[str]:
