@@ -341,9 +341,16 @@ def database_names(client) -> list[str]:
     return sorted(names)
 
 
-def _reason(exc: redis.RedisError) -> str:
-    """Redis's own words for ``exc``, as one sentence without its final period."""
-    return _PIPELINE_ANNOTATION.sub("", str(exc)).rstrip(".")
+def _failure(exc: redis.RedisError) -> tuple[str, str]:
+    """What went wrong in Redis and what to do about it, in Redis's own words where they suffice
+    (without the command redis-py puts before an error in a pipeline, nor a final period)."""
+    reason = _PIPELINE_ANNOTATION.sub("", str(exc)).rstrip(".")
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return f"Redis is out of memory ({reason})", "raise its maxmemory or free memory"
+    if isinstance(exc, redis.TimeoutError):
+        return (f"Redis stopped answering ({reason})", "it is stalled or cut off by the network (a URL sets how "
+                f"long to wait: ?socket_timeout=SECONDS, {SOCKET_TIMEOUT_SECONDS:g} s by default)")
+    return "Redis failed", reason
 
 
 def _decode_str(value) -> str:
@@ -394,22 +401,10 @@ class VectorStore:
         """``fn(*args)``, with a Redis failure turned into a StoreError saying what was being done."""
         try:
             return fn(*args, **kwargs)
-        except redis.exceptions.OutOfMemoryError as exc:
-            raise StoreError(
-                f"Redis is out of memory ({_reason(exc)}) while {what} database '{self.name}': raise its maxmemory or "
-                "free memory. Stored images are kept; re-run to continue."
-            ) from exc
-        except redis.TimeoutError as exc:
-            raise StoreError(
-                f"Redis stopped answering ({_reason(exc)}) while {what} database '{self.name}': it is stalled or cut "
-                f"off by the network (a URL sets how long to wait: ?socket_timeout=SECONDS, {SOCKET_TIMEOUT_SECONDS:g} s "
-                "by default). Stored images are kept; re-run to continue."
-            ) from exc
         except redis.RedisError as exc:
-            raise StoreError(
-                f"Redis failed while {what} database '{self.name}': {_reason(exc)}. "
-                "Stored images are kept; re-run to continue."
-            ) from exc
+            failure, advice = _failure(exc)
+            raise StoreError(f"{failure} while {what} database '{self.name}': {advice}. "
+                             "Stored images are kept; re-run to continue.") from exc
 
     def execute(self, what: str, pipe) -> list:
         return self.call(what, pipe.execute)

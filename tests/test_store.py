@@ -195,7 +195,8 @@ def test_a_server_that_evicts_keys_is_refused_before_anything_is_written(deploym
     without a word; volatile-* policies evict only keys that expire, which images never do."""
     _, client, _ = deployment
     with _evicting(client, "allkeys-lru"):
-        with pytest.raises(StoreError, match=r"is not written: .*maxmemory-policy allkeys-lru.* evicts keys.*noeviction"):
+        with pytest.raises(StoreError, match=r"is not written: .*maxmemory-policy allkeys-lru.* evicts keys"
+                                             r".*noeviction"):
             store.ensure_model("fp-a", {}, DIM, chunk_size=8)
     assert not VectorStore(client, store.name).exists
     assert list(client.scan_iter(match=f"cbir:{store.name}:*")) == []
