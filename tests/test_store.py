@@ -279,12 +279,8 @@ def test_an_embedded_server_is_described_by_where_its_data_lives(embedded_client
 
 def test_a_server_on_a_unix_socket_is_used_and_described_as_itself(redis_server_binary, tmp_path, db_name):
     socket_path = tmp_path / "redis.sock"
-    server = subprocess.Popen([redis_server_binary, "--port", "0", "--unixsocket", str(socket_path), "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    server = _start_server(redis_server_binary, _free_port(), tmp_path, "--unixsocket", str(socket_path))
     try:
-        deadline = time.monotonic() + 10
-        while not socket_path.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
         client = connect(f"unix://{socket_path}?db=2")
         assert describe(client) == f"Redis at {socket_path} (Unix socket), db 2"  # not "embedded Redis"
         store = VectorStore(client, db_name)
