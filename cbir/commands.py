@@ -137,6 +137,24 @@ class CommandStream:
             self.client.connection_pool.release(self._connection)
             self._connection = None
 
+    def abandon(self) -> None:
+        """Close without waiting for the replies of the batches in flight: for a server that stopped
+        answering, where waiting would sit out the socket timeout again. Each batch is a transaction,
+        so Redis applies each whole or not at all; every one counts as done (a re-run stores what is
+        missing)."""
+        if self._connection is None:
+            return
+        self._drop()
+        self.client.connection_pool.release(self._connection)
+        self._connection = None
+
+    def _drop(self) -> None:
+        """Disconnect with any replies left unread; every batch in flight counts as done."""
+        self.failed = True
+        self._connection.disconnect()
+        while self._in_flight:
+            self.done(self._in_flight.popleft()[0])
+
     def _receive_while(self, condition: Callable[[], bool], first: Callable[[], None] = lambda: None) -> None:
         """``first()``, then read the oldest batch's replies while ``condition()``; after a lost
         connection, see the class. After any other error, or the last resumption, the connection
@@ -159,10 +177,7 @@ class CommandStream:
                     self._reconnect()  # its own failure, after the client's retries, is final
                     first = self._send_in_flight
         except BaseException:
-            self.failed = True
-            self._connection.disconnect()
-            while self._in_flight:
-                self.done(self._in_flight.popleft()[0])
+            self._drop()
             raise
 
     def _reconnect(self) -> None:

@@ -32,7 +32,7 @@ from . import interrupts
 from .data import ImageItem, printable
 from .errors import CbirError, ImageError, ModelError, ModelMismatchError
 from .models import Extractor, ExtractorSpec, Preprocess, create_extractor
-from .store import ImageRecord, VectorStore, WritePlan, WriteStream
+from .store import ImageRecord, VectorStore, WritePlan, WriteStream, stopped_answering
 
 DEFAULT_BATCH_SIZE = 32
 # Decoding threads taking turns with the model decode this many images a turn (whole batches, at
@@ -173,24 +173,34 @@ class IndexReport:
 
 class BackgroundWriter:
     """Writes plans from a thread through a :class:`WriteStream`, so Redis I/O and the encoding
-    of records overlap the caller's work (decoding, the model, the next :meth:`VectorStore.prepare`)."""
+    of records overlap the caller's work (decoding, the model, the next :meth:`VectorStore.prepare`).
+
+    As a context manager it closes on leaving; leaving on an error that says the server stopped
+    answering, it abandons the writes in flight rather than wait out the same silence again."""
 
     def __init__(self, store: VectorStore, depth: int = 2):
         self.error: BaseException | None = None
+        self._abandoning = False
         self._stream = WriteStream(store, depth)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name="cbir-writer", daemon=True)
         self._thread.start()
 
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(abandon=exc is not None and stopped_answering(exc))
+
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
-            if self.error is None:
+            if self.error is None and not self._abandoning:
                 try:
                     self._stream.write(*job)
                 except BaseException as exc:  # handed to the caller in submit()/close()
                     self.error = exc
         try:
-            self._stream.close()
+            self._stream.abandon() if self._abandoning else self._stream.close()
         except BaseException as exc:
             self.error = self.error or exc
 
@@ -198,7 +208,10 @@ class BackgroundWriter:
         self._raise()
         self._queue.put((plan, vectors))
 
-    def close(self) -> None:
+    def close(self, abandon: bool = False) -> None:
+        """Wait for the writes queued and in flight, or with ``abandon`` skip those queued and leave
+        those in flight unanswered (see :meth:`CommandStream.abandon`); raises the first write error."""
+        self._abandoning = abandon
         self._queue.put(None)
         self._thread.join()
         self._raise()
@@ -247,9 +260,8 @@ def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extr
     report = IndexReport(total=len(items))
     with store.writing(), interrupts.held():
         started = time.perf_counter()  # after any wait for another writer: the rate is this run's
-        bar = tqdm(total=len(items), unit="img", desc=f"indexing into '{store.name}'", disable=not progress)
-        writer = BackgroundWriter(store)
-        try:
+        with tqdm(total=len(items), unit="img", desc=f"indexing into '{store.name}'", disable=not progress) as bar, \
+                BackgroundWriter(store) as writer:
             for batch in decode_batches(items, extractor.preprocess, batch_size, workers, decodes_beside(extractor)):
                 interrupts.check()  # between batches: no hand-over to the decoding or writer threads under way
                 report.failures += batch.failures
@@ -266,9 +278,6 @@ def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extr
                 # One refresh, by update, so the count and the tallies beside it agree.
                 bar.set_postfix(new=report.new, skipped=report.unchanged, failed=len(report.failures), refresh=False)
                 bar.update(len(batch.positions) + len(batch.failures))
-        finally:
-            bar.close()
-            writer.close()
     report.seconds = time.perf_counter() - started
     return report
 

@@ -353,6 +353,12 @@ def _failure(exc: redis.RedisError) -> tuple[str, str]:
     return "Redis failed", reason
 
 
+def stopped_answering(exc: BaseException) -> bool:
+    """Whether ``exc`` is a StoreError for a server gone or silent: another command to it would only
+    wait out the client's retries or the socket timeout again."""
+    return isinstance(exc, StoreError) and isinstance(exc.__cause__, (redis.ConnectionError, redis.TimeoutError))
+
+
 def _decode_str(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -543,7 +549,7 @@ class VectorStore:
         try:
             yield self
         except StoreError as exc:
-            server_gone = isinstance(exc.__cause__, (redis.ConnectionError, redis.TimeoutError))
+            server_gone = stopped_answering(exc)
             raise
         finally:
             self._lock_token = None
@@ -1052,6 +1058,10 @@ class WriteStream:
         """Wait for every write in flight; raises the first Redis error among them."""
         self.store.call("writing to", self._stream.close)
         _say_resumed(self._stream, self.store.name)
+
+    def abandon(self) -> None:
+        """Close without waiting for the writes in flight (see CommandStream.abandon)."""
+        self._stream.abandon()
 
 
 def _say_resumed(stream: commands.CommandStream, database: str) -> None:

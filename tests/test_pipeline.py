@@ -472,9 +472,39 @@ def test_a_redis_crash_mid_indexing_is_one_error_and_a_rerun_completes(redis_ser
         process.wait(timeout=120)
         errors = process.stderr.read().decode().splitlines()
         assert process.returncode == 2, errors
-        assert errors[-1].startswith(f"error: Redis failed while writing to database '{db_name}': ")
+        assert errors[-1].startswith("error: Redis failed while ") and f" database '{db_name}': " in errors[-1]
         assert errors[-1].endswith(". Stored images are kept; re-run to continue.") and ".." not in errors[-1]
         server = _start_server(redis_server_binary, port, tmp_path, *durable)
+        store = VectorStore(connect(url), db_name)
+        _rerun_completes(store, command, env, store.count())
+    finally:
+        _stop([server])
+
+
+def test_a_stalled_redis_mid_indexing_is_one_error_after_one_socket_timeout(redis_server_binary, tmp_path, db_name,
+                                                                           busi):
+    """Redis stops answering mid-`add` (SIGSTOP: a hung server, or a network that drops packets): one
+    error after one socket timeout. The run used to wait out the same silence twice, the second time
+    to read the replies of the writes in flight. Once the server answers again, a re-run completes."""
+    timeout = 3.0
+    port = _free_port()
+    server = _start_server(redis_server_binary, port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CBIR_REDIS_URL=f"{url}?socket_timeout={timeout:g}")
+    command = _add_busi_command(db_name, busi)
+    try:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _once_stored(VectorStore(connect(url), db_name), process, 100)
+        server.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            errors = process.communicate(timeout=120)[1].decode().splitlines()
+            waited = time.monotonic() - stopped
+        finally:
+            server.send_signal(signal.SIGCONT)
+        assert process.returncode == 2, errors
+        assert errors[-1].startswith("error: Redis stopped answering (Timeout reading from socket) while "), errors
+        assert waited < 2 * timeout, f"{waited:.1f} s: the {timeout:g} s socket timeout was waited out twice"
         store = VectorStore(connect(url), db_name)
         _rerun_completes(store, command, env, store.count())
     finally:
