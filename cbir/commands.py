@@ -2,18 +2,22 @@
 
 A batch is a list of commands, each an argument tuple. On a single server a batch goes out on
 one connection as a few buffers, large values (vector chunks) sent as they are, where redis-py
-with hiredis copies them into its packed command first. A Redis Cluster gets a redis-py
-pipeline, which routes each command to its node.
+with hiredis copies them into its packed command first. On a Redis Cluster a batch is one
+pipeline per node, and work that a lost node interrupts is run again once the cluster has
+failed the node over (:func:`through_failover`).
 """
 from __future__ import annotations
 
 import socket
+import time
 from collections import deque
 from typing import Callable, Sequence
 
 from redis.cluster import RedisCluster
+from redis.exceptions import (AskError, AuthenticationError, ClusterDownError, MovedError, RedisClusterException,
+                              RedisError, ResponseError, SlotNotCoveredError, TryAgainError)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _ARGUMENT_HEADERS = [b"$%d\r\n" % n for n in range(4096)]  # "$<length>\r\n" of short arguments
 SEND_BUFFER_BYTES = 16 << 20
@@ -54,12 +58,116 @@ def _packed(commands: Sequence[Command]) -> list[bytes]:
     return buffers + [b"".join(small)]
 
 
-def _pipeline(cluster: RedisCluster, commands: Sequence[Command]) -> list:
-    """Run ``commands`` on a Redis Cluster, each on its node; their replies, in order."""
-    pipe = cluster.pipeline(transaction=False)
-    for command in commands:
-        pipe.execute_command(*command)
-    return pipe.execute()
+# How long work waits for a Redis Cluster to replace a lost primary by its replica: the cluster
+# needs cluster-node-timeout (15 s by default) to find the primary failed, then an election.
+FAILOVER_SECONDS = 30.0
+# What a Cluster answers while a node is lost or its slots move: worth a retry once the client
+# has read the cluster's slots again.
+_WHILE_FAILING_OVER = (RedisConnectionError, ClusterDownError, SlotNotCoveredError, TryAgainError, MovedError,
+                       AskError)
+
+
+def run(client, commands: Sequence[Command]) -> list:
+    """The replies of ``commands``, in order, the first error raised: one pipeline on a single
+    server, one per node on a Cluster (each command's first argument is its key)."""
+    if not isinstance(client, RedisCluster):
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute()
+    # Pipelines of the nodes' own clients, not redis-py's cluster pipeline: that one sends every
+    # command of a node that timed out again, one by one, and each waits out the timeout again
+    # (a stalled node held an add for 268 s at a 3 s timeout).
+    by_node: dict[str, tuple[object, list[int]]] = {}
+    for position, command in enumerate(commands):
+        node = client.get_node_from_key(command[1])
+        by_node.setdefault(node.name, (node, []))[1].append(position)
+    replies: list = [None] * len(commands)
+    for name, (node, positions) in by_node.items():
+        pipe = client.get_redis_connection(node).pipeline(transaction=False)
+        for position in positions:
+            pipe.execute_command(*commands[position])
+        try:
+            for position, reply in zip(positions, pipe.execute(raise_on_error=False)):
+                replies[position] = reply
+        except RedisError as exc:
+            exc.node_name = name  # read again last when the client refreshes its view of the cluster
+            raise
+    _raise_first_error(replies)
+    return replies
+
+
+def through_failover(client, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``; on a Redis Cluster, run again while the cluster fails a lost node over.
+
+    A node refused or a slot moved: again after a pause (0.1 s, doubling up to 2 s), for up to
+    FAILOVER_SECONDS. A primary silent past the socket timeout: if it has a replica, again once the
+    cluster has replaced it (within FAILOVER_SECONDS more); without one, or silent twice, the
+    silence is reported rather than waited out again. What ``fn`` sends must be safe to apply twice.
+    """
+    if not isinstance(client, RedisCluster):
+        return fn(*args, **kwargs)
+    deadline = time.monotonic() + FAILOVER_SECONDS
+    pause, waited_out_silence = 0.1, False
+    while True:
+        primaries = _primaries(client)
+        try:
+            return fn(*args, **kwargs)
+        except AuthenticationError:
+            raise
+        except RedisTimeoutError as exc:
+            if waited_out_silence:
+                raise
+            _read_slots(client, exc)  # replicas may have joined since the client last read them
+            if not _has_replica(client, _node_name(exc)):
+                raise
+            waited_out_silence = True
+            deadline = time.monotonic() + FAILOVER_SECONDS
+            pause = _wait(client, exc, pause, deadline, until=lambda: _primaries(client) != primaries)
+        except _WHILE_FAILING_OVER as exc:
+            pause = _wait(client, exc, pause, deadline)
+
+
+def _wait(cluster: RedisCluster, exc: Exception, pause: float, deadline: float,
+          until: Callable[[], bool] = lambda: True) -> float:
+    """Pause and read the cluster's slots again until ``until()``, the pause doubling up to 2 s;
+    raise ``exc`` once the deadline would pass. The next pause."""
+    while True:
+        if time.monotonic() + pause > deadline:
+            raise exc
+        time.sleep(pause)
+        pause = min(2 * pause, 2.0)
+        _read_slots(cluster, exc)
+        if until():
+            return pause
+
+
+def _primaries(cluster: RedisCluster) -> set[str]:
+    return {node.name for node in cluster.get_primaries()}
+
+
+def _node_name(exc: Exception) -> str | None:
+    """host:port of the node that failed: set by :func:`run`, or the connection redis-py attaches."""
+    if getattr(exc, "node_name", None):
+        return exc.node_name
+    where = getattr(exc, "connection", None)
+    if getattr(where, "name", None):  # a ClusterNode
+        return where.name
+    return f"{where.host}:{where.port}" if getattr(where, "host", None) else None
+
+
+def _has_replica(cluster: RedisCluster, node_name: str | None) -> bool:
+    """Whether the cluster could fail the primary ``node_name`` over: some slot it serves has a replica.
+    (The client's slot table, [primary, replicas...] per slot: redis-py has no public view of it.)"""
+    return any(len(nodes) > 1 and nodes[0].name == node_name for nodes in cluster.nodes_manager.slots_cache.values())
+
+
+def _read_slots(cluster: RedisCluster, exc: Exception) -> None:
+    """Have the client read which node serves which slots again, asking the node that failed last."""
+    try:
+        cluster.nodes_manager.initialize(last_failed_node_name=getattr(exc, "node_name", None))
+    except (RedisError, RedisClusterException):
+        pass  # no node answered: the next try fails and says so
 
 
 def _raise_first_error(replies: list) -> None:
@@ -90,8 +198,9 @@ class CommandStream:
     transaction (MULTI/EXEC): where Redis refuses one of its commands (out of memory, say), it
     applies none of them, where the phases sent alone would have made records visible whose
     vectors it had refused. ``done(token)`` runs once a batch's replies are all in. A Redis
-    Cluster has no order across its nodes: there each phase is a pipeline that completes before
-    the next is sent (redis-py retries it), and a phase with an error stops the batch.
+    Cluster has no order across its nodes: there each phase is a :func:`run` that completes before
+    the next is sent, and a phase with an error stops the batch (the caller runs the batch again
+    through a failover: :func:`through_failover`).
 
     A lost connection (a server restart) is reconnected through the client's retries, then
     ``resumed()`` runs (it may raise to give up: the writer's lock gone with a server that kept
@@ -117,7 +226,7 @@ class CommandStream:
         if self._cluster:
             try:
                 for phase in phases:
-                    _pipeline(self.client, phase)
+                    run(self.client, phase)
             finally:
                 self.done(token)
             return

@@ -106,7 +106,10 @@ def connect(url: str | None = None, home: str | os.PathLike | None = None):
         return client
     client.close()
     try:
-        return RedisCluster.from_url(url, retry=_retry(), **_TIMEOUTS)
+        # No retries inside redis-py: it retries a lost node at once, 8 times in 1.6 s, where a
+        # failover takes seconds, and a silent one 8 times over. The store's work runs again
+        # itself, waiting for the failover (commands.through_failover).
+        return RedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), **_TIMEOUTS)
     except (redis.RedisError, RedisClusterException, OSError) as exc:  # the latter is no RedisError
         raise StoreError(f"cannot use Redis Cluster at {redact(url)}: {exc}") from exc
 

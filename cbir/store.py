@@ -29,7 +29,7 @@ Chunks, rather than a hash per image, are what make ingest and bulk load fast: o
 SETRANGE and one APPEND per chunk on write, three GETs per chunk on load, and no Redis field per
 image at all. Vector memory stays within a few percent of the raw float32 bytes. No key carries
 a hash tag, so under Redis Cluster the chunks and name buckets spread over all nodes; multi-key
-work goes through pipelines, which redis-py splits by node.
+work goes in one pipeline per node (commands.run).
 """
 from __future__ import annotations
 
@@ -406,18 +406,15 @@ class VectorStore:
     def call(self, what: str, fn, *args, **kwargs):
         """``fn(*args)``, with a Redis failure turned into a StoreError saying what was being done."""
         try:
-            return fn(*args, **kwargs)
+            return commands.through_failover(self.client, fn, *args, **kwargs)
         except redis.RedisError as exc:
             failure, advice = _failure(exc)
             raise StoreError(f"{failure} while {what} database '{self.name}': {advice}. "
                              "Stored images are kept; re-run to continue.") from exc
 
-    def execute(self, what: str, pipe) -> list:
-        return self.call(what, pipe.execute)
-
-    def pipeline(self):
-        """A non-transactional pipeline: under Cluster, redis-py splits it by node."""
-        return self.client.pipeline(transaction=False)
+    def execute(self, what: str, batch: Sequence[Command]) -> list:
+        """The replies of a batch of commands, in one round trip per node (see commands.run)."""
+        return self.call(what, commands.run, self.client, batch)
 
     # ------------------------------------------------------------------ info
     def refresh(self) -> None:
@@ -593,10 +590,8 @@ class VectorStore:
         index, loaded = self._names if self._lock_token and self._names else (NameIndex(), set())
         missing = sorted(set(buckets(hashes).tolist()) - loaded)
         if missing:
-            pipe = self.pipeline()
-            for bucket in missing:
-                pipe.get(self._name_key(bucket))
-            index.add_packed(b"".join(blob for blob in self.execute("reading", pipe) if blob))
+            replies = self.execute("reading", [("GET", self._name_key(bucket)) for bucket in missing])
+            index.add_packed(b"".join(blob for blob in replies if blob))
             loaded.update(missing)
         if self._lock_token:
             self._names = (index, loaded)
@@ -626,10 +621,7 @@ class VectorStore:
 
     def _chunk_blobs(self, key_of, chunks: list[int], what: str = "reading") -> dict[int, bytes | None]:
         """The value of ``key_of(chunk)`` for each of ``chunks``, in one pipeline."""
-        pipe = self.pipeline()
-        for chunk in chunks:
-            pipe.get(key_of(chunk))
-        return dict(zip(chunks, self.execute(what, pipe)))
+        return dict(zip(chunks, self.execute(what, [("GET", key_of(chunk)) for chunk in chunks])))
 
     def _require_lock(self) -> None:
         if not self._lock_token:
@@ -829,11 +821,8 @@ class VectorStore:
         """Rewrite the name index buckets of ``names`` without the pairs of ``ids``: a removed
         image leaves no trace of its name (a stale pair would only cost lookups a record read)."""
         wanted = sorted(set(buckets(name_hashes([n.encode("utf-8") for n in names])).tolist()))
-        pipe = self.pipeline()
-        for bucket in wanted:
-            pipe.get(self._name_key(bucket))
         rewrites: list[Command] = []
-        for bucket, blob in zip(wanted, self.execute("reading", pipe)):
+        for bucket, blob in zip(wanted, self.execute("reading", [("GET", self._name_key(b)) for b in wanted])):
             stored = np.frombuffer(blob or b"", PAIR)
             kept = stored[~np.isin(stored["id"], ids)]
             rewrites.append(("SET", self._name_key(bucket), kept.tobytes()) if len(kept)
@@ -862,10 +851,8 @@ class VectorStore:
         rest += self._extra_keys() + [self.journal_key] + ([] if self._lock_token else [self.prefix + "lock"])
         deleted = 0
         for keys in (records, rest, [self.prefix + "next_id", self.info_key]):
-            pipe = self.pipeline()
-            for key in keys:
-                pipe.unlink(key)  # one key per command: keys of one database may live on many nodes
-            deleted += int(sum(self.execute("deleting", pipe)))
+            # One key per command: keys of one database may live on many nodes.
+            deleted += int(sum(self.execute("deleting", [("UNLINK", key) for key in keys])))
         self._info = {}
         return deleted
 
@@ -894,10 +881,8 @@ class VectorStore:
 
     def changes(self, start: int) -> tuple[int, list[tuple[str, np.ndarray]]]:
         """(data version, journal entries from ``start`` on as (``"+"`` or ``"-"``, ids))."""
-        pipe = self.pipeline()
-        pipe.hget(self.info_key, "version")
-        pipe.lrange(self.journal_key, start, -1)
-        version, entries = self.execute("reading", pipe)
+        version, entries = self.execute("reading", [("HGET", self.info_key, "version"),
+                                                    ("LRANGE", self.journal_key, start, -1)])
         return int(version or 0), [(e[:1].decode(), np.frombuffer(e[1:], "<i8").astype(np.int64))
                                    for e in entries]
 
@@ -945,12 +930,9 @@ class VectorStore:
         present, counts = np.unique(chunks, return_counts=True)
         whole = present[counts >= ROWS_WORTH_A_CHUNK].tolist()
         single = np.flatnonzero(~np.isin(chunks, whole))
-        pipe = self.pipeline()
-        for chunk in whole:
-            pipe.get(self._vec_key(chunk))
-        for chunk, row in zip(chunks[single].tolist(), rows_in_chunk[single].tolist()):
-            pipe.getrange(self._vec_key(chunk), row * row_bytes, (row + 1) * row_bytes - 1)
-        replies = self.execute("reading vectors of", pipe)
+        replies = self.execute("reading vectors of", [("GET", self._vec_key(chunk)) for chunk in whole] + [
+            ("GETRANGE", self._vec_key(chunk), row * row_bytes, (row + 1) * row_bytes - 1)
+            for chunk, row in zip(chunks[single].tolist(), rows_in_chunk[single].tolist())])
         rows = np.zeros((len(ids), self.dim), np.float32)
         by_chunk = np.argsort(chunks, kind="stable")
         starts = np.searchsorted(chunks[by_chunk], whole, side="left")

@@ -129,11 +129,8 @@ def save_index(store: VectorStore, blob: bytes, searcher: SearchIndex, version: 
 
 def _delete_chunks(store: VectorStore, meta: dict) -> None:
     keys = [store.key(f"index:{meta['build']}:{n}") for n in range(int(meta["chunks"]))]
-    pipe = store.pipeline()
-    for key in keys:
-        pipe.unlink(key)
-        pipe.srem(store.key("keys"), key)
-    store.execute("deleting the old index of", pipe)
+    store.execute("deleting the old index of",
+                  [command for key in keys for command in (("UNLINK", key), ("SREM", store.key("keys"), key))])
 
 
 def index_info(store: VectorStore) -> dict:
@@ -166,10 +163,7 @@ _loaded: dict[tuple[int, str], _Loaded] = {}
 
 def _load(store: VectorStore, meta: dict) -> _Loaded:
     keys = [store.key(f"index:{meta['build']}:{n}") for n in range(int(meta["chunks"]))]
-    pipe = store.pipeline()
-    for key in keys:
-        pipe.get(key)
-    parts = store.execute("loading the index of", pipe)
+    parts = store.execute("loading the index of", [("GET", key) for key in keys])
     if any(part is None for part in parts):
         raise StoreError(f"the trained index of database '{store.name}' is missing chunks; run train_index.py again")
     blob = b"".join(parts)

@@ -146,11 +146,12 @@ def standalone_url(tmp_path_factory, redis_server_binary):
 
 
 def _start_cluster(binary: str, root: Path, processes: list[subprocess.Popen], certificate: Path | None = None,
-                   password: str | None = None) -> list[int]:
-    """Ports of a 3-master cluster on loopback, in state ok; its servers are added to ``processes``
-    as they start, so the caller stops them even if the cluster fails to form."""
+                   password: str | None = None, replicas: int = 0, node_timeout_ms: int = 5000) -> list[int]:
+    """Ports of a 3-master cluster on loopback (``replicas`` replicas of each, in sync), in state ok;
+    its servers are added to ``processes`` as they start, so the caller stops them even if the
+    cluster fails to form."""
     cli = _need(_redis_binary("redis-cli"), "redis-cli")
-    node_options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"]
+    node_options = ["--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms)]
     cli_options = []
     if certificate is not None:
         node_options += ["--tls-cluster", "yes"]
@@ -159,22 +160,23 @@ def _start_cluster(binary: str, root: Path, processes: list[subprocess.Popen], c
         node_options += ["--requirepass", password, "--masterauth", password]
         cli_options += ["-a", password, "--no-auth-warning"]
     ports = []
-    for _ in range(3):
+    for _ in range(3 * (1 + replicas)):
         port = _free_port(also_bus=True)
         ports.append(port)
         processes.append(_start_server(binary, port, root / str(port), *node_options, "--cluster-config-file",
                                        f"nodes-{port}.conf", certificate=certificate))
     subprocess.run([cli, *cli_options, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-                    "--cluster-replicas", "0", "--cluster-yes"],
+                    "--cluster-replicas", str(replicas), "--cluster-yes"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
     # Every node, not the first alone: each learns the others' slots by gossip, and a command sent to
     # one that has not yet was answered "CLUSTERDOWN The cluster is down" (a flaky first test).
     nodes = [redis.Redis(host="127.0.0.1", port=port, password=password, **_tls_options(certificate))
              for port in ports]
     deadline = time.time() + 30
-    while any(node.cluster("info").get("cluster_state") != "ok" for node in nodes):
+    while any(node.cluster("info").get("cluster_state") != "ok" for node in nodes) or any(
+            node.info("replication").get("master_link_status", "up") != "up" for node in nodes):
         if time.time() > deadline:
-            raise RuntimeError("the test cluster did not reach state ok on every node")
+            raise RuntimeError("the test cluster did not reach state ok (its replicas in sync) on every node")
         time.sleep(0.2)
     return ports
 

@@ -24,7 +24,7 @@ from cbir.indexing import decode_batches, extractor_for_store, index_images, reg
 from cbir.retrieval import Neighbour, Retrieval, Retriever, majority_vote
 from cbir.store import ImageRecord, VectorStore
 
-from .conftest import BREASTMNIST, ROOT, TEST_INPUT_SIZE, _free_port, _start_server, _stop
+from .conftest import BREASTMNIST, ROOT, TEST_INPUT_SIZE, _free_port, _start_cluster, _start_server, _stop
 
 
 def indexed(store, items, extractor, chunk_size=128):
@@ -509,6 +509,63 @@ def test_a_stalled_redis_mid_indexing_is_one_error_after_one_socket_timeout(redi
         _rerun_completes(store, command, env, store.count())
     finally:
         _stop([server])
+
+
+def _busi_add_on_a_cluster(binary, root, processes, db_name, busi, replicas, lose, timeout=2.0):
+    """`add` BUSI on a cluster started for it and, once 100 images are stored, send ``lose`` to a
+    primary other than the one in the URL. The finished process, its output and error lines, the
+    seconds from the loss to its end, the store and the command's environment."""
+    ports = _start_cluster(binary, root, processes, replicas=replicas, node_timeout_ms=1000)
+    url = f"redis://127.0.0.1:{ports[0]}/0"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CBIR_REDIS_URL=f"{url}?socket_timeout={timeout:g}")
+    store = VectorStore(connect(url), db_name)
+    process = subprocess.Popen(_add_busi_command(db_name, busi), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _once_stored(store, process, 100)
+    lost = next(node for node in store.client.get_primaries() if node.port != ports[0])
+    server = processes[ports.index(lost.port)]
+    server.send_signal(lose)
+    started = time.monotonic()
+    try:
+        out, errors = process.communicate(timeout=300)
+    finally:
+        if lose == signal.SIGSTOP:
+            server.send_signal(signal.SIGCONT)
+    return process, out, errors.splitlines(), time.monotonic() - started, store, env
+
+
+@pytest.mark.parametrize("lose", [signal.SIGKILL, signal.SIGSTOP], ids=["crashed", "stalled"])
+def test_indexing_rides_out_a_cluster_failing_a_lost_primary_over(redis_server_binary, tmp_path, db_name, busi,
+                                                                   lose):
+    """A primary crashes or stops answering mid-`add` on a Cluster with replicas: the run waits
+    for the cluster to promote the replica and goes on. It used to give up 1.6 s after a crash
+    (redis-py retried at once, 8 times, long before the failover) and stored every image once."""
+    processes: list[subprocess.Popen] = []
+    try:
+        process, out, errors, _, store, _ = _busi_add_on_a_cluster(redis_server_binary, tmp_path, processes,
+                                                                   db_name, busi, replicas=1, lose=lose)
+        assert process.returncode == 0, errors
+        assert "780 new" in out
+        _every_busi_image_once(store)
+    finally:
+        _stop(processes)
+
+
+def test_a_stalled_cluster_primary_without_replica_is_one_error_soon(redis_server_binary, tmp_path, db_name, busi):
+    """Nothing can replace a stalled primary without a replica: one error after about one socket
+    timeout (redis-py's cluster pipeline sent each command of the node again, each retried 8 times:
+    268 s at a 3 s timeout, 45 min at the default 30 s). Once it answers again, a re-run completes."""
+    processes: list[subprocess.Popen] = []
+    timeout = 2.0
+    try:
+        process, _, errors, waited, store, env = _busi_add_on_a_cluster(
+            redis_server_binary, tmp_path, processes, db_name, busi, replicas=0, lose=signal.SIGSTOP, timeout=timeout)
+        assert process.returncode == 2, errors
+        assert errors[-1].startswith("error: Redis stopped answering (Timeout reading from socket) while "), errors
+        assert waited < 3 * timeout, f"{waited:.1f} s after the node stalled, at a {timeout:g} s socket timeout"
+        _rerun_completes(store, _add_busi_command(db_name, busi), env, store.count())
+    finally:
+        _stop(processes)
 
 
 def test_a_reader_that_leaves_early_ends_the_command_quietly(standalone_url, db_name):
