@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import redis
 import torch
 from PIL import Image
 
@@ -531,7 +532,18 @@ def _busi_add_on_a_cluster(binary, root, processes, db_name, busi, replicas, los
     finally:
         if lose == signal.SIGSTOP:
             server.send_signal(signal.SIGCONT)
-    return process, out, errors.splitlines(), time.monotonic() - started, store, env
+    waited = time.monotonic() - started
+    if lose == signal.SIGSTOP and replicas:
+        # Woken, the old primary serves its stale data until it learns that its replica replaced it.
+        _wait_until_replica(redis.Redis(port=lost.port))
+    return process, out, errors.splitlines(), waited, store, env
+
+
+def _wait_until_replica(node: redis.Redis, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (info := node.info("replication"))["role"] != "slave" or info.get("master_link_status") != "up":
+        assert time.monotonic() < deadline, f"the node did not become a replica in sync: {info}"
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("lose", [signal.SIGKILL, signal.SIGSTOP], ids=["crashed", "stalled"])
