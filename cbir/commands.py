@@ -68,13 +68,16 @@ _WHILE_FAILING_OVER = (RedisConnectionError, ClusterDownError, SlotNotCoveredErr
 
 
 def run(client, commands: Sequence[Command]) -> list:
-    """The replies of ``commands``, in order, the first error raised: one pipeline on a single
-    server, one per node on a Cluster (each command's first argument is its key)."""
+    """The replies of ``commands``, in order, the first error raised as Redis worded it (not as
+    redis-py's pipeline does, after the whole failing command, binary vectors and all): one
+    pipeline on a single server, one per node on a Cluster (each command's first argument is its key)."""
     if not isinstance(client, RedisCluster):
         pipe = client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
-        return pipe.execute()
+        replies = pipe.execute(raise_on_error=False)
+        _raise_first_error(replies)
+        return replies
     # Pipelines of the nodes' own clients, not redis-py's cluster pipeline: that one sends every
     # command of a node that timed out again, one by one, and each waits out the timeout again
     # (a stalled node held an add for 268 s at a 3 s timeout).
@@ -165,13 +168,14 @@ def _has_replica(cluster: RedisCluster, node_name: str | None) -> bool:
 def _read_slots(cluster: RedisCluster, exc: Exception) -> None:
     """Have the client read which node serves which slots again, asking the node that failed last."""
     try:
-        cluster.nodes_manager.initialize(last_failed_node_name=getattr(exc, "node_name", None))
+        cluster.nodes_manager.initialize(last_failed_node_name=_node_name(exc))
     except (RedisError, RedisClusterException):
         pass  # no node answered: the next try fails and says so
 
 
 def _raise_first_error(replies: list) -> None:
-    """Raise the first error among a transaction's replies (which redis-py returns, not raises)."""
+    """Raise the first error among the replies of a transaction or a pipeline run with
+    ``raise_on_error=False`` (which redis-py returns, not raises)."""
     for reply in replies:
         if isinstance(reply, ResponseError):
             raise reply

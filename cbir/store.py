@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import struct
 import time
@@ -67,8 +66,6 @@ ROWS_WORTH_A_CHUNK = 32
 LOCK_TTL_SECONDS = 120
 _DB_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _PIPELINE_CHUNKS = 32  # chunks read per pipeline round trip when loading
-# What redis-py puts before an error in a pipeline: the command, binary vectors and all.
-_PIPELINE_ANNOTATION = re.compile(r"Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
 # The info hash with all its fields, unless it exists: one key, so one slot on a Cluster too.
 _CREATE_IF_ABSENT = ("if redis.call('exists', KEYS[1]) == 1 then return 0 end "
                      "redis.call('hset', KEYS[1], unpack(ARGV)) return 1")
@@ -343,8 +340,8 @@ def database_names(client) -> list[str]:
 
 def _failure(exc: redis.RedisError) -> tuple[str, str]:
     """What went wrong in Redis and what to do about it, in Redis's own words where they suffice
-    (without the command redis-py puts before an error in a pipeline, nor a final period)."""
-    reason = _PIPELINE_ANNOTATION.sub("", str(exc)).rstrip(".")
+    (without a final period)."""
+    reason = str(exc).rstrip(".")
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
         return f"Redis is out of memory ({reason})", "raise its maxmemory or free memory"
     if isinstance(exc, redis.TimeoutError):
