@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 import re
 import urllib.request
@@ -21,7 +20,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-import imagecodecs
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -70,12 +68,12 @@ class ImageItem:
         for field_name in ("name", "label", "project"):
             object.__setattr__(self, field_name, printable(getattr(self, field_name)))
 
-    def read(self) -> tuple[Image.Image, str]:
-        """The decoded RGB image and the sha256 of its content."""
+    def read(self, keep_grey: bool = False) -> tuple[Image.Image, str]:
+        """The decoded RGB image (or L, see :func:`decode_image`) and the sha256 of its content."""
         content, digest = self._content()
         if isinstance(content, np.ndarray):
-            return array_image(content, self.location), digest
-        return decode_image(content, self.location), digest
+            return array_image(content, self.location, keep_grey), digest
+        return decode_image(content, self.location, keep_grey), digest
 
     def digest(self) -> str:
         """The sha256 of the content, as :meth:`read` gives it, without decoding the image."""
@@ -94,8 +92,10 @@ class ImageItem:
         return data, hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes, where: str) -> Image.Image:
+def decode_image(data: bytes, where: str, keep_grey: bool = False) -> Image.Image:
     """Decode ``data`` into an upright 8-bit RGB image, or raise ImageError naming ``where``.
+    With ``keep_grey``, an image found grey may come back as one band (mode L) instead, for a
+    caller that handles that (:class:`cbir.models.Preprocess`) and would otherwise find out again.
 
     Any format Pillow reads, and DICOM files (recognised by their content, not their name) as a
     viewer displays them (:mod:`cbir.dicom`).
@@ -112,9 +112,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         # Pillow itself only warns up to twice its limit; a warning is not a refusal.
         check_frame_size(image.width, image.height, Image.MAX_IMAGE_PIXELS, where)
-        pixels = _libpng_pixels(image, data)
+        pixels = _plain_png_pixels(image, data)
         if pixels is not None:
-            return _to_rgb(Image.fromarray(pixels), where)
+            return _finished(Image.fromarray(pixels), where, keep_grey)
         image.load()
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{where}: refused, too many pixels ({exc})") from exc
@@ -128,12 +128,8 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels
     except Exception:  # a broken EXIF block must not cost the image; keep its stored orientation
         pass
-    return _to_rgb(image, where)
+    return _finished(image, where, keep_grey)
 
-
-# libpng reports what it reads past (a damaged colour profile) through imagecodecs' logger;
-# the pixels are right, and a line per file would bury the progress bar unless the caller asks for it.
-logging.getLogger("imagecodecs").addHandler(logging.NullHandler())
 
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 # Where Pillow finds a PNG's EXIF (and so its orientation): an eXIf chunk, or the text chunk that
@@ -141,25 +137,24 @@ _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _PNG_EXIF_MARKERS = (b"eXIf", b"Raw profile type exif")
 
 
-def _libpng_pixels(image: Image.Image, data: bytes) -> np.ndarray | None:
-    """The pixels of a plain 8-bit grey or RGB PNG, decoded by libpng; None for any other file.
+def _plain_png_pixels(image: Image.Image, data: bytes) -> np.ndarray | None:
+    """The pixels of a plain 8-bit grey or RGB PNG, decoded by :mod:`cbir.png`; None for any other file.
 
-    On BUSI libpng decodes in 0.85 ms where Pillow takes 1.4 (Pillow's unfiltering of Paeth rows,
-    nearly all of BUSI's, costs 0.7 ms), and it releases the GIL: two threads decode 1,880 images/s
-    against Pillow's 1,200. Pillow keeps what needs its handling (transparency, EXIF orientation,
-    16 bits, palettes, interlacing, animation), and a file libpng refuses goes to Pillow too, which
-    decodes it or names the reason: either way the pixels are Pillow's. The file must end with IEND,
-    so libpng never reads past it.
+    On BUSI that takes 0.45 ms where libpng takes 0.84 and Pillow 1.4 (Pillow's unfiltering of
+    Paeth rows, nearly all of BUSI's, costs 0.7 ms), and it releases the GIL. Pillow keeps what
+    needs its handling (transparency, EXIF orientation, 16 bits, palettes, interlacing,
+    animation), and a file :mod:`cbir.png` does not trust goes to Pillow too, which decodes it or
+    names the reason: either way the pixels are Pillow's. The file must end with IEND, so nothing
+    past it is read.
     """
     if (image.format != "PNG" or image.mode not in ("L", "RGB") or image.tile[0].args != image.mode
             or image.info.get("interlace") or "transparency" in image.info
             or getattr(image, "is_animated", False) or any(marker in data for marker in _PNG_EXIF_MARKERS)
             or not data.endswith(_PNG_END)):
         return None
-    try:
-        return imagecodecs.png_decode(data)
-    except Exception:  # libpng checks CRCs Pillow does not read: the usual path decides
-        return None
+    from cbir import png  # imports numba (0.2 s): only for commands that decode images
+
+    return png.decode(data)
 
 
 # An image array: (H, W) or (H, W, C), channels last, of any number type (bool, int, uint, float).
@@ -171,8 +166,9 @@ def _is_image_shape(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4))
 
 
-def array_image(array: np.ndarray, where: str) -> Image.Image:
-    """An image array as 8-bit RGB: 8-bit arrays as they are, others stretched from their range."""
+def array_image(array: np.ndarray, where: str, keep_grey: bool = False) -> Image.Image:
+    """An image array as 8-bit RGB (or L, as :func:`decode_image` says): 8-bit arrays as they
+    are, others stretched from their range."""
     if not _is_image_shape(array.shape) or array.dtype.kind not in NUMBER_KINDS:
         raise ImageError(f"{where}: an array of shape {array.shape} and type {array.dtype} is no image "
                          f"(expected numbers of shape {IMAGE_SHAPES})")
@@ -180,7 +176,7 @@ def array_image(array: np.ndarray, where: str) -> Image.Image:
         array = array[..., 0]
     if array.dtype != np.uint8:
         array = to_8_bits(array)
-    return _to_rgb(Image.fromarray(array), where)
+    return _finished(Image.fromarray(array), where, keep_grey)
 
 
 def check_header(path: str) -> None:
@@ -203,6 +199,10 @@ def check_header(path: str) -> None:
         dicom_header(path, path, Image.MAX_IMAGE_PIXELS, defer_size="64 KB", headerless=True)
     except Exception as exc:  # Pillow raises many types for broken files
         raise ImageError(f"{path}: not an image file, or a damaged one ({type(exc).__name__})") from exc
+
+
+def _finished(image: Image.Image, where: str, keep_grey: bool) -> Image.Image:
+    return image if keep_grey and image.mode == "L" else _to_rgb(image, where)
 
 
 def _to_rgb(image: Image.Image, where: str) -> Image.Image:

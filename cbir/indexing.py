@@ -1,10 +1,11 @@
 """Images -> extractor -> vectors -> store: decoding, model and Redis writes in one pipeline.
 
 Where the model runs on the CPU it needs every core, so decoding and model take turns, each at full
-width: threads decode the images of a few batches in parallel (libpng, Pillow, zlib and hashlib
-release the GIL) and hash their bytes, then the model has the cores for those batches. Decoding
-beside such a model would only take cores from it, and forked decoding processes would make the
-model copy its memory pages again. Where the model runs on an accelerator, the cores are free for
+width: threads decode the images of a few batches in parallel (the compiled PNG decoding and resize
+of cbir.png and cbir.resample, libdeflate, Pillow and hashlib release the GIL) and hash their
+bytes, then the model has the cores for those batches. Decoding beside such a model would only
+take cores from it, and forked decoding processes would make the model copy its memory pages
+again. Where the model runs on an accelerator, the cores are free for
 decoding: DataLoader processes decode batches ahead while the model runs (threads hold the GIL for
 the Python parts of Pillow's decoding: on 16 cores they decoded at a third of the processes' rate).
 A writer thread stores batch N while the model embeds batch N+1. Images already stored with the
@@ -51,7 +52,7 @@ class DecodedBatch:
 
 def _decode(item: ImageItem, position: int, preprocess: Preprocess):
     try:
-        image, sha = item.read()
+        image, sha = item.read(keep_grey=True)
         return position, preprocess(image), sha, None
     except ImageError as exc:
         return position, None, None, str(exc)
