@@ -5,10 +5,12 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: setup redis-server demo test bench
 
-# The project itself is installed editable, without fetching anything: the `cbir` command.
+# The project itself is installed editable, without fetching anything: the `cbir` command; then
+# numba compiles the PNG decoder and the resize, so that the first command does not wait for it.
 setup: redis-server
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PYTHON) scripts/compile_ahead.py
 
 # Debian's redis-server: the standalone and cluster deployments of the integration tests; openssl
 # makes the certificate of their TLS twins.

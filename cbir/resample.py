@@ -136,7 +136,8 @@ def resize(band: np.ndarray, size: tuple[int, int], interpolation: str = "bicubi
     if reducing_gap is not None and (int(width / out_width / reducing_gap) > 1
                                      or int(height / out_height / reducing_gap) > 1):
         return np.array(Image.fromarray(band).resize(size, _FILTERS[interpolation], reducing_gap=reducing_gap))
-    band = np.ascontiguousarray(band)
+    # Writable and contiguous, as every array the passes make: one compiled version of each.
+    band = np.require(band, np.uint8, ("C", "W"))
     if out_width == width:
         return _along_y(band, out_height, interpolation) if out_height != height else band.copy()
     if out_height == height:
