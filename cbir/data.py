@@ -94,6 +94,7 @@ class ImageItem:
 
 def decode_image(data: bytes, where: str, keep_grey: bool = False) -> Image.Image:
     """Decode ``data`` into an upright 8-bit RGB image, or raise ImageError naming ``where``.
+
     With ``keep_grey``, an image found grey may come back as one band (mode L) instead, for a
     caller that handles that (:class:`cbir.models.Preprocess`) and would otherwise find out again.
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from cbir import png
-from cbir.data import (_plain_png_pixels, array_image, decode_image, folder_items, load_items, npz_items, one_per_class, printable,
-                       query_items, split_project)
+from cbir.data import (_plain_png_pixels, array_image, decode_image, folder_items, load_items, npz_items,
+                       one_per_class, printable, query_items, split_project)
 from cbir.errors import DataSourceError, DataSourceWarning, ImageError
 
 from .conftest import BREASTMNIST, SHARED_DATA
