@@ -17,18 +17,16 @@ from __future__ import annotations
 import struct
 
 import imagecodecs
-import numba
 import numpy as np
+
+from .compiled import compiled
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _BANDS = {0: 1, 2: 3}  # colour type -> bytes per pixel: grey, RGB
 _NONE, _SUB, _UP, _AVERAGE, _PAETH = range(5)
 
-_jit = numba.njit(nogil=True, cache=True)
-_inline_jit = numba.njit(nogil=True, cache=True, inline="always")
 
-
-@_inline_jit
+@compiled(inline=True)
 def _paeth(left, up, up_left):
     up_gap, left_gap = up - up_left, left - up_left
     # |p - left|, |p - up|, |p - up_left| for p = left + up - up_left, as the PNG specification ranks them.
@@ -40,7 +38,7 @@ def _paeth(left, up, up_left):
     return up_left
 
 
-@_inline_jit
+@compiled(inline=True)
 def _unfilter_row(raw, y, width, bpp, band, out, step):
     """Undo row ``y``'s filter on one band. ``raw`` holds the inflated rows (a filter byte, then
     ``width * bpp`` bytes); pixel (y, x) of the band goes to ``out[(y * width + x) * step]``."""
@@ -70,7 +68,7 @@ def _unfilter_row(raw, y, width, bpp, band, out, step):
     return True
 
 
-@_inline_jit
+@compiled(inline=True)
 def _unfilter_paeth_rows(raw, y, width, bpp, band, out, step):
     """Undo two Paeth rows, ``y`` (not the first) and ``y + 1``, the second a pixel behind."""
     row_bytes = width * bpp + 1
@@ -92,7 +90,7 @@ def _unfilter_paeth_rows(raw, y, width, bpp, band, out, step):
             below_up_left = up
 
 
-@_jit
+@compiled
 def _unfilter_band(raw, height, width, bpp, band, out, step):
     """Undo every row's filter on one band; False on a filter type PNG does not define."""
     row_bytes = width * bpp + 1
@@ -108,7 +106,7 @@ def _unfilter_band(raw, height, width, bpp, band, out, step):
     return True
 
 
-@_jit
+@compiled
 def _bands_equal(raw, height, width):
     """Whether every pixel of filtered RGB rows has three equal bytes, which holds exactly when
     the decoded pixels do: every band is filtered with the same rule from the same neighbours."""

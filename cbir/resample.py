@@ -17,14 +17,13 @@ from __future__ import annotations
 import functools
 import math
 
-import numba
 import numpy as np
 from PIL import Image
 
+from .compiled import compiled
+
 _FRACTION_BITS = 22  # Pillow's PRECISION_BITS for 8-bit images: 32 - 8 - 2
 _FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
-
-_jit = numba.njit(nogil=True, cache=True)
 
 
 def _bicubic(x: float) -> float:
@@ -78,7 +77,7 @@ def _weights(in_size: int, out_size: int, interpolation: str) -> tuple[np.ndarra
     return starts, weights
 
 
-@_jit
+@compiled
 def _rows_pass(source, starts, weights, out):
     """out[line] = clip(sum of weights[line, i] * source[starts[line] + i]) for every output line."""
     taps = weights.shape[1]
@@ -98,7 +97,7 @@ def _rows_pass(source, starts, weights, out):
             out[line, x] = 0 if value < 0 else (255 if value > 255 else value)
 
 
-@_jit
+@compiled
 def _transpose(source, out):
     height, width = source.shape
     for top in range(0, height, 16):  # in 16 x 16 tiles, so that reads and writes stay in cache
