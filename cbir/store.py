@@ -587,8 +587,7 @@ class VectorStore:
         index, loaded = self._names if self._lock_token and self._names else (NameIndex(), set())
         missing = sorted(set(buckets(hashes).tolist()) - loaded)
         if missing:
-            replies = self.execute("reading", [("GET", self._name_key(bucket)) for bucket in missing])
-            index.add_packed(b"".join(blob for blob in replies if blob))
+            index.add_packed(b"".join(blob for blob in self._chunk_blobs(self._name_key, missing).values() if blob))
             loaded.update(missing)
         if self._lock_token:
             self._names = (index, loaded)
@@ -617,7 +616,8 @@ class VectorStore:
         return self._chunk_blobs(self._meta_key, chunks)
 
     def _chunk_blobs(self, key_of, chunks: list[int], what: str = "reading") -> dict[int, bytes | None]:
-        """The value of ``key_of(chunk)`` for each of ``chunks``, in one pipeline."""
+        """The value of ``key_of(chunk)`` for each of ``chunks`` (chunks or name buckets), in one
+        round trip per node."""
         return dict(zip(chunks, self.execute(what, [("GET", key_of(chunk)) for chunk in chunks])))
 
     def _require_lock(self) -> None:
@@ -819,7 +819,7 @@ class VectorStore:
         image leaves no trace of its name (a stale pair would only cost lookups a record read)."""
         wanted = sorted(set(buckets(name_hashes([n.encode("utf-8") for n in names])).tolist()))
         rewrites: list[Command] = []
-        for bucket, blob in zip(wanted, self.execute("reading", [("GET", self._name_key(b)) for b in wanted])):
+        for bucket, blob in self._chunk_blobs(self._name_key, wanted).items():
             stored = np.frombuffer(blob or b"", PAIR)
             kept = stored[~np.isin(stored["id"], ids)]
             rewrites.append(("SET", self._name_key(bucket), kept.tobytes()) if len(kept)
