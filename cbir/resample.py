@@ -135,10 +135,12 @@ def resize(band: np.ndarray, size: tuple[int, int], interpolation: str = "bicubi
     if reducing_gap is not None and (int(width / out_width / reducing_gap) > 1
                                      or int(height / out_height / reducing_gap) > 1):
         return np.array(Image.fromarray(band).resize(size, _FILTERS[interpolation], reducing_gap=reducing_gap))
+    if (out_width, out_height) == (width, height):
+        return np.array(band, np.uint8)  # a copy of its own, as Pillow returns
     # Writable and contiguous, as every array the passes make: one compiled version of each.
     band = np.require(band, np.uint8, ("C", "W"))
     if out_width == width:
-        return _along_y(band, out_height, interpolation) if out_height != height else band.copy()
+        return _along_y(band, out_height, interpolation)
     if out_height == height:
         return _along_x(band, out_width, interpolation)
     # Pillow 13 resizes along y first when the height shrinks by more than twice what the width does.
