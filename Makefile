@@ -1,16 +1,24 @@
-# The two commands of the README: `make demo` and `make test`. Both install what they need.
+# The two commands of the README: `make demo` and `make test`. Both set up what they need first:
+# a project environment in .venv (the system Python may refuse pip: PEP 668), Debian's redis-server.
 PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup redis-server demo test bench
+.PHONY: setup redis-server demo test bench serve
 
-# The project itself is installed editable, without fetching anything: the `cbir` command; then
-# numba compiles the PNG decoder and the resize, so that the first command does not wait for it.
-setup: redis-server
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	$(PYTHON) scripts/compile_ahead.py
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Installed again only when requirements.txt or pyproject.toml change; the project itself is
+# installed editable (the `cbir` command in .venv/bin), without fetching anything.
+$(VENV)/.installed: $(PY) requirements.txt pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: redis-server $(VENV)/.installed
 
 # Debian's redis-server: the standalone and cluster deployments of the integration tests; openssl
 # makes the certificate of their TLS twins.
@@ -20,11 +28,11 @@ redis-server:
 	fi
 
 demo: setup
-	bash scripts/demo.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
 test: setup
-	$(PYTHON) -m pytest -q --durations=10
+	$(PY) -m pytest -q --durations=10
 
 bench: setup
-	$(PYTHON) scripts/bench_ingest.py
-	$(PYTHON) scripts/bench_index.py
+	$(PY) scripts/bench_ingest.py
+	$(PY) scripts/bench_index.py

@@ -1,9 +1,8 @@
 """Images -> extractor -> vectors -> store: decoding, model and Redis writes in one pipeline.
 
 Where the model runs on the CPU it needs every core, so decoding and model take turns, each at full
-width: threads decode the images of a few batches in parallel (the compiled PNG decoding and resize
-of cbir.png and cbir.resample, libdeflate, Pillow and hashlib release the GIL) and hash their
-bytes, then the model has the cores for those batches. Decoding beside such a model would only
+width: threads decode the images of a few batches in parallel (Pillow's decoders and resize and
+hashlib release the GIL) and hash their bytes, then the model has the cores for those batches. Decoding beside such a model would only
 take cores from it, and forked decoding processes would make the model copy its memory pages
 again. Where the model runs on an accelerator, the cores are free for
 decoding: DataLoader processes decode batches ahead while the model runs (threads hold the GIL for

@@ -55,7 +55,7 @@ def forward_vs_end_to_end(client, images: Path, architecture: str, batch_size: i
     extractor = create_extractor(backbone.name, pretrained=backbone.offline_weights is not None, device=device)
     beside = decodes_beside(extractor)
     items = load_items(images)
-    extractor.preprocess(items[0].read(keep_grey=True)[0])  # warm-up: PNG decoding loads its compiled code on first use
+    extractor.preprocess(items[0].read(keep_grey=True)[0])  # warm-up: first-use costs of the decoders
     started = time.process_time()
     decoded = torch.stack([extractor.preprocess(item.read(keep_grey=True)[0]) for item in items])
     decode_cpu = (time.process_time() - started) / len(items)

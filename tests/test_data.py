@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from cbir import png
-from cbir.data import (_plain_png_pixels, array_image, decode_image, folder_items, load_items, npz_items,
+from cbir.data import (array_image, decode_image, folder_items, load_items, npz_items,
                        one_per_class, printable, query_items, split_project)
 from cbir.errors import DataSourceError, DataSourceWarning, ImageError
 
@@ -32,8 +31,7 @@ def test_every_pixel_format_becomes_rgb(mode):
     decoded = decode_image(buffer.getvalue(), "x")
     assert decoded.mode == "RGB" and decoded.size == (10, 6)
     kept = decode_image(buffer.getvalue(), "x", keep_grey=True)
-    # A plain PNG whose bands are all equal (this black one) is grey too.
-    assert kept.mode == ("L" if mode in ("L", "RGB") else "RGB") and kept.size == (10, 6)
+    assert kept.mode == ("L" if mode == "L" else "RGB") and kept.size == (10, 6)
 
 
 def test_grey_arrays_stay_one_band_when_the_caller_keeps_grey():
@@ -96,22 +94,16 @@ def _compressed_comment() -> PngImagePlugin.PngInfo:
     return info
 
 
-def test_plain_pngs_are_decoded_by_cbir_png_to_pillows_pixels(busi):
+def test_pngs_decode_to_pillows_pixels(busi):
     files = sorted(busi.glob("*/*.png"))[::40]
     colour = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     grey = np.asarray(Image.open(files[0]).convert("L"))
     with_text = png_bytes(Image.fromarray(colour), pnginfo=_compressed_comment())
     for data in [f.read_bytes() for f in files] + [png_bytes(Image.fromarray(grey)), with_text]:
         pillows = Image.open(io.BytesIO(data)).convert("RGB")
-        pixels = _plain_png_pixels(Image.open(io.BytesIO(data)), data)
-        assert pixels is not None
-        # Grey comes back as one band, whether stored so or as three equal ones.
-        assert np.array_equal(pixels, np.asarray(pillows.convert("L") if pixels.ndim == 2 else pillows))
         assert np.array_equal(np.asarray(decode_image(data, "x")), np.asarray(pillows))
         kept = decode_image(data, "x", keep_grey=True)
-        assert kept.mode == ("L" if pixels.ndim == 2 else "RGB")
         assert np.array_equal(np.asarray(kept.convert("RGB")), np.asarray(pillows))
-    assert _plain_png_pixels(Image.open(io.BytesIO(with_text)), with_text).shape == (30, 40, 3)
 
 
 def _exif_rotated(image: Image.Image) -> bytes:
@@ -140,10 +132,9 @@ def _exif_text_rotated(image: Image.Image) -> bytes:
     lambda rgb: png_bytes(Image.fromarray(rgb))[:-12],  # no IEND
 ], ids=["transparency", "grey transparency", "palette", "alpha", "16 bits", "1 bit", "exif", "exif text", "animated",
         "interlaced", "no end"])
-def test_pngs_that_need_pillows_handling_are_left_to_it(make):
+def test_pngs_of_every_kind_decode(make):
     rgb = np.random.default_rng(0).integers(0, 256, (13, 17, 3), dtype=np.uint8)
     data = make(rgb)
-    assert _plain_png_pixels(Image.open(io.BytesIO(data)), data) is None
     decoded = decode_image(data, "x")
     assert decoded.mode == "RGB" and decoded.size in ((17, 13), (13, 17))
 
@@ -156,7 +147,6 @@ def test_a_png_whose_exif_says_rotate_is_decoded_rotated(make):
 
 def test_a_png_with_a_damaged_colour_profile_is_decoded_without_a_line_on_stderr(capfd):
     data = png_bytes(Image.new("RGB", (8, 8)), icc_profile=bytes(200))  # libpng: "iCCP: too short"
-    assert _plain_png_pixels(Image.open(io.BytesIO(data)), data) is not None
     assert decode_image(data, "x").size == (8, 8)
     assert capfd.readouterr().err == ""
 
@@ -166,15 +156,33 @@ def test_an_interlaced_png_gives_the_pixels_of_a_plain_one():
     assert np.array_equal(np.asarray(decode_image(_interlaced_png(rgb), "x")), rgb)
 
 
-def test_a_png_cbir_png_refuses_gets_pillows_answer():
-    """cbir.png checks the image data's CRC, Pillow does not: such a file decodes as Pillow decodes it."""
-    rgb = np.random.default_rng(2).integers(0, 256, (13, 17, 3), dtype=np.uint8)
-    data = bytearray(png_bytes(Image.fromarray(rgb)))
-    data[-13] ^= 0xFF  # the last byte of IDAT's CRC
-    data = bytes(data)
-    assert png.decode(data) is None
-    assert _plain_png_pixels(Image.open(io.BytesIO(data)), data) is None
-    assert np.array_equal(np.asarray(decode_image(data, "x")), rgb)
+def _png_with_two_headers(first: tuple[int, int], second: tuple[int, int]) -> bytes:
+    """A crafted PNG: two IHDR chunks, the image data made for the second one."""
+    def header(width: int, height: int) -> bytes:
+        return _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    rows = b"".join(b"\0" + bytes(second[0]) for _ in range(second[1]))
+    return (b"\x89PNG\r\n\x1a\n" + header(*first) + header(*second) + _png_chunk(b"IDAT", zlib.compress(rows))
+            + _png_chunk(b"IEND", b""))
+
+
+def _png_with_split_data(width: int, height: int, parts: int) -> bytes:
+    """A grey PNG whose compressed image data is split over ``parts`` IDAT chunks."""
+    data = zlib.compress(b"".join(b"\0" + bytes(range(width)) for _ in range(height)))
+    step = -(-len(data) // parts)
+    chunks = b"".join(_png_chunk(b"IDAT", data[i:i + step]) for i in range(0, len(data), step))
+    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunks + _png_chunk(b"IEND", b"")
+
+
+def test_the_pixel_limit_reads_the_header_the_decoder_uses():
+    """Two IHDR chunks: the pixel check and the decoding both take the last one (one decoder,
+    Pillow's), so a file cannot pass the check at one size and decode at the other."""
+    assert decode_image(_png_with_two_headers((20000, 20000), (8, 8)), "x").size == (8, 8)
+
+
+def test_a_png_whose_data_is_split_over_many_chunks_decodes():
+    decoded = np.asarray(decode_image(_png_with_split_data(16, 8, parts=5), "x"))
+    assert decoded.shape == (8, 16, 3) and decoded[3, :, 0].tolist() == list(range(16))
 
 
 @pytest.mark.parametrize("data,reason", [
@@ -183,6 +191,7 @@ def test_a_png_cbir_png_refuses_gets_pillows_answer():
     (png_bytes(Image.new("RGB", (64, 64), "red"))[:-40], "truncated"),
     (_png_with_size(40000, 40000), "too many pixels"),  # Pillow refuses: over twice its limit
     (_png_with_size(10000, 10000), "too many pixels"),  # Pillow only warns: over its limit
+    (_png_with_two_headers((8, 8), (20000, 20000)), "too many pixels"),
 ])
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_bad_files_raise_one_error_naming_the_file(data, reason):
