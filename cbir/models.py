@@ -168,8 +168,8 @@ class Preprocess:
         if grey is not None:
             # Resampling works band by band, so one band gives the same pixels as three, for a
             # third of the resize.
-            return torch.from_numpy(np.asarray(self._resized(grey))).expand(3, -1, -1)
-        return torch.from_numpy(np.asarray(self._resized(image))).permute(2, 0, 1)
+            return torch.from_numpy(np.array(self._resized(grey))).expand(3, -1, -1)
+        return torch.from_numpy(np.array(self._resized(image))).permute(2, 0, 1)
 
     def _resized(self, image: Image.Image) -> Image.Image:
         # A checkpoint names one of the two; any other name has always meant bilinear here.
