@@ -1,5 +1,5 @@
 """`python retrieve_images.py ...` is `cbir retrieve ...`; see `python retrieve_images.py --help`."""
-from cbir.cli import command
+from cbir.cli.main import command
 
 if __name__ == "__main__":
     command("retrieve")

@@ -1,5 +1,5 @@
 """`python tsne.py ...` is `cbir tsne ...`; see `python tsne.py --help`."""
-from cbir.cli import command
+from cbir.cli.main import command
 
 if __name__ == "__main__":
     command("tsne")

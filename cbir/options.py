@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .errors import CbirError
+from cbir.errors import CbirError
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 MEASURES = ("all", "weighted", "random", "stat", "separated", "remove", "loo", "incremental", "removal",

@@ -28,12 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ingest import empty_store, make_records  # noqa: E402
-from cbir.cli import COUNT  # noqa: E402
-from cbir.connection import describe, scratch  # noqa: E402
-from cbir.index import SearchIndex, recall_at  # noqa: E402
-from cbir.indexing import BackgroundWriter  # noqa: E402
+
+from cbir.cli.flags import COUNT  # noqa: E402
 from cbir.options import INDEX_KINDS  # noqa: E402
-from cbir.trained_index import _loaded, search_index, train_index  # noqa: E402
+from cbir.pipeline.ingest import BackgroundWriter  # noqa: E402
+from cbir.search.index import SearchIndex  # noqa: E402
+from cbir.search.persisted import _loaded, search_index, train_index  # noqa: E402
+from cbir.search.tuning import recall_at
+from cbir.store.redis.connect import describe, scratch  # noqa: E402
 
 BATCH = 10_000
 SINGLE_QUERIES = 300

@@ -23,14 +23,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cbir.cli import COUNT, NON_NEGATIVE  # noqa: E402
-from cbir.connection import describe, scratch  # noqa: E402
-from cbir.data import load_items  # noqa: E402
-from cbir.indexing import (BackgroundWriter, decode_batches, decodes_beside, default_workers,  # noqa: E402
-                           index_images, register_model)
+from cbir.cli.flags import COUNT, NON_NEGATIVE  # noqa: E402
 from cbir.errors import ModelError  # noqa: E402
-from cbir.models import BACKBONES, create_extractor, resolve_backbone  # noqa: E402
-from cbir.store import ImageRecord, VectorStore  # noqa: E402
+from cbir.images.sources import load_items  # noqa: E402
+from cbir.models.factory import create_extractor
+from cbir.models.registry import BACKBONES, resolve_backbone  # noqa: E402
+from cbir.pipeline.embed import decode_batches, decodes_beside, default_workers
+from cbir.pipeline.ingest import BackgroundWriter, index_images
+from cbir.pipeline.model import register_model
+from cbir.store.database import VectorStore
+from cbir.store.layout import ImageRecord  # noqa: E402
+from cbir.store.redis.connect import describe, scratch  # noqa: E402
 
 DIM = 128
 BATCH = 10_000
@@ -117,7 +120,7 @@ def store_ingest(client, vectors: np.ndarray, records: list[ImageRecord]) -> dic
     forked = forked or client.info("stats")["total_forks"] > forks_before
     bytes_per_image = (stored_memory(client) - memory_before) / len(records)
     chunks = -(-len(records) // store.chunk_size)
-    vector_bytes = sum(client.memory_usage(store._vec_key(c), samples=0) or 0 for c in range(chunks))
+    vector_bytes = sum(client.memory_usage(store.vector_key(c), samples=0) or 0 for c in range(chunks))
     started = time.perf_counter()
     ids, loaded = store.load_vectors()
     read_seconds = time.perf_counter() - started

@@ -22,8 +22,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from cbir.connection import connect
-from cbir.store import VectorStore
+from cbir.store.database import VectorStore
+from cbir.store.redis.connect import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -289,7 +289,7 @@ def cli_env(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def extractor():
-    from cbir.models import create_extractor
+    from cbir.models.factory import create_extractor
 
     return create_extractor("efficientnet_lite0", input_size=TEST_INPUT_SIZE, device="cpu")
 

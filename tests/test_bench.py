@@ -15,7 +15,8 @@ import numpy as np
 import psutil
 import pytest
 
-from cbir.connection import scratch
+from cbir.store.redis.connect import scratch
+
 from .conftest import ROOT
 
 

@@ -1,14 +1,15 @@
 """The command line's argument checks: refused before anything runs, naming the flag and the reason."""
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
 
 import pytest
 
-from cbir import cli
-from cbir.cli import main
+from cbir.cli import evaluate, pictures
+from cbir.cli.main import main
 from cbir.errors import CbirError
 
 
@@ -38,7 +39,7 @@ def test_bad_numbers_are_refused_naming_the_flag(argv, message, capsys):
 
 
 def test_good_numbers_pass():
-    from cbir.cli import build_parser
+    from cbir.cli.main import build_parser
 
     args = build_parser().parse_args(["evaluate", "--db_name", "d", "--k", "1", "11", "--temperature", "0.5",
                                       "--seed", "0"])
@@ -78,7 +79,7 @@ def test_a_name_too_long_is_refused_as_the_flag_is_parsed(tmp_path, capsys):
 def test_a_file_error_the_checks_could_not_foresee_is_one_line(tmp_path, monkeypatch, capsys):
     """A full disk, say: main reports any OSError as the file and the reason."""
     missing = tmp_path / "gone" / "stats.png"
-    monkeypatch.setattr(cli, "_cmd_dataset", lambda args: missing.write_bytes(b""))
+    monkeypatch.setattr(pictures, "run_dataset", lambda args: missing.write_bytes(b""))
     assert main(["dataset", "--path", "p"]) == 2
     assert capsys.readouterr().err == f"error: {missing}: No such file or directory\n"
 
@@ -92,7 +93,7 @@ def test_a_groups_csv_that_is_no_two_column_text_is_one_error(tmp_path, content,
     path = tmp_path / "groups.csv"
     path.write_bytes(content)
     with pytest.raises(CbirError, match=rf"^{path}: {re.escape(message)}$"):
-        cli._read_mapping(str(path), "groups")
+        evaluate._read_mapping(str(path), "groups")
 
 
 @pytest.mark.parametrize("argv,advice", [
@@ -106,7 +107,7 @@ def test_an_interrupted_command_says_what_to_do_next(argv, advice, monkeypatch, 
     def stopped_by_ctrl_c(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, f"_cmd_{argv[0]}", stopped_by_ctrl_c)
+    monkeypatch.setattr(importlib.import_module(f"cbir.cli.{argv[0]}"), "run", stopped_by_ctrl_c)
     assert main(argv) == 130
     assert capsys.readouterr().err.strip() == f"interrupted: {advice}"
 
@@ -121,6 +122,6 @@ def test_an_interrupted_command_says_what_to_do_next(argv, advice, monkeypatch, 
 ])
 def test_a_mistake_in_the_flags_is_refused_before_torch_is_imported(argv):
     """torch and timm take 5-10 s to import on 2 cores: a typo must not wait for them."""
-    check = ("import sys; from cbir.cli import main; code = main(sys.argv[1:]); "
+    check = ("import sys; from cbir.cli.main import main; code = main(sys.argv[1:]); "
              "sys.exit(10 if 'torch' in sys.modules else code)")
     assert subprocess.run([sys.executable, "-c", check, *argv], capture_output=True).returncode == 2

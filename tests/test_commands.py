@@ -9,10 +9,12 @@ import redis
 from redis.cluster import RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
 
-from cbir.commands import CommandStream, _packed
-from cbir.connection import connect
 from cbir.errors import ConnectionResumedWarning, StoreError
-from cbir.store import ImageRecord, VectorStore, WriteStream
+from cbir.store.database import VectorStore
+from cbir.store.layout import ImageRecord
+from cbir.store.redis.commands import CommandStream, _packed
+from cbir.store.redis.connect import connect
+from cbir.store.writer import WriteStream
 
 from .conftest import WITH_TLS, _free_port, _restart_later, _start_server, _stop
 

@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from cbir.data import (array_image, decode_image, folder_items, load_items, npz_items,
-                       one_per_class, printable, query_items, split_project)
 from cbir.errors import DataSourceError, DataSourceWarning, ImageError
+from cbir.images.decode import array_image, decode_image
+from cbir.images.sources import (
+    folder_items,
+    load_items,
+    npz_items,
+    one_per_class,
+    printable,
+    query_items,
+    split_project,
+)
 
 from .conftest import BREASTMNIST, SHARED_DATA
 

@@ -16,14 +16,25 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import (HEVCMP51, JPEG2000MC, MPEG2MPML, MPEG2MPMLF, MPEG4HP41, ExplicitVRLittleEndian,
-                         JPEGExtended12Bit, SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import (
+    HEVCMP51,
+    JPEG2000MC,
+    MPEG2MPML,
+    MPEG2MPMLF,
+    MPEG4HP41,
+    ExplicitVRLittleEndian,
+    JPEGExtended12Bit,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
-from cbir import dicom_jpeg
-from cbir.data import check_header, decode_image, load_items
 from cbir.errors import ImageError
-from cbir.indexing import index_images, register_model
-from cbir.retrieval import Retriever
+from cbir.images.decode import check_header, decode_image
+from cbir.images.dicom import jpeg as dicom_jpeg
+from cbir.images.sources import load_items
+from cbir.pipeline.ingest import index_images
+from cbir.pipeline.model import register_model
+from cbir.pipeline.retrieve import Retriever
 
 from .conftest import ROOT
 
@@ -115,7 +126,7 @@ def test_real_scans_decode_alike_in_every_encoding_pydicom_reads():
 def test_irregularities_pydicom_reads_past_print_no_warning_a_file():
     """pydicom warns of, say, excess padding after the pixel data; an add of many such files must
     not print a warning for each. (Run apart: pytest resets warning filters around each test.)"""
-    decode = ("from pydicom.data import get_testdata_file; from cbir.data import decode_image; "
+    decode = ("from pydicom.data import get_testdata_file; from cbir.images.decode import decode_image; "
               "from pathlib import Path; path = get_testdata_file('MR_small_padded.dcm'); "
               "decode_image(Path(path).read_bytes(), path)")
     run = subprocess.run([sys.executable, "-W", "default", "-c", decode], capture_output=True, text=True,

@@ -9,16 +9,24 @@ import numpy as np
 import pytest
 from openpyxl import load_workbook
 
-from cbir import evaluation
-from cbir.cli import main
-from cbir.connection import connect
+from cbir.cli.main import main
 from cbir.errors import CbirError, DataSourceWarning
-from cbir.evaluation import (EvaluationSettings, ProtocolOptions, ProtocolResult, Queries, Support,
-                             average_precision_at_r, confusion, hit_rates, knn_predict, leave_one_out, metrics, rank,
-                             rank_all, relevant_counts, run_protocols)
-from cbir.index import SearchIndex
-from cbir.report import format_table, write_json, write_workbook
-from cbir.store import ImageRecord, VectorStore
+from cbir.evaluation import ranking as evaluation
+from cbir.evaluation.metrics import (
+    EvaluationSettings,
+    average_precision_at_r,
+    confusion,
+    hit_rates,
+    knn_predict,
+    metrics,
+)
+from cbir.evaluation.protocols import ProtocolOptions, ProtocolResult, leave_one_out, rank_all, run_protocols
+from cbir.evaluation.ranking import Queries, Support, rank, relevant_counts
+from cbir.evaluation.report import format_table, write_json, write_workbook
+from cbir.search.index import SearchIndex
+from cbir.store.database import VectorStore
+from cbir.store.layout import ImageRecord
+from cbir.store.redis.connect import connect
 
 from .conftest import BREASTMNIST, TEST_INPUT_SIZE
 
@@ -187,7 +195,7 @@ def test_ranking_in_steps_gives_the_same_numbers(monkeypatch):
 
 
 def test_random_queries_take_classes_in_turn():
-    from cbir.data import per_class_in_turn
+    from cbir.images.sources import per_class_in_turn
 
     labels = O(["a"] * 5 + ["b"] * 2 + ["c"] * 3)
     rows = per_class_in_turn(labels, 8, seed=0)
@@ -267,7 +275,7 @@ def test_steps_that_leave_no_support_are_left_out():
 
 
 def test_interpolation_spans_knn_to_head_and_picks_lambda_on_validation():
-    from cbir.evaluation import linear_probe, protocol_interpolate
+    from cbir.evaluation.protocols import linear_probe, protocol_interpolate
 
     support, queries = clustered_case(seed=2)
     result = protocol_interpolate(support, queries, EvaluationSettings(ks=(5,)), seed=0)

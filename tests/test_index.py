@@ -10,14 +10,17 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cbir.cli import main
-from cbir.connection import connect
-from cbir.data import load_items
+from cbir.cli.main import main
 from cbir.errors import CbirError
-from cbir.index import SearchIndex, default_nlist, default_pq_m, recall_at
-from cbir.indexing import embed_items, register_model
-from cbir.store import ImageRecord, VectorStore
-from cbir.trained_index import StaleIndexWarning, _loaded, index_info, search_index, train_index
+from cbir.images.sources import load_items
+from cbir.pipeline.embed import embed_items
+from cbir.pipeline.model import register_model
+from cbir.search.index import SearchIndex, default_nlist, default_pq_m
+from cbir.search.persisted import StaleIndexWarning, _loaded, index_info, search_index, train_index
+from cbir.search.tuning import recall_at
+from cbir.store.database import VectorStore
+from cbir.store.layout import ImageRecord
+from cbir.store.redis.connect import connect
 
 from .conftest import SHARED_DATA
 
@@ -62,7 +65,7 @@ def test_parameters_follow_the_data_size():
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
 def test_tuned_index_reaches_the_recall_target(kind):
-    from cbir.index import tune
+    from cbir.search.tuning import tune
 
     vectors = clustered(20_000, 32)
     ids = np.arange(20_000) * 3  # store ids with gaps

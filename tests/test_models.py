@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from cbir.errors import CbirError, ModelError
-from cbir.models import BACKBONES, create_extractor, load_checkpoint, resolve_backbone
-from cbir.data import npz_items
+from cbir.images.sources import npz_items
+from cbir.models.checkpoint import load_checkpoint
+from cbir.models.factory import create_extractor
+from cbir.models.registry import BACKBONES, resolve_backbone
 
 from .conftest import BREASTMNIST, ROOT, _free_port
 
@@ -69,9 +71,9 @@ def test_checkpoint_describes_itself(tmp_path):
 ])
 def test_add_refuses_flags_a_checkpoint_contradicts(cli_env, db_name, tmp_path, flags, message, capsys):
     """They were silently ignored: the user believed the database was built at 128 px."""
-    from cbir.cli import main
-    from cbir.connection import connect
-    from cbir.store import VectorStore
+    from cbir.cli.main import main
+    from cbir.store.database import VectorStore
+    from cbir.store.redis.connect import connect
 
     path = create_extractor("resnet18", input_size=64, pretrained=False, embedding_dim=32).save(tmp_path / "m.safetensors")
     argv = ["add", "--db_name", db_name, "--path", str(BREASTMNIST), "--split", "val", "--weights", str(path)]
@@ -212,7 +214,7 @@ def test_a_hub_that_refuses_the_connection_is_not_asked(hub_on_loopback):
 
 
 def test_a_hub_that_answers_is_asked(hub_on_loopback):
-    from cbir.models import _hub_unreachable
+    from cbir.models.hub import _hub_unreachable
 
     assert _hub_unreachable().startswith("ConnectionRefusedError")
     with answering(404, hub_on_loopback) as (_, requests):  # any answer of its own: the hub is there
@@ -241,7 +243,7 @@ def test_a_proxy_that_refuses_the_tunnel_to_the_hub_is_one_error_at_once(no_prox
 def test_the_hub_is_asked_through_the_proxy_the_environment_names(hub_on_loopback, monkeypatch, status, unreachable):
     from huggingface_hub.utils import close_session
 
-    from cbir.models import _hub_unreachable
+    from cbir.models.hub import _hub_unreachable
 
     with answering(status) as (proxy, requests):
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy}")
@@ -298,7 +300,7 @@ def test_a_device_that_is_not_there_is_one_clear_error(extractor, device, messag
 
 FAULTS_OF_THREE_PASSES = """
 import resource, torch
-from cbir.models import create_extractor
+from cbir.models.factory import create_extractor
 model = create_extractor("efficientnet_lite0", pretrained=False, device="cpu")  # 224 px
 images = torch.randint(0, 255, (8, 3, 224, 224), dtype=torch.uint8)
 for _ in range(4):  # the heap grows to the working set in the first passes (up to the third under load)
@@ -325,7 +327,7 @@ def test_repeated_forward_passes_reuse_memory_instead_of_faulting_it_in():
 def test_preprocess_resizes_grey_images_on_one_band_with_the_same_pixels():
     from PIL import Image
 
-    from cbir.models import Preprocess
+    from cbir.models.preprocess import Preprocess
 
     rng = np.random.default_rng(0)
     grey = Image.fromarray(rng.integers(0, 256, (300, 260), dtype=np.uint8)).convert("RGB")

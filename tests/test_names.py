@@ -5,7 +5,7 @@ import zlib
 
 import numpy as np
 
-from cbir.names import NAME_BUCKETS, NameIndex, buckets, name_hashes, pairs
+from cbir.store.names import NAME_BUCKETS, NameIndex, buckets, name_hashes, pairs
 
 
 def test_hash_is_crc32_beside_adler32_and_the_bucket_follows_crc32():

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir.cli import main
-from cbir.data import load_items
-from cbir.overview import dataset_stats, save_dataset_charts, save_tsne, stratified_sample
-from cbir.plots import DPI, training_curves
-from cbir.retrieval import Neighbour, Retrieval
-from cbir.store import ImageRecord
-from cbir.viz import save_class_samples, save_retrieval_grid, save_retrieval_html
+from cbir.cli.main import main
+from cbir.images.sources import load_items
+from cbir.pipeline.retrieve import Neighbour, Retrieval
+from cbir.store.layout import ImageRecord
+from cbir.viz.overview import dataset_stats, save_dataset_charts, save_tsne, stratified_sample
+from cbir.viz.pictures import save_class_samples, save_retrieval_grid, save_retrieval_html
+from cbir.viz.plots import DPI, training_curves
 
 from .conftest import BREASTMNIST
 
@@ -104,8 +104,8 @@ def test_training_curves_from_a_log(tmp_path):
 
 
 def test_cli_pictures(cli_env, db_name, tmp_path):
-    from cbir.connection import connect
-    from cbir.store import VectorStore
+    from cbir.store.database import VectorStore
+    from cbir.store.redis.connect import connect
 
     store = VectorStore(connect(cli_env), db_name)
     tiny_database(store)

