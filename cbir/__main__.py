@@ -1,5 +1,3 @@
-import sys
+from cbir.cli.main import command
 
-from cbir.cli.main import main
-
-sys.exit(main())
+command()

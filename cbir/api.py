@@ -15,6 +15,7 @@ this module, or asking a command for ``--help``, stays quick.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -111,7 +112,12 @@ def retriever(store: VectorStore, weights: str | None = None, device: str | None
     from cbir.pipeline.retrieve import Retriever
 
     store.require()
-    return Retriever(store, extractor_for_store(store, weights=weights, device=device), exact=exact)
+    started = time.perf_counter()
+    extractor = extractor_for_store(store, weights=weights, device=device)
+    built = time.perf_counter() - started
+    searcher = Retriever(store, extractor, exact=exact)
+    searcher.timings["model"] = built
+    return searcher
 
 
 def search(store: VectorStore, items: Sequence[ImageItem], k: int = DEFAULT_NEIGHBOURS, exact: bool = False,

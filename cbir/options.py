@@ -15,7 +15,7 @@ VOTES = ("majority", "distance", "softmax")
 LOSSES = ("margin", "proxy_nca", "proxy_anchor", "softtriple", "normsoftmax", "arcface", "triplet",
           "contrastive", "ntxent", "cross_entropy")
 SCHEDULERS = ("cosine", "step", "exponential", "none")
-DEFAULT_NEIGHBOURS = 10  # returned per query unless --nrt_neigh says otherwise
+DEFAULT_NEIGHBOURS = 10  # returned per query unless --nrt-neigh says otherwise
 # Queries drawn in one retrieval picture: a row of 10 neighbours took 0.23 s and 95 kB (BUSI), so
 # a folder of 780 queries would draw for 3 minutes into a picture 171,600 pixels high.
 PICTURE_ROWS = 20
@@ -25,7 +25,7 @@ MIN_TSNE_POINTS = 5  # fewer points show no structure worth a t-SNE picture
 # Images per class in a dataset's sample grid: 437 (BUSI's benign class) made a picture 176,000
 # pixels wide, 20 MB, past Pillow's decompression-bomb limit for whoever opens it.
 SAMPLE_COLUMNS = 30
-# Embedding size of a trained head: --num_features 1000000 (a slip for 1000) asked for a 5 GB head
+# Embedding size of a trained head: --num-features 1000000 (a slip for 1000) asked for a 5 GB head
 # and its optimiser state, and the kernel killed training on 24 GiB; metric learning uses 64-2048.
 MAX_EMBEDDING_DIM = 8192
 
@@ -39,6 +39,6 @@ def check_protocol_options(measures: Sequence[str], exclude_classes: Sequence[st
         raise CbirError(f"--measure {' '.join(measures)} needs --path with the query images "
                         f"(only {', '.join(SUPPORT_MEASURES)} run on the stored images alone)")
     if "remove" in measures and not exclude_classes:
-        raise CbirError("--measure remove needs --exclude_classes (the query classes it leaves out)")
+        raise CbirError("--measure remove needs --exclude-classes (the query classes it leaves out)")
     if exclude_classes and "remove" not in measures:
-        raise CbirError("--exclude_classes applies to --measure remove only; add remove to --measure")
+        raise CbirError("--exclude-classes applies to --measure remove only; add remove to --measure")

@@ -11,22 +11,22 @@ export CBIR_HOME=${CBIR_HOME:-$PWD/.cbir}
 OUT=results/protocols_frozen_lite0.xlsx
 ALL="all weighted random stat separated loo incremental removal interpolate"
 
-python add_images.py --db_name busi_frozen --path "$DATA/busi" --rewrite --quiet
-python test_accuracy.py --db_name busi_frozen --measure loo incremental removal interpolate --exact \
-    --excel_path $OUT --name busi --json results/protocols_busi.json --quiet
+python add_images.py --db-name busi_frozen --path "$DATA/busi" --rewrite --quiet
+python test_accuracy.py --db-name busi_frozen --measure loo incremental removal interpolate --exact \
+    --excel-path $OUT --name busi --json results/protocols_busi.json --quiet
 for set in breastmnist retinamnist; do
-    python add_images.py --db_name ${set}_frozen --path "$DATA/$set.npz" --split train --rewrite --quiet
-    python test_accuracy.py --db_name ${set}_frozen --path "$DATA/$set.npz" --split test --measure $ALL \
-        --exact --excel_path $OUT --name $set --json results/protocols_$set.json --quiet
+    python add_images.py --db-name ${set}_frozen --path "$DATA/$set.npz" --split train --rewrite --quiet
+    python test_accuracy.py --db-name ${set}_frozen --path "$DATA/$set.npz" --split test --measure $ALL \
+        --exact --excel-path $OUT --name $set --json results/protocols_$set.json --quiet
 done
-python test_accuracy.py --db_name breastmnist_frozen --path "$DATA/breastmnist.npz" --split test \
-    --measure remove --exclude_classes "normal, benign" --exact --excel_path $OUT --name breastmnist --quiet
+python test_accuracy.py --db-name breastmnist_frozen --path "$DATA/breastmnist.npz" --split test \
+    --measure remove --exclude-classes "normal, benign" --exact --excel-path $OUT --name breastmnist --quiet
 
 # The same protocols with the trained extractors of scripts/train_table.sh, where they exist.
 for set in breastmnist retinamnist; do
     weights=results/trained/$set/best.safetensors
     [ -f $weights ] || continue
-    python add_images.py --db_name ${set}_trained --path "$DATA/$set.npz" --split train --weights $weights --quiet
-    python test_accuracy.py --db_name ${set}_trained --path "$DATA/$set.npz" --split test --measure $ALL \
-        --exact --excel_path results/protocols_trained.xlsx --name $set --json results/protocols_${set}_trained.json --quiet
+    python add_images.py --db-name ${set}_trained --path "$DATA/$set.npz" --split train --weights $weights --quiet
+    python test_accuracy.py --db-name ${set}_trained --path "$DATA/$set.npz" --split test --measure $ALL \
+        --exact --excel-path results/protocols_trained.xlsx --name $set --json results/protocols_${set}_trained.json --quiet
 done

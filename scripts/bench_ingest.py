@@ -7,7 +7,7 @@ Everything is measured in this one run, on the same machine, with baselines besi
      vs a naive redis-py pipeline of one HSET per image, alternating, several times (medians);
   3. reading all N vectors back; memory per stored image (INFO used_memory delta, less the
      server's transient buffers, and the vector keys' MEMORY USAGE against the raw float32 bytes).
-Usage: python scripts/bench_ingest.py [--extractor NAME] [--vectors 1000000] [--ingest_repeats 3] [--redis-url URL]
+Usage: python scripts/bench_ingest.py [--extractor NAME] [--vectors 1000000] [--ingest-repeats 3] [--redis-url URL]
        [--images DIR]
 """
 from __future__ import annotations
@@ -192,22 +192,22 @@ def naive_hset(client, vectors: np.ndarray, records: list[ImageRecord]) -> float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vectors", type=COUNT, default=1_000_000, help="vectors for the Redis part")
-    parser.add_argument("--baseline_vectors", type=COUNT, default=200_000, help="vectors for the naive baseline")
+    parser.add_argument("--baseline-vectors", type=COUNT, default=200_000, help="vectors for the naive baseline")
     parser.add_argument("--redis-url", dest="redis_url", default=None, help="default: a fresh embedded Redis")
     parser.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/busi",
                         help="class-per-folder images of the model part (default: ../shared/data/busi)")
     parser.add_argument("--extractor", type=_backbone_name, default="efficientnet_lite0",
                         help="backbone of the model part (default: efficientnet_lite0, the indexing default, "
                              f"among the cheapest per image); one of: {', '.join(sorted(BACKBONES))}")
-    parser.add_argument("--batch_size", type=COUNT, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--batch-size", type=COUNT, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--workers", type=NON_NEGATIVE, default=None,
                         help="decoding threads, processes beside an accelerator (default: one per core)")
     parser.add_argument("--repeats", type=COUNT, default=5,
                         help="end-to-end runs, each between two forward runs (this machine drifts: single adds scatter)")
-    parser.add_argument("--ingest_repeats", type=COUNT, default=3,
+    parser.add_argument("--ingest-repeats", type=COUNT, default=3,
                         help="store ingests, each followed by the baseline; medians are printed")
     parser.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
-    parser.add_argument("--skip_model", action="store_true", help="only the Redis part")
+    parser.add_argument("--skip-model", action="store_true", help="only the Redis part")
     args = parser.parse_args()
     with scratch(args.redis_url) as client:
         print(f"Redis: {describe(client)}, server {client.info('server')['redis_version']}; "

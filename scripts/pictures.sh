@@ -9,16 +9,16 @@ DATA=${CBIR_DATA:-../shared/data}
 export CBIR_HOME=${CBIR_HOME:-$PWD/.cbir}
 OUT=data_visualization
 
-python -m cbir dataset --path "$DATA/busi" --out_dir $OUT --quiet
-python -m cbir dataset --path "$DATA/mednist_12k.npz" --split train --name mednist_12k --out_dir $OUT --quiet
+python -m cbir dataset --path "$DATA/busi" --out-dir $OUT --quiet
+python -m cbir dataset --path "$DATA/mednist_12k.npz" --split train --name mednist_12k --out-dir $OUT --quiet
 
-python add_images.py --db_name busi_pictures --path "$DATA/busi" --rewrite --quiet
-python add_images.py --db_name mednist_pictures --path "$DATA/mednist_12k.npz" --split train --input_size 64 --rewrite --quiet
+python add_images.py --db-name busi_pictures --path "$DATA/busi" --rewrite --quiet
+python add_images.py --db-name mednist_pictures --path "$DATA/mednist_12k.npz" --split train --input-size 64 --rewrite --quiet
 for db in busi_pictures mednist_pictures; do
-    python tsne.py --db_name $db --out $OUT/tsne_${db%_pictures}.png
-    python test_accuracy.py --db_name $db --measure loo --exact --excel_path $OUT/accuracy_${db%_pictures}.xlsx --quiet
+    python tsne.py --db-name $db --out $OUT/tsne_${db%_pictures}.png
+    python test_accuracy.py --db-name $db --measure loo --exact --excel-path $OUT/accuracy_${db%_pictures}.xlsx --quiet
 done
-python retrieve_images.py --db_name busi_pictures --path "$DATA/busi" --nrt_neigh 6 --results_dir $OUT \
+python retrieve_images.py --db-name busi_pictures --path "$DATA/busi" --nrt-neigh 6 --results-dir $OUT \
     --html $OUT/gallery_busi.html
-python retrieve_images.py --db_name mednist_pictures --path "$DATA/mednist_12k.npz" --split test --nrt_neigh 6 \
-    --results_dir $OUT --html $OUT/gallery_mednist.html
+python retrieve_images.py --db-name mednist_pictures --path "$DATA/mednist_12k.npz" --split test --nrt-neigh 6 \
+    --results-dir $OUT --html $OUT/gallery_mednist.html

@@ -68,7 +68,7 @@ def test_the_index_bench_flags_parse_data_sets_and_kinds_and_name_what_is_wrong(
 
 
 def test_a_benchmark_killed_by_sigterm_stops_and_deletes_its_scratch_redis():
-    bench = subprocess.Popen([sys.executable, "-u", str(ROOT / "scripts" / "bench_ingest.py"), "--skip_model",
+    bench = subprocess.Popen([sys.executable, "-u", str(ROOT / "scripts" / "bench_ingest.py"), "--skip-model",
                               "--vectors", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     home = None
     try:

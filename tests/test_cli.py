@@ -14,22 +14,22 @@ from cbir.errors import CbirError
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["retrieve", "--db_name", "d", "--path", "q.png", "--nrt_neigh", "0"], "--nrt_neigh: must be at least 1, got 0"),
-    (["retrieve", "--db_name", "d", "--path", "q", "--n_queries", "-1"], "--n_queries: must be at least 1, got -1"),
-    (["retrieve", "--db_name", "d", "--path", "q", "--seed", "-1"], "--seed: must be at least 0, got -1"),
-    (["add", "--db_name", "d", "--path", "p", "--batch_size", "many"], "--batch_size: 'many' is not a whole number"),
-    (["add", "--db_name", "d", "--path", "p", "--input_size", "0"], "--input_size: must be at least 1, got 0"),
-    (["train-index", "--db_name", "d", "--nlist", "0"], "--nlist: must be at least 1, got 0"),
-    (["train-index", "--db_name", "d", "--target_recall", "1.5"], "--target_recall: must be in (0, 1], got 1.5"),
-    (["train", "--training_data", "t", "--weights", "w", "--lr", "nan"], "--lr: must be above 0, got nan"),
-    (["train", "--training_data", "t", "--weights", "w", "--val_fraction", "1"], "must be in [0, 1), got 1"),
-    (["train", "--training_data", "t", "--weights", "w", "--decay", "-0.1"], "--decay: must be at least 0, got -0.1"),
-    (["train", "--training_data", "t", "--weights", "w", "--batch_size", "1"], "--batch_size: must be at least 2, got 1"),
-    (["evaluate", "--db_name", "d", "--k", "1", "0"], "--k: must be at least 1, got 0"),
-    (["tsne", "--db_name", "d", "--max_points", "4"], "--max_points: must be at least 5, got 4"),
-    (["dataset", "--path", "p", "--per_class", "31"], "--per_class: must be at most 30, got 31"),
-    (["train", "--training_data", "t", "--weights", "w", "--num_features", "1000000"],
-     "--num_features: must be at most 8192, got 1000000"),
+    (["retrieve", "--db-name", "d", "--path", "q.png", "--nrt-neigh", "0"], "--nrt-neigh: must be at least 1, got 0"),
+    (["retrieve", "--db-name", "d", "--path", "q", "--n-queries", "-1"], "--n-queries: must be at least 1, got -1"),
+    (["retrieve", "--db-name", "d", "--path", "q", "--seed", "-1"], "--seed: must be at least 0, got -1"),
+    (["add", "--db-name", "d", "--path", "p", "--batch-size", "many"], "--batch-size: 'many' is not a whole number"),
+    (["add", "--db-name", "d", "--path", "p", "--input-size", "0"], "--input-size: must be at least 1, got 0"),
+    (["train-index", "--db-name", "d", "--nlist", "0"], "--nlist: must be at least 1, got 0"),
+    (["train-index", "--db-name", "d", "--target-recall", "1.5"], "--target-recall: must be in (0, 1], got 1.5"),
+    (["train", "--training-data", "t", "--weights", "w", "--lr", "nan"], "--lr: must be above 0, got nan"),
+    (["train", "--training-data", "t", "--weights", "w", "--val-fraction", "1"], "must be in [0, 1), got 1"),
+    (["train", "--training-data", "t", "--weights", "w", "--decay", "-0.1"], "--decay: must be at least 0, got -0.1"),
+    (["train", "--training-data", "t", "--weights", "w", "--batch-size", "1"], "--batch-size: must be at least 2, got 1"),
+    (["evaluate", "--db-name", "d", "--k", "1", "0"], "--k: must be at least 1, got 0"),
+    (["tsne", "--db-name", "d", "--max-points", "4"], "--max-points: must be at least 5, got 4"),
+    (["dataset", "--path", "p", "--per-class", "31"], "--per-class: must be at most 30, got 31"),
+    (["train", "--training-data", "t", "--weights", "w", "--num-features", "1000000"],
+     "--num-features: must be at most 8192, got 1000000"),
 ])
 def test_bad_numbers_are_refused_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -41,9 +41,30 @@ def test_bad_numbers_are_refused_naming_the_flag(argv, message, capsys):
 def test_good_numbers_pass():
     from cbir.cli.main import build_parser
 
-    args = build_parser().parse_args(["evaluate", "--db_name", "d", "--k", "1", "11", "--temperature", "0.5",
+    args = build_parser().parse_args(["evaluate", "--db-name", "d", "--k", "1", "11", "--temperature", "0.5",
                                       "--seed", "0"])
     assert args.k == [1, 11] and args.temperature == 0.5 and args.seed == 0
+
+
+@pytest.mark.parametrize("command", ["add", "retrieve", "remove", "train-index", "train", "tsne", "dataset", "info",
+                                     "evaluate"])
+def test_help_shows_hyphenated_flags_only(command, capsys):
+    from cbir.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    assert "_" not in " ".join(word for word in capsys.readouterr().out.split() if word.startswith("--"))
+
+
+def test_the_database_is_db_unless_named_as_in_the_thesis():
+    from cbir.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["retrieve", "--path", "q.png"]).db_name == "db"
+    # The thesis's underscore spellings are aliases, "--flag=value" too.
+    thesis = parser.parse_args(["retrieve", "--db_name", "x", "--path", "q.png", "--nrt_neigh=3", "--results_dir", "r"])
+    assert (thesis.db_name, thesis.nrt_neigh, str(thesis.results_dir)) == ("x", 3, "r")
+    assert parser.parse_args(["info"]).db_name is None  # info without a name lists the databases
 
 
 @pytest.fixture
@@ -54,14 +75,14 @@ def a_file(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (lambda tmp, f: ["retrieve", "--db_name", "d", "--path", "q", "--json", str(tmp)], "is a folder, not a file"),
-    (lambda tmp, f: ["retrieve", "--db_name", "d", "--path", "q", "--results_dir", str(f)], "is a file, not a folder"),
-    (lambda tmp, f: ["retrieve", "--db_name", "d", "--path", "q", "--html", str(f / "a.html")],
+    (lambda tmp, f: ["retrieve", "--db-name", "d", "--path", "q", "--json", str(tmp)], "is a folder, not a file"),
+    (lambda tmp, f: ["retrieve", "--db-name", "d", "--path", "q", "--results-dir", str(f)], "is a file, not a folder"),
+    (lambda tmp, f: ["retrieve", "--db-name", "d", "--path", "q", "--html", str(f / "a.html")],
      "is a file, so"),
-    (lambda tmp, f: ["train", "--training_data", "t", "--weights", str(f / "run")], "is a file, so"),
-    (lambda tmp, f: ["evaluate", "--db_name", "d", "--excel_path", str(tmp)], "is a folder, not a file"),
-    (lambda tmp, f: ["tsne", "--db_name", "d", "--out", str(tmp / "tsne.txt")], "the name of a picture must end in .png"),
-    (lambda tmp, f: ["tsne", "--db_name", "d", "--out", str(tmp / "tsne")], "the name of a picture must end in .png"),
+    (lambda tmp, f: ["train", "--training-data", "t", "--weights", str(f / "run")], "is a file, so"),
+    (lambda tmp, f: ["evaluate", "--db-name", "d", "--excel-path", str(tmp)], "is a folder, not a file"),
+    (lambda tmp, f: ["tsne", "--db-name", "d", "--out", str(tmp / "tsne.txt")], "the name of a picture must end in .png"),
+    (lambda tmp, f: ["tsne", "--db-name", "d", "--out", str(tmp / "tsne")], "the name of a picture must end in .png"),
 ])
 def test_outputs_that_cannot_be_written_are_refused_before_the_work(flags, message, tmp_path, a_file, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -72,7 +93,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(flags, messa
 
 def test_a_name_too_long_is_refused_as_the_flag_is_parsed(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["train", "--training_data", "t", "--weights", str(tmp_path / ("r" * 300))])
+        main(["train", "--training-data", "t", "--weights", str(tmp_path / ("r" * 300))])
     assert capsys.readouterr().err.splitlines()[-1].endswith("File name too long")
 
 
@@ -98,10 +119,10 @@ def test_a_groups_csv_that_is_no_two_column_text_is_one_error(tmp_path, content,
 
 @pytest.mark.parametrize("argv,advice", [
     # Re-running the same train command is refused now that its folder holds a run.
-    (["train", "--training_data", "t", "--weights", "w"],
+    (["train", "--training-data", "t", "--weights", "w"],
      "the checkpoints of the last finished epoch are kept; re-run the same command with --load to resume"),
-    (["add", "--db_name", "d", "--path", "p"], "what was stored is kept; re-run the same command to add the rest"),
-    (["info", "--db_name", "d"], "no database was changed"),
+    (["add", "--db-name", "d", "--path", "p"], "what was stored is kept; re-run the same command to add the rest"),
+    (["info", "--db-name", "d"], "no database was changed"),
 ])
 def test_an_interrupted_command_says_what_to_do_next(argv, advice, monkeypatch, capsys):
     def stopped_by_ctrl_c(args):
@@ -113,11 +134,11 @@ def test_an_interrupted_command_says_what_to_do_next(argv, advice, monkeypatch, 
 
 
 @pytest.mark.parametrize("argv", [
-    ["add", "--db_name", "d", "--path", "/no/such/folder"],
-    ["retrieve", "--db_name", "d", "--path", "q.png", "--redis-url", "redis://127.0.0.1:1"],
-    ["evaluate", "--db_name", "d", "--measure", "all"],
-    ["evaluate", "--db_name", "d", "--path", "/no/such/folder"],
-    ["train", "--training_data", "/no/such/folder", "--weights", "run"],
+    ["add", "--db-name", "d", "--path", "/no/such/folder"],
+    ["retrieve", "--db-name", "d", "--path", "q.png", "--redis-url", "redis://127.0.0.1:1"],
+    ["evaluate", "--db-name", "d", "--measure", "all"],
+    ["evaluate", "--db-name", "d", "--path", "/no/such/folder"],
+    ["train", "--training-data", "/no/such/folder", "--weights", "run"],
     ["dataset", "--path", "/no/such/folder"],
 ])
 def test_a_mistake_in_the_flags_is_refused_before_torch_is_imported(argv):

@@ -298,9 +298,9 @@ def test_unknown_excluded_class_is_a_clear_error():
 
 
 @pytest.mark.parametrize("measures,excluded,message", [
-    (["remove"], [], "--measure remove needs --exclude_classes"),  # was: every query, called 'remove'
-    (["all"], ["a"], "--exclude_classes applies to --measure remove only"),  # was: silently ignored
-    (["remove"], ["a", "b", "c"], "--exclude_classes a, b, c leaves out every query"),
+    (["remove"], [], "--measure remove needs --exclude-classes"),  # was: every query, called 'remove'
+    (["all"], ["a"], "--exclude-classes applies to --measure remove only"),  # was: silently ignored
+    (["remove"], ["a", "b", "c"], "--exclude-classes a, b, c leaves out every query"),
 ])
 def test_remove_and_its_classes_go_together(measures, excluded, message):
     support, queries = clustered_case()
@@ -317,7 +317,7 @@ def test_hit_rates_that_say_nothing_are_pointed_out():
         result = run_protocols(["all"], support, strangers, SearchIndex.exact(support.ids, support.vectors),
                                EvaluationSettings(), ProtocolOptions())
     assert result[0].rows[0]["top1"] == 0.0
-    with pytest.warns(DataSourceWarning, match=r"^--project_groups names no stored project \(stored: 'p'\)"):
+    with pytest.warns(DataSourceWarning, match=r"^--project-groups names no stored project \(stored: 'p'\)"):
         run_protocols(["all"], support, queries, SearchIndex.exact(support.ids, support.vectors),
                       EvaluationSettings(project_groups={"other": "g"}), ProtocolOptions())
     one_class = replace(support, labels=np.full(len(support), "a", dtype=object))
@@ -384,16 +384,16 @@ def test_loo_on_the_store_excludes_groups(store):
 
 def test_cli_protocols_into_excel_on_real_images(cli_env, db_name, tmp_path, capsys):
     try:
-        assert main(["add", "--db_name", db_name, "--path", str(BREASTMNIST), "--split", "train",
-                     "--input_size", str(TEST_INPUT_SIZE), "--quiet"]) == 0
+        assert main(["add", "--db-name", db_name, "--path", str(BREASTMNIST), "--split", "train",
+                     "--input-size", str(TEST_INPUT_SIZE), "--quiet"]) == 0
         groups = tmp_path / "groups.csv"
         groups.write_text("name,group\n" + "".join(f"train/{i:03d},{i // 4}\n" for i in range(546)))
         excel = tmp_path / "out" / "accuracy.xlsx"
-        common = ["evaluate", "--db_name", db_name, "--path", str(BREASTMNIST), "--split", "test", "--quiet",
-                  "--excel_path", str(excel), "--json", str(tmp_path / "acc.json"), "--k", "1", "11"]
+        common = ["evaluate", "--db-name", db_name, "--path", str(BREASTMNIST), "--split", "test", "--quiet",
+                  "--excel-path", str(excel), "--json", str(tmp_path / "acc.json"), "--k", "1", "11"]
         assert main(common + ["--measure", "all", "weighted", "random", "stat", "separated", "remove", "loo",
-                              "incremental", "removal", "--exclude_classes", "malignant", "--repeats", "3",
-                              "--n_queries", "20", "--groups", str(groups)]) == 0
+                              "incremental", "removal", "--exclude-classes", "malignant", "--repeats", "3",
+                              "--n-queries", "20", "--groups", str(groups)]) == 0
         printed = capsys.readouterr().out
         assert "removed_fraction" in printed and "knn11_accuracy" in printed
         payload = json.loads((tmp_path / "acc.json").read_text())["results"]
@@ -420,7 +420,7 @@ def test_evaluate_needs_queries_for_query_protocols(cli_env, db_name, capsys):
     with store.writing():
         store.add([ImageRecord(name=f"i{i}", label="ab"[i % 2]) for i in range(4)], unit([[1, i] for i in range(4)]))
     try:
-        assert main(["evaluate", "--db_name", db_name, "--measure", "all"]) == 2
+        assert main(["evaluate", "--db-name", db_name, "--measure", "all"]) == 2
         assert "needs --path" in capsys.readouterr().err
     finally:
         store.drop()
@@ -432,7 +432,7 @@ def test_evaluate_refuses_a_too_small_database_before_embedding_queries(cli_env,
     with store.writing():
         store.add([ImageRecord(name="only", label="a")], unit([[1, 0]]))
     try:
-        assert main(["evaluate", "--db_name", db_name, "--path", str(BREASTMNIST), "--quiet"]) == 2
+        assert main(["evaluate", "--db-name", db_name, "--path", str(BREASTMNIST), "--quiet"]) == 2
         assert capsys.readouterr().err == f"error: database '{db_name}' holds 1 image(s); protocols need at least 2\n"
     finally:
         store.drop()
@@ -447,10 +447,10 @@ def test_a_workbook_to_extend_that_is_no_workbook_is_refused_before_the_protocol
     with store.writing():
         store.add([ImageRecord(name=name, label=name) for name in "ab"], unit([[1, 0], [0, 1]]))
     try:
-        assert main(["evaluate", "--db_name", db_name, "--path", str(BREASTMNIST), "--excel_path", str(damaged),
+        assert main(["evaluate", "--db-name", db_name, "--path", str(BREASTMNIST), "--excel-path", str(damaged),
                      "--quiet"]) == 2
         assert capsys.readouterr().err.strip() == (f"error: {damaged}: not an Excel workbook that can be extended "
-                                                   "(BadZipFile: File is not a zip file); give another --excel_path "
+                                                   "(BadZipFile: File is not a zip file); give another --excel-path "
                                                    "or move the file away")
         assert damaged.read_text() == "not a workbook"
     finally:

@@ -310,13 +310,13 @@ def test_cli_trains_and_reports(cli_env, db_name, mednist_embeddings, extractor,
         store.add([ImageRecord(name=i.name, label=i.label, sha256=s) for i, s in zip(items, shas)], vectors)
     try:
         report_path = tmp_path / "not" / "yet" / "r.json"  # folders on the way are made
-        assert main(["train-index", "--db_name", db_name, "--index", "ivf", "--json", str(report_path)]) == 0
+        assert main(["train-index", "--db-name", db_name, "--index", "ivf", "--json", str(report_path)]) == 0
         printed = capsys.readouterr().out
         assert "nlist=61" in printed and "<- chosen" in printed and "bytes/vector" in printed
         assert json.loads(report_path.read_text())["params"]["nlist"] == 61
-        assert main(["train-index", "--db_name", db_name, "--index", "ivf", "--nprobe", "1"]) == 0
+        assert main(["train-index", "--db-name", db_name, "--index", "ivf", "--nprobe", "1"]) == 0
         assert "try a larger --nprobe than 1, or leave it out to have it tuned" in capsys.readouterr().out
-        assert main(["info", "--db_name", db_name]) == 0
+        assert main(["info", "--db-name", db_name]) == 0
         described = capsys.readouterr().out
         assert "index: ivf" in described
         for label, count in Counter(item.label for item in items).items():
@@ -328,7 +328,7 @@ def test_cli_trains_and_reports(cli_env, db_name, mednist_embeddings, extractor,
         listed = capsys.readouterr().out
         assert re.search(rf"^  {db_name} +{len(items)} images   efficientnet_lite0", listed, re.M)
         assert re.search(rf"^  {db_name}-old +\? +database '{db_name}-old' was written by an older cbir", listed, re.M)
-        assert main(["train-index", "--db_name", db_name, "--delete"]) == 0
+        assert main(["train-index", "--db-name", db_name, "--delete"]) == 0
         assert not index_info(store)
     finally:
         store.drop()

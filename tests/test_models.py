@@ -66,8 +66,8 @@ def test_checkpoint_describes_itself(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--extractor", "densenet121"], "--extractor densenet121, but {path} is a checkpoint of resnet18; leave "
                                      "--extractor out"),
-    (["--input_size", "128"], "--input_size 128, but {path} takes 64 px images; leave --input_size out"),
-    (["--num_features", "64"], "--num_features 64, but {path} gives 32-d vectors (a checkpoint sets its own size)"),
+    (["--input-size", "128"], "--input-size 128, but {path} takes 64 px images; leave --input-size out"),
+    (["--num-features", "64"], "--num-features 64, but {path} gives 32-d vectors (a checkpoint sets its own size)"),
 ])
 def test_add_refuses_flags_a_checkpoint_contradicts(cli_env, db_name, tmp_path, flags, message, capsys):
     """They were silently ignored: the user believed the database was built at 128 px."""
@@ -76,11 +76,11 @@ def test_add_refuses_flags_a_checkpoint_contradicts(cli_env, db_name, tmp_path, 
     from cbir.store.redis.connect import connect
 
     path = create_extractor("resnet18", input_size=64, pretrained=False, embedding_dim=32).save(tmp_path / "m.safetensors")
-    argv = ["add", "--db_name", db_name, "--path", str(BREASTMNIST), "--split", "val", "--weights", str(path)]
+    argv = ["add", "--db-name", db_name, "--path", str(BREASTMNIST), "--split", "val", "--weights", str(path)]
     assert main(argv + flags) == 2
     assert capsys.readouterr().err.startswith(f"error: {message.format(path=path)}")
     assert not VectorStore(connect(cli_env), db_name).exists
-    assert main(argv + ["--extractor", "ResNet18", "--input_size", "64", "--num_features", "32", "--quiet"]) == 0
+    assert main(argv + ["--extractor", "ResNet18", "--input-size", "64", "--num-features", "32", "--quiet"]) == 0
     VectorStore(connect(cli_env), db_name).drop()
 
 

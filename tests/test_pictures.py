@@ -110,10 +110,10 @@ def test_cli_pictures(cli_env, db_name, tmp_path):
     store = VectorStore(connect(cli_env), db_name)
     tiny_database(store)
     try:
-        assert main(["tsne", "--db_name", db_name, "--perplexity", "5", "--out_dir", str(tmp_path)]) == 0
+        assert main(["tsne", "--db-name", db_name, "--perplexity", "5", "--out-dir", str(tmp_path)]) == 0
         assert (tmp_path / f"tsne_{db_name}.png").exists()
     finally:
         store.drop()
-    assert main(["dataset", "--path", str(BREASTMNIST), "--split", "test", "--out_dir", str(tmp_path), "--quiet"]) == 0
+    assert main(["dataset", "--path", str(BREASTMNIST), "--split", "test", "--out-dir", str(tmp_path), "--quiet"]) == 0
     assert sorted(p.name for p in tmp_path.glob("breastmnist_test_*.png")) == [
         "breastmnist_test_classes.png", "breastmnist_test_samples.png", "breastmnist_test_sizes_intensity.png"]

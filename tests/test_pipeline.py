@@ -207,18 +207,18 @@ def test_the_exit_status_tells_a_script_that_files_were_skipped(cli_env, db_name
     Image.fromarray(np.load(BREASTMNIST)["val_images"][3]).save(folder / "good.png")
     (folder / "notes.txt").write_text("a clinician's note")
     skipped = f"1 file skipped:\n  {folder / 'notes.txt'}: not an image file\n"
-    add = ["add", "--db_name", db_name, "--path", tmp_path / "cases", "--input_size", TEST_INPUT_SIZE, "--quiet",
+    add = ["add", "--db-name", db_name, "--path", tmp_path / "cases", "--input-size", TEST_INPUT_SIZE, "--quiet",
            "--workers", 0]
     try:
         assert cli(*add) == 1 and capsys.readouterr().err.endswith(skipped)
-        assert cli("retrieve", "--db_name", db_name, "--path", folder, "--no_picture") == 1
+        assert cli("retrieve", "--db-name", db_name, "--path", folder, "--no-picture") == 1
         answered = capsys.readouterr()
         assert "good.png" in answered.out and answered.err.endswith(skipped)
-        assert cli("dataset", "--path", tmp_path / "cases", "--out_dir", tmp_path / "charts", "--quiet") == 1
+        assert cli("dataset", "--path", tmp_path / "cases", "--out-dir", tmp_path / "charts", "--quiet") == 1
         assert capsys.readouterr().err.endswith(skipped)
         (folder / "notes.txt").unlink()
         assert cli(*add) == 0 and "1 unchanged" in capsys.readouterr().out
-        assert cli("retrieve", "--db_name", db_name, "--path", folder / "notes.txt") == 2
+        assert cli("retrieve", "--db-name", db_name, "--path", folder / "notes.txt") == 2
     finally:
         VectorStore(connect(cli_env), db_name).drop()
 
@@ -233,11 +233,11 @@ def test_remove_by_content_whatever_the_name(cli_env, db_name, tmp_path, capsys)
     withdrawn.mkdir()
     shutil.copy(tmp_path / "cases" / "benign" / "case 1.png", withdrawn / "patient 7.png")
     Image.fromarray(images[3]).save(withdrawn / "never stored.png")
-    remove = ["remove", "--db_name", db_name, "--path", withdrawn]
+    remove = ["remove", "--db-name", db_name, "--path", withdrawn]
     try:
-        assert cli("add", "--db_name", db_name, "--path", tmp_path / "cases", "--input_size", TEST_INPUT_SIZE,
+        assert cli("add", "--db-name", db_name, "--path", tmp_path / "cases", "--input-size", TEST_INPUT_SIZE,
                    "--quiet", "--workers", 0) == 0
-        assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val", "--input_size",
+        assert cli("add", "--db-name", db_name, "--path", BREASTMNIST, "--split", "val", "--input-size",
                    TEST_INPUT_SIZE, "--quiet", "--workers", 0) == 0
         capsys.readouterr()
         assert cli(*remove) == 0
@@ -247,9 +247,9 @@ def test_remove_by_content_whatever_the_name(cli_env, db_name, tmp_path, capsys)
         store = VectorStore(connect(cli_env), db_name)
         assert "benign/case 1.png" not in {record.name for _, record in store.iter_records()}
         assert cli(*remove) == 0 and "removed 0 images" in capsys.readouterr().out  # again: nothing, no error
-        assert cli("remove", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val") == 0
+        assert cli("remove", "--db-name", db_name, "--path", BREASTMNIST, "--split", "val") == 0
         assert f"removed 78 images from '{db_name}'; 2 remain" in capsys.readouterr().out
-        assert cli("remove", "--db_name", db_name) == 2
+        assert cli("remove", "--db-name", db_name) == 2
         assert "give --name, --label and/or --path" in capsys.readouterr().err
     finally:
         VectorStore(connect(cli_env), db_name).drop()
@@ -258,14 +258,14 @@ def test_remove_by_content_whatever_the_name(cli_env, db_name, tmp_path, capsys)
 @pytest.mark.parametrize("cli_env", ["standalone", "tls"], indirect=True)
 def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsys):
     try:
-        assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val",
-                   "--input_size", TEST_INPUT_SIZE, "--quiet", "--workers", 0) == 0
+        assert cli("add", "--db-name", db_name, "--path", BREASTMNIST, "--split", "val",
+                   "--input-size", TEST_INPUT_SIZE, "--quiet", "--workers", 0) == 0
         assert "78 new" in capsys.readouterr().out
         query = tmp_path / "query.png"
         Image.fromarray(np.load(BREASTMNIST)["val_images"][5]).save(query)
         out_json = tmp_path / "out" / "result.json"
-        assert cli("retrieve", "--db_name", db_name, "--path", query, "--nrt_neigh", 3,
-                   "--results_dir", tmp_path / "pictures", "--json", out_json) == 0
+        assert cli("retrieve", "--db-name", db_name, "--path", query, "--nrt-neigh", 3,
+                   "--results-dir", tmp_path / "pictures", "--json", out_json) == 0
         printed = capsys.readouterr().out
         assert "val/05" in printed and "vote:" in printed
         result = json.loads(out_json.read_text())
@@ -274,32 +274,32 @@ def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsy
                                         "project": "breastmnist", "score": pytest.approx(1.0, abs=1e-4)}
         pictures = list((tmp_path / "pictures").glob("retrieval_*.png"))
         assert len(pictures) == 1 and Image.open(pictures[0]).size[0] > 400
-        with pytest.warns(UserWarning, match=f"--nrt_neigh 100 is more than the 78 images of '{db_name}'"):
-            assert cli("retrieve", "--db_name", db_name, "--path", query, "--nrt_neigh", 100,
-                       "--results_dir", tmp_path / "pictures") == 0
+        with pytest.warns(UserWarning, match=f"--nrt-neigh 100 is more than the 78 images of '{db_name}'"):
+            assert cli("retrieve", "--db-name", db_name, "--path", query, "--nrt-neigh", 100,
+                       "--results-dir", tmp_path / "pictures") == 0
         assert "(the first 20 of 78 neighbours; --html and --json take them all)" in capsys.readouterr().out
         new_cases = tmp_path / "new cases"  # a folder of unlabelled images: each one is a query
         new_cases.mkdir()
         for index in (7, 9):
             Image.fromarray(np.load(BREASTMNIST)["val_images"][index]).save(new_cases / f"case {index}.png")
-        assert cli("retrieve", "--db_name", db_name, "--path", new_cases, "--nrt_neigh", 2, "--no_picture",
+        assert cli("retrieve", "--db-name", db_name, "--path", new_cases, "--nrt-neigh", 2, "--no-picture",
                    "--json", out_json) == 0
         cases = json.loads(out_json.read_text())
         assert [(c["query"], c["query_label"], c["results"][0]["name"]) for c in cases] == [
             ("case 7.png", None, "val/07"), ("case 9.png", None, "val/09")]
-        assert cli("retrieve", "--db_name", db_name, "--path", BREASTMNIST, "--split", "test",
-                   "--nrt_neigh", 5, "--no_picture", "--json", out_json) == 0
+        assert cli("retrieve", "--db-name", db_name, "--path", BREASTMNIST, "--split", "test",
+                   "--nrt-neigh", 5, "--no-picture", "--json", out_json) == 0
         per_class = json.loads(out_json.read_text())
         assert [r["query_label"] for r in per_class] == ["malignant", "normal, benign"]
-        assert cli("remove", "--db_name", db_name, "--name", "val/05") == 0
+        assert cli("remove", "--db-name", db_name, "--name", "val/05") == 0
         capsys.readouterr()
-        assert cli("remove", "--db_name", db_name, "--name", "val/05", "--label", "zebra") == 0  # again: nothing
+        assert cli("remove", "--db-name", db_name, "--name", "val/05", "--label", "zebra") == 0  # again: nothing
         removal = capsys.readouterr()
         assert "removed 0 images" in removal.out
         assert removal.err.splitlines() == [
             f"not stored in '{db_name}' (names as stored, e.g. as retrieve prints them): val/05",
             f"no image labelled zebra in '{db_name}'"]
-        assert cli("evaluate", "--db_name", db_name, "--measure", "loo", "--results_dir", tmp_path,
+        assert cli("evaluate", "--db-name", db_name, "--measure", "loo", "--results-dir", tmp_path,
                    "--json", tmp_path / "acc.json") == 0
         assert json.loads((tmp_path / "acc.json").read_text())["results"]["loo"]["queries"] == 77
     finally:
@@ -307,32 +307,32 @@ def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsy
 
 
 def test_cli_errors_are_one_line(cli_env, db_name, capsys):
-    assert cli("add", "--db_name", db_name, "--path", "/no/such/folder") == 2
+    assert cli("add", "--db-name", db_name, "--path", "/no/such/folder") == 2
     error = capsys.readouterr().err
     assert error.startswith("error: /no/such/folder: no such file") and error.count("\n") == 1
-    assert cli("retrieve", "--db_name", db_name, "--path", BREASTMNIST) == 2
+    assert cli("retrieve", "--db-name", db_name, "--path", BREASTMNIST) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert cli("add", "--db_name", "bad name", "--path", BREASTMNIST) == 2
+    assert cli("add", "--db-name", "bad name", "--path", BREASTMNIST) == 2
 
 
 def test_cli_runs_outside_the_main_thread_and_gives_the_signal_handlers_back(cli_env, db_name, capsys):
     """Only the main thread may set signal handlers: elsewhere the CLI leaves Ctrl-C and SIGTERM alone."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     codes = []
-    worker = threading.Thread(target=lambda: codes.append(cli("add", "--db_name", db_name, "--path", "/no/such")))
+    worker = threading.Thread(target=lambda: codes.append(cli("add", "--db-name", db_name, "--path", "/no/such")))
     worker.start()
     worker.join()
     assert codes == [2] and "no such file" in capsys.readouterr().err
-    assert cli("add", "--db_name", db_name, "--path", "/no/such") == 2
+    assert cli("add", "--db-name", db_name, "--path", "/no/such") == 2
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_cli_refuses_to_mix_models(cli_env, db_name, capsys):
     try:
-        assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val",
-                   "--input_size", TEST_INPUT_SIZE, "--quiet") == 0
-        assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "test",
-                   "--input_size", 32, "--quiet") == 2
+        assert cli("add", "--db-name", db_name, "--path", BREASTMNIST, "--split", "val",
+                   "--input-size", TEST_INPUT_SIZE, "--quiet") == 0
+        assert cli("add", "--db-name", db_name, "--path", BREASTMNIST, "--split", "test",
+                   "--input-size", 32, "--quiet") == 2
         assert "was built with efficientnet_lite0" in capsys.readouterr().err
         assert VectorStore(connect(cli_env), db_name).count() == 78
     finally:
@@ -340,7 +340,7 @@ def test_cli_refuses_to_mix_models(cli_env, db_name, capsys):
 
 
 @pytest.mark.parametrize("mistake,message", [(("--weights", "no_such.pth"), "no_such.pth: no such weights file"),
-                                              (("--num_features", 7), "--num_features 7, but efficientnet_lite0")])
+                                              (("--num-features", 7), "--num-features 7, but efficientnet_lite0")])
 def test_a_rewrite_with_a_mistaken_model_flag_keeps_the_database(cli_env, db_name, mistake, message, capsys):
     """--rewrite deleted the database and then the model flag was refused: a typo cost every image."""
     store = VectorStore(connect(cli_env), db_name)
@@ -348,7 +348,7 @@ def test_a_rewrite_with_a_mistaken_model_flag_keeps_the_database(cli_env, db_nam
     with store.writing():
         store.add([ImageRecord(name=name, label=name) for name in "ab"], np.eye(2, dtype=np.float32))
     try:
-        assert cli("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val", "--input_size",
+        assert cli("add", "--db-name", db_name, "--path", BREASTMNIST, "--split", "val", "--input-size",
                    TEST_INPUT_SIZE, "--rewrite", *mistake, "--quiet") == 2
         err = capsys.readouterr().err
         assert message in err and "deleted" not in err
@@ -359,7 +359,7 @@ def test_a_rewrite_with_a_mistaken_model_flag_keeps_the_database(cli_env, db_nam
 
 def test_cli_writers_leave_a_database_being_written_alone(cli_env, db_name, capsys):
     store = VectorStore(connect(cli_env), db_name)
-    add = ("add", "--db_name", db_name, "--path", BREASTMNIST, "--split", "val", "--input_size", TEST_INPUT_SIZE,
+    add = ("add", "--db-name", db_name, "--path", BREASTMNIST, "--split", "val", "--input-size", TEST_INPUT_SIZE,
            "--quiet")
     try:
         assert cli(*add) == 0
@@ -368,9 +368,9 @@ def test_cli_writers_leave_a_database_being_written_alone(cli_env, db_name, caps
             assert cli(*add, "--rewrite") == 2
             assert "being written by another process" in capsys.readouterr().err
             with pytest.warns(LockWaitWarning, match="waiting up to 0.2 s"):
-                assert cli("remove", "--db_name", db_name, "--label", "malignant", "--wait", "0.2") == 2
+                assert cli("remove", "--db-name", db_name, "--label", "malignant", "--wait", "0.2") == 2
             assert "waited 0.2 s" in capsys.readouterr().err
-            assert cli("train-index", "--db_name", db_name, "--delete") == 2
+            assert cli("train-index", "--db-name", db_name, "--delete") == 2
             assert store.count() == 78 and store.client.get(store.key("lock")) is not None
         assert cli(*add, "--rewrite") == 0
         assert "--rewrite: deleted database" in capsys.readouterr().out and store.count() == 78
@@ -380,8 +380,8 @@ def test_cli_writers_leave_a_database_being_written_alone(cli_env, db_name, caps
 
 def _add_busi_command(db_name: str, busi) -> list[str]:
     """`add` of BUSI in small batches and chunks, so that a kill lands between many writes."""
-    return [sys.executable, str(ROOT / "add_images.py"), "--db_name", db_name, "--path", str(busi),
-            "--input_size", str(TEST_INPUT_SIZE), "--batch_size", "8", "--chunk_size", "64", "--quiet"]
+    return [sys.executable, str(ROOT / "add_images.py"), "--db-name", db_name, "--path", str(busi),
+            "--input-size", str(TEST_INPUT_SIZE), "--batch-size", "8", "--chunk-size", "64", "--quiet"]
 
 
 def _once_stored(store: VectorStore, process: subprocess.Popen, count: int) -> None:
@@ -599,7 +599,7 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(standalone_url, db_
         store.add([ImageRecord(name=f"i{i}", label=f"class {i}") for i in range(3)], np.eye(3, 2, dtype=np.float32))
     try:
         env = dict(os.environ, PYTHONPATH=str(ROOT), CBIR_REDIS_URL=standalone_url)
-        reader = subprocess.Popen([sys.executable, "-m", "cbir", "info", "--db_name", db_name], env=env,
+        reader = subprocess.Popen([sys.executable, "-m", "cbir", "info", "--db-name", db_name], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         reader.stdout.close()  # before the command has started printing: its first line finds no reader
         _, errors = reader.communicate(timeout=120)

@@ -120,12 +120,12 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_replaced(tmp_path):
 
 @pytest.mark.parametrize("changes,message", [
     # MPerClassSampler would fill each batch with one class: a pair loss then has no negatives.
-    ({"batch_size": 8, "m_per_class": 100}, "--batch_size 8 holds one class of --m_per_class 100 images, and the "
+    ({"batch_size": 8, "m_per_class": 100}, "--batch-size 8 holds one class of --m-per-class 100 images, and the "
                                             "margin loss needs other classes in a batch to learn from: make "
-                                            "--batch_size at least 200 or --m_per_class at most 4"),
-    ({"batch_size": 3, "loss": "triplet"}, "--batch_size 3 holds one class of --m_per_class 4 images"),
-    ({"train_classes": ["a", "b"]}, "--train_classes applies with --generalise only; add --generalise"),
-    ({"train_classes": ["a"], "generalise": True}, r"--train_classes names one class \(a\); training needs at least two"),
+                                            "--batch-size at least 200 or --m-per-class at most 4"),
+    ({"batch_size": 3, "loss": "triplet"}, "--batch-size 3 holds one class of --m-per-class 4 images"),
+    ({"train_classes": ["a", "b"]}, "--train-classes applies with --generalise only; add --generalise"),
+    ({"train_classes": ["a"], "generalise": True}, r"--train-classes names one class \(a\); training needs at least two"),
 ])
 def test_settings_that_would_train_nothing_are_refused(changes, message):
     with pytest.raises(CbirError, match=f"^{message}"):
@@ -134,22 +134,22 @@ def test_settings_that_would_train_nothing_are_refused(changes, message):
 
 
 def test_no_validation_images_says_which_flag_would_give_some(tmp_path):
-    """The advice was '--val_fraction' even where that flag could not help."""
+    """The advice was '--val-fraction' even where that flag could not help."""
     source = next((SHARED_DATA / "busi" / "benign").iterdir())
     for label, count in (("a", 5), ("b", 2)):
         (tmp_path / label).mkdir()
         for index in range(count):
             shutil.copy(source, tmp_path / label / f"{index}.png")
     for fraction, advice in [
-        (0.0, "give --validation_data or a --val_fraction above 0"),
-        (0.05, "give --validation_data or a larger --val_fraction (0.05 of the largest class, 5 images, rounds "
+        (0.0, "give --validation-data or a --val-fraction above 0"),
+        (0.05, "give --validation-data or a larger --val-fraction (0.05 of the largest class, 5 images, rounds "
                "to none)"),
     ]:
         with pytest.raises(CbirError, match=rf"^{tmp_path}: no validation images; {re.escape(advice)}$"):
             split_training_data(TrainConfig(training_data=str(tmp_path), out_dir="", val_fraction=fraction))
     for index in range(2, 5):
         (tmp_path / "a" / f"{index}.png").unlink()
-    with pytest.raises(CbirError, match=r"give --validation_data \(classes of 2 images or fewer give none"):
+    with pytest.raises(CbirError, match=r"give --validation-data \(classes of 2 images or fewer give none"):
         split_training_data(TrainConfig(training_data=str(tmp_path), out_dir="", val_fraction=0.5))
 
 
@@ -229,7 +229,7 @@ def test_an_interrupted_run_resumes(tmp_path):
 def test_a_resume_that_cannot_continue_is_refused_in_one_line(tmp_path):
     with pytest.warns(UserWarning, match="does not exist, so training starts afresh"):
         train_extractor(quick_config(tmp_path / "run", num_epochs=1, resume=True), progress=False)
-    with pytest.raises(CbirError, match=r"this run changes .*\(--num_features 16 -> 32; --loss arcface -> margin\)"):
+    with pytest.raises(CbirError, match=r"this run changes .*\(--num-features 16 -> 32; --loss arcface -> margin\)"):
         train_extractor(quick_config(tmp_path / "run", num_epochs=2, loss="margin", num_features=32, resume=True),
                         progress=False)
     (tmp_path / "run" / "state.pt").write_bytes(b"half a state")

@@ -3,64 +3,33 @@ from __future__ import annotations
 
 from cbir.cli.flags import (
     COUNT,
-    DEFAULT_EXTRACTOR,
     NON_NEGATIVE,
     SOURCES,
     counted,
     extractor_arguments,
-    open_store,
     skipped_summary,
     source_arguments,
     store_arguments,
     writer_arguments,
 )
-from cbir.errors import CbirError
-from cbir.images.sources import load_items
 from cbir.store.redis.connect import describe
 
 
-def _check_model_flags(args, spec) -> None:
-    """A self-describing checkpoint sets the model; flags that say otherwise are refused, not ignored."""
-    from cbir.models.registry import resolve_backbone
-
-    if args.extractor and resolve_backbone(args.extractor).name != spec.architecture:
-        raise CbirError(f"--extractor {args.extractor}, but {args.weights} is a checkpoint of {spec.architecture}; "
-                        "leave --extractor out (a checkpoint describes its model)")
-    if args.input_size and args.input_size != spec.input_size:
-        raise CbirError(f"--input_size {args.input_size}, but {args.weights} takes {spec.input_size} px "
-                        "images; leave --input_size out (a checkpoint describes its model)")
-    if args.num_features and args.num_features != spec.embedding_dim:
-        way_out = ("a checkpoint sets its own size" if args.weights
-                   else "train a checkpoint with --num_features for another")
-        raise CbirError(f"--num_features {args.num_features}, but {args.weights or spec.description} gives "
-                        f"{spec.embedding_dim}-d vectors ({way_out})")
-
-
 def run(args) -> int:
-    items = load_items(args.path, split=args.split, project=args.project,
-                       projects_in_names=args.projects, label=args.label)
-    store = open_store(args)
-    # Imported once the path and Redis have answered: torch and timm take seconds to import.
-    from cbir.models.factory import create_extractor
-    from cbir.pipeline.ingest import index_images
-    from cbir.pipeline.model import extractor_for_store, register_model
+    from cbir import api
 
-    if args.rewrite or args.extractor or args.weights or args.input_size or not store.exists:
-        extractor = create_extractor(args.extractor or DEFAULT_EXTRACTOR, weights=args.weights,
-                                     input_size=args.input_size, device=args.device)
-    else:
-        extractor = extractor_for_store(store, device=args.device)
-    _check_model_flags(args, extractor.spec)
+    items = api.load_items(args.path, split=args.split, project=args.project, projects_in_names=args.projects,
+                           label=args.label)
+    store = api.open_database(args.db_name, args.redis_url, args.wait)
+    extractor = api.model_for_add(store, args.extractor, args.weights, args.input_size, args.device,
+                                  args.num_features, fresh=args.rewrite)
     # Only now, with the model built and its flags checked: a mistyped --weights must not cost the database.
-    if args.rewrite and store.exists:
-        with store.writing():  # not under a writer still at work
-            store.drop()
+    if args.rewrite and api.start_over(store):
         print(f"--rewrite: deleted database '{args.db_name}'")
-    register_model(store, extractor, weights=args.weights, chunk_size=args.chunk_size)
     print(f"{counted(len(items), 'image')} from {args.path} -> '{args.db_name}' on {describe(store.client)}, "
           f"model {extractor.spec.description}, {extractor.spec.embedding_dim}-d")
-    report = index_images(store, items, extractor, batch_size=args.batch_size, workers=args.workers,
-                          progress=not args.quiet)
+    report = api.add(store, items, extractor, weights=args.weights, chunk_size=args.chunk_size,
+                     batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     rate = (report.written / report.seconds) if report.seconds else 0.0
     print(f"'{args.db_name}': {report.new} new, {report.updated} updated, "
           f"{report.unchanged} unchanged, {report.duplicates} duplicate names, {len(report.failures)} failed "
@@ -76,7 +45,7 @@ def register(commands) -> None:
     writer_arguments(add)
     source_arguments(add, f"images to index: {SOURCES}")
     extractor_arguments(add)
-    add.add_argument("--num_features", type=COUNT, default=None,
+    add.add_argument("--num-features", type=COUNT, default=None,
                      help="expected embedding size (checked against the model; a checkpoint sets its own)")
     add.add_argument("--rewrite", action="store_true", help="delete this database (only this one) first")
     add.add_argument("--project", default=None,
@@ -86,11 +55,11 @@ def register(commands) -> None:
     add.add_argument("--label", default=None,
                      help="label of every image: of a single image file (default: its folder's name) or of "
                           "all files under a folder, sub-folders too (default: one class per sub-folder)")
-    add.add_argument("--batch_size", type=COUNT, default=32, help="images per model batch (default: 32)")
+    add.add_argument("--batch-size", type=COUNT, default=32, help="images per model batch (default: 32)")
     add.add_argument("--workers", type=NON_NEGATIVE, default=None,
                      help="decoding threads, or processes when the model runs on a GPU (default: one per core; "
                           "0 decodes in the main thread)")
-    add.add_argument("--chunk_size", type=COUNT, default=None,
+    add.add_argument("--chunk-size", type=COUNT, default=None,
                      help="vectors per Redis chunk key of a new database (default: what fits in 512 KiB)")
     add.add_argument("--quiet", action="store_true", help="no progress bar")
     add.set_defaults(run=run, after_stop="what was stored is kept; re-run the same command to add the rest")

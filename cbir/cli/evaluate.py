@@ -53,41 +53,29 @@ def run(args) -> int:
     groups = _read_mapping(args.groups, "groups")
     project_groups = _read_mapping(args.project_groups, "project groups")
     # Imported once the flags, files and database are found: torch and timm take seconds to import.
-    from dataclasses import replace
 
     import faiss
     import torch
 
+    from cbir import api
     from cbir.evaluation.metrics import EvaluationSettings
-    from cbir.evaluation.protocols import ProtocolOptions, check_support, run_protocols
-    from cbir.evaluation.ranking import Queries, Support
+    from cbir.evaluation.protocols import ProtocolOptions
     from cbir.evaluation.report import format_table, open_workbook, save_figures, write_json, write_workbook
-    from cbir.pipeline.model import extractor_for_store
-    from cbir.search.persisted import search_index
 
     options = ProtocolOptions(n_queries=args.n_queries, repeats=args.repeats,
                               exclude_classes=args.exclude_classes, seed=args.seed)
     excel = Path(args.excel_path or Path(args.results_dir) / f"accuracy_{args.db_name}.xlsx")
     workbook = open_workbook(excel)
-    support = Support.from_store(store, groups)
-    check_support(support, f"database '{args.db_name}'")
-    queries, head, failures = None, None, []
-    if args.path or "interpolate" in measures:
-        extractor = extractor_for_store(store, weights=args.weights, device=args.device)
-        if extractor.classifier is not None:
-            head = (list(extractor.spec.class_names), extractor.class_probabilities)
-    if args.path:
-        queries, failures = Queries.embed(items, extractor, groups, progress=not args.quiet)
-    index = search_index(store, exact=args.exact)
     settings = EvaluationSettings(ks=args.k, vote=args.vote, temperature=args.temperature,
                                   project_groups=project_groups)
-    results = run_protocols(measures, support, queries, index, settings, replace(options, head=head), store=store)
-    what = f"{len(queries)} queries from {args.path}" if queries is not None else "the stored images (leave-one-out)"
-    print(f"'{args.db_name}': {len(support)} stored images, {what}; "
-          f"{'exact search' if index.kind == 'flat' else index.kind + ' index (mAP@R by exact search)'}, "
+    results, ran = api.evaluate(store, measures, settings, options, items=items, groups=groups, exact=args.exact,
+                                weights=args.weights, device=args.device, progress=not args.quiet)
+    what = f"{ran['queries']} queries from {args.path}" if items is not None else "the stored images (leave-one-out)"
+    print(f"'{args.db_name}': {ran['support']} stored images, {what}; "
+          f"{'exact search' if ran['index'] == 'flat' else ran['index'] + ' index (mAP@R by exact search)'}, "
           f"kNN vote {args.vote}")
     if "interpolate" in measures:
-        print("interpolate: head = " + ("the extractor's trained classifier" if head else
+        print("interpolate: head = " + ("the extractor's trained classifier" if ran["head"] else
                                         "a logistic-regression probe fitted on the stored vectors"))
     for result in results:
         print(f"\n{result.measure}")
@@ -95,7 +83,7 @@ def run(args) -> int:
     config = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "database": args.db_name,
               "redis": describe(store.client), "model": store.model_spec.get("description", ""),
               "fingerprint": store.model, "dataset": str(args.path or "(stored images)"),
-              "split": args.split if args.path else "", "index": index.kind, "k": " ".join(map(str, args.k)),
+              "split": args.split if args.path else "", "index": ran["index"], "k": " ".join(map(str, args.k)),
               "vote": args.vote, "seed": args.seed, "cbir": __version__, "torch": torch.__version__,
               "faiss": faiss.__version__, "numpy": np.__version__}
     sheets = write_workbook(excel, results, config, name=args.name, workbook=workbook)
@@ -106,7 +94,7 @@ def run(args) -> int:
     if args.json:
         write_json(args.json, results, config)
         print(f"json: {args.json}")
-    return skipped_summary(failures)
+    return skipped_summary(ran["failures"])
 
 
 def register(commands) -> None:
@@ -123,29 +111,29 @@ def register(commands) -> None:
     evaluate.add_argument("--split", default="test", choices=NPZ_SPLITS, help="split of a .npz (default: test)")
     evaluate.add_argument("--measure", nargs="+", default=["all"], choices=MEASURES,
                           help="protocols: all, weighted (class-balanced), random (one per class in turn), stat "
-                               "(random repeated), separated (per class), remove (--exclude_classes left out), "
+                               "(random repeated), separated (per class), remove (--exclude-classes left out), "
                                "loo, incremental (continual learning), removal (data deletion), interpolate "
                                "(classifier head + kNN probabilities, λ chosen on validation); default: all")
     evaluate.add_argument("--k", nargs="+", type=COUNT, default=[1, 5, 11], help="kNN classification k (default: 1 5 11)")
     evaluate.add_argument("--vote", default="majority", choices=VOTES,
                           help="kNN vote: majority, distance (similarity-weighted) or softmax (temperature)")
     evaluate.add_argument("--temperature", type=POSITIVE, default=0.07, help="softmax vote temperature (default: 0.07)")
-    evaluate.add_argument("--n_queries", type=COUNT, default=100, help="queries of random/stat (default: 100)")
+    evaluate.add_argument("--n-queries", type=COUNT, default=100, help="queries of random/stat (default: 100)")
     evaluate.add_argument("--repeats", type=COUNT, default=10, help="repeats of stat (default: 10)")
-    evaluate.add_argument("--exclude_classes", nargs="+", default=[], help="classes the remove protocol leaves out")
+    evaluate.add_argument("--exclude-classes", nargs="+", default=[], help="classes the remove protocol leaves out")
     evaluate.add_argument("--groups", default=None,
                           help="CSV name,group (patient or slide id): neighbours from a query's own group are skipped")
-    evaluate.add_argument("--project_groups", default=None,
+    evaluate.add_argument("--project-groups", default=None,
                           help="CSV project,group: 'similar project' hits count neighbours of the same group")
     evaluate.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of random/stat/incremental/removal (default: 0)")
     evaluate.add_argument("--exact", action="store_true", help="exact search even if an index was trained")
-    evaluate.add_argument("--excel_path", type=WORKBOOK_FILE, default=None,
+    evaluate.add_argument("--excel-path", type=WORKBOOK_FILE, default=None,
                           help="workbook to write or extend (default: <results_dir>/accuracy_<db_name>.xlsx)")
     evaluate.add_argument("--name", default=None, help="sheet name of this run (default: the measure)")
-    evaluate.add_argument("--results_dir", type=OUTPUT_FOLDER, default=Path("results"),
+    evaluate.add_argument("--results-dir", type=OUTPUT_FOLDER, default=Path("results"),
                           help="where the workbook and pictures go")
     evaluate.add_argument("--json", type=OUTPUT_FILE, default=None, help="also write the numbers as JSON to this file")
-    evaluate.add_argument("--no_picture", action="store_true", help="no confusion matrices or curves")
+    evaluate.add_argument("--no-picture", action="store_true", help="no confusion matrices or curves")
     evaluate.add_argument("--weights", default=None, help="the database's checkpoint, if it moved")
     evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -17,35 +17,25 @@ DEFAULT_EXTRACTOR = "efficientnet_lite0"
 DEFAULT_DATABASE = "db"  # as in the thesis: `retrieve_images.py --path query.png` needs no --db-name
 
 
-def spellings(names: tuple[str, ...]) -> list[str]:
-    """The option strings of a flag: a long flag written with underscores (the thesis's --db_name)
-    is hyphenated first (--db-name: what help and errors show) and keeps its underscore spelling."""
-    spelled: list[str] = []
-    for name in names:
-        spelled += [name.replace("_", "-"), name] if name.startswith("--") and "_" in name else [name]
-    return list(dict.fromkeys(spelled))
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Help lists each flag's hyphenated spelling only: the underscore aliases would double every line."""
-
-    def _format_action_invocation(self, action: argparse.Action) -> str:
-        shown = [name for name in action.option_strings if not (name.startswith("--") and "_" in name)]
-        if shown == action.option_strings:
-            return super()._format_action_invocation(action)
-        return super()._format_action_invocation(argparse.Action(shown, action.dest, action.nargs,
-                                                                 metavar=action.metavar))
+def hyphenated(argument: str) -> str:
+    """A long flag as the parser knows it: ``--db_name`` (the thesis's spelling) -> ``--db-name``."""
+    if not argument.startswith("--"):
+        return argument
+    name, equals, value = argument.partition("=")
+    return name.replace("_", "-") + equals + value
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose long flags answer to both spellings (see :func:`spellings`)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
+    """argparse whose long flags are hyphenated (--db-name: what help and errors show) and answer
+    to the thesis's underscore spelling too (--db_name)."""
 
     def add_argument(self, *names, **kwargs):
-        return super().add_argument(*spellings(names), **kwargs)
+        return super().add_argument(*map(hyphenated, names), **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        end = args.index("--") if "--" in args else len(args)  # after "--", every word is a value
+        return super().parse_known_args([hyphenated(a) for a in args[:end]] + args[end:], namespace)
 
 
 def whole(minimum: int, maximum: int | None = None):
@@ -166,9 +156,9 @@ def skipped_summary(failures: list[str]) -> int:
 
 def store_arguments(parser: argparse.ArgumentParser, db_help: str | None = None) -> None:
     """--db-name (``db`` unless ``db_help`` says what leaving it out does) and --redis-url."""
-    parser.add_argument("--db_name", default=None if db_help else DEFAULT_DATABASE,
+    parser.add_argument("--db-name", default=None if db_help else DEFAULT_DATABASE,
                         help=db_help or f"database name (its keys live under cbir:<db_name>:; default: {DEFAULT_DATABASE})")
-    parser.add_argument("--redis_url", default=None,
+    parser.add_argument("--redis-url", default=None,
                         help=f"Redis URL (redis://, rediss://, with password, or unix:///path/redis.sock; a "
                              f"Cluster node works too; a private CA: rediss://...?ssl_ca_certs=ca.pem). "
                              f"Default: ${URL_ENV}, else an embedded Redis under $CBIR_HOME")
@@ -201,6 +191,6 @@ def extractor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None,
                         help="a cbir checkpoint (.safetensors, describes itself) or backbone weights for "
                              "--extractor (.pth/.pt/.safetensors, e.g. KimiaNet for densenet121)")
-    parser.add_argument("--input_size", type=COUNT, default=None,
+    parser.add_argument("--input-size", type=COUNT, default=None,
                         help="image side in pixels fed to the model (default: the backbone's, 224 mostly)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

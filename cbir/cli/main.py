@@ -6,14 +6,15 @@ sub-command, so ``python add_images.py ...`` and ``cbir add ...`` are the same c
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import signal
 import sys
 import warnings
 
 from cbir import __version__, interrupts
-from cbir.cli.flags import EXIT_STATUSES, OUTPUT_CLOSED, Parser
 from cbir.cli import add, evaluate, info, pictures, remove, retrieve, train, train_index
+from cbir.cli.flags import EXIT_STATUSES, OUTPUT_CLOSED, Parser
 from cbir.errors import CbirError
 
 
@@ -63,9 +64,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
 
 
-def command(name: str) -> None:
-    """Entry of a root script: ``python add_images.py ARGS`` == ``cbir add ARGS``."""
-    sys.exit(main([name, *sys.argv[1:]]))
+def command(name: str | None = None) -> None:
+    """Entry of a root script (``python add_images.py ARGS`` == ``cbir add ARGS``) and of ``cbir``."""
+    exit_now(main(([name] if name else []) + sys.argv[1:]))
+
+
+def exit_now(code: int) -> None:
+    """End a one-shot command without Python's teardown of every module, which for torch's costs a
+    good part of a short command's time (docs/PERFORMANCE.md). The exit handlers still run (the
+    embedded Redis stops there) and the output is flushed first."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that left, a stream closed
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -53,13 +53,13 @@ def register(commands) -> None:
                                            "class; large databases are sampled (stratified, seeded).")
     store_arguments(tsne)
     tsne.add_argument("--perplexity", type=POSITIVE, default=30.0, help="t-SNE perplexity (default: 30)")
-    tsne.add_argument("--max_points", type=whole(MIN_TSNE_POINTS), default=5000,
+    tsne.add_argument("--max-points", type=whole(MIN_TSNE_POINTS), default=5000,
                       help="sample size for large databases (default: 5000)")
-    tsne.add_argument("--by_project", action="store_true", help="add a second panel coloured by project")
+    tsne.add_argument("--by-project", action="store_true", help="add a second panel coloured by project")
     tsne.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the sample and of t-SNE")
     tsne.add_argument("--out", type=PICTURE_FILE, default=None,
                       help="picture to write, .png, .pdf, .svg, ... (default: <out_dir>/tsne_<db_name>.png)")
-    tsne.add_argument("--out_dir", type=OUTPUT_FOLDER, default=Path("data_visualization"),
+    tsne.add_argument("--out-dir", type=OUTPUT_FOLDER, default=Path("data_visualization"),
                       help="default folder of --out")
     tsne.set_defaults(run=run_tsne)
 
@@ -67,10 +67,10 @@ def register(commands) -> None:
                                   description="Images per class, image sizes, mean intensities per class, and a "
                                               "grid of sample images per class.")
     source_arguments(dataset, f"the dataset: {SOURCES}")
-    dataset.add_argument("--out_dir", type=OUTPUT_FOLDER, default=Path("data_visualization"),
+    dataset.add_argument("--out-dir", type=OUTPUT_FOLDER, default=Path("data_visualization"),
                          help="where pictures go (default: data_visualization)")
     dataset.add_argument("--name", default=None, help="file name prefix (default: the source's name)")
-    dataset.add_argument("--per_class", type=whole(1, SAMPLE_COLUMNS), default=6,
+    dataset.add_argument("--per-class", type=whole(1, SAMPLE_COLUMNS), default=6,
                          help=f"sample images per class in the grid (default: 6, at most {SAMPLE_COLUMNS})")
     dataset.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the sample images")
     dataset.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -11,33 +12,38 @@ from cbir.cli.flags import (
     NON_NEGATIVE,
     OUTPUT_FILE,
     OUTPUT_FOLDER,
-    open_store,
     skipped_summary,
     source_arguments,
     store_arguments,
 )
 from cbir.files import write_text
-from cbir.images.sources import query_items, some_labels
+from cbir.images.sources import some_labels
 from cbir.options import DEFAULT_NEIGHBOURS, PICTURE_COLUMNS, PICTURE_ROWS
+
+PROGRESS_FROM = 32  # queries: fewer are embedded in about a second
 
 
 def run(args) -> int:
-    store = open_store(args)
-    store.require()
-    queries = query_items(args.path, split=args.split, seed=args.seed, count=args.n_queries)
-    # Imported once the database and the queries are found: torch and timm take seconds to import.
-    from cbir.pipeline.embed import DEFAULT_BATCH_SIZE
-    from cbir.pipeline.model import extractor_for_store
-    from cbir.pipeline.retrieve import Retriever
+    clock = Stopwatch()
+    from cbir import api
 
-    extractor = extractor_for_store(store, weights=args.weights, device=args.device)
-    retriever = Retriever(store, extractor, exact=args.exact)
+    store = api.open_database(args.db_name, args.redis_url)
+    store.require()
+    queries = api.query_items(args.path, split=args.split, seed=args.seed, count=args.n_queries)
+    clock.lap("redis")
+    # Only once the database and the queries are found: a mistake must not wait for torch.
+    from cbir.pipeline import retrieve  # noqa: F401  torch and FAISS, imported here to be timed as imports
+
+    clock.lap("imports")
+    retriever = api.retriever(store, weights=args.weights, device=args.device, exact=args.exact)
+    clock.lap("model+index")
     if args.nrt_neigh is not None and args.nrt_neigh > retriever.stored:  # the default asks for no more than there is
-        warnings.warn(f"--nrt_neigh {args.nrt_neigh} is more than the {retriever.stored} images of '{args.db_name}': "
+        warnings.warn(f"--nrt-neigh {args.nrt_neigh} is more than the {retriever.stored} images of '{args.db_name}': "
                       f"each query gets all {retriever.stored}")
     retrievals, failures = retriever.query(queries.items, k=args.nrt_neigh or DEFAULT_NEIGHBOURS,
                                            known_labels=queries.labelled,
-                                           progress=len(queries.items) > DEFAULT_BATCH_SIZE)
+                                           progress=len(queries.items) > PROGRESS_FROM)
+    clock.lap("query")
     for retrieval in retrievals:
         label = f" (label: {retrieval.query_label})" if retrieval.query_label else ""
         print(f"\nquery: {retrieval.query}{label}")
@@ -69,7 +75,31 @@ def run(args) -> int:
         payload = [r.to_json() for r in retrievals]
         write_text(args.json, json.dumps(payload[0] if len(payload) == 1 and queries.one_image else payload, indent=2))
         print(f"json: {args.json}")
+    clock.lap("output")
+    if args.verbose:
+        print(clock.breakdown(retriever.timings), file=sys.stderr)
     return skipped_summary(failures)
+
+
+class Stopwatch:
+    """Where a one-shot command's time goes (``--verbose``)."""
+
+    def __init__(self):
+        from cbir import IMPORTED_AT
+
+        self.last = time.perf_counter()
+        self.laps = {"cli": self.last - IMPORTED_AT}  # importing the command line (not the interpreter's start)
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.laps[step] = now - self.last
+        self.last = now
+
+    def breakdown(self, inside: dict[str, float]) -> str:
+        """One line: each lap, and the steps measured inside the retriever, in seconds."""
+        laps = " ".join(f"{step} {seconds:.3f}" for step, seconds in self.laps.items())
+        steps = " ".join(f"{step} {seconds:.3f}" for step, seconds in inside.items())
+        return f"seconds: {laps}; total {sum(self.laps.values()):.2f} (of which {steps})"
 
 
 def register(commands) -> None:
@@ -81,13 +111,13 @@ def register(commands) -> None:
     source_arguments(retrieve, "an image (or DICOM file); a folder with one sub-folder per class or a "
                                  "MedMNIST-style .npz (one random image per class); or a folder of unlabelled "
                                  "images (each one)")
-    retrieve.add_argument("--nrt_neigh", type=COUNT, default=None,
+    retrieve.add_argument("--nrt-neigh", type=COUNT, default=None,
                           help=f"neighbours to return (default: {DEFAULT_NEIGHBOURS}, or all where fewer are stored)")
-    retrieve.add_argument("--results_dir", type=OUTPUT_FOLDER, default=Path("results"),
+    retrieve.add_argument("--results-dir", type=OUTPUT_FOLDER, default=Path("results"),
                           help="where the picture goes (default: results)")
     retrieve.add_argument("--json", type=OUTPUT_FILE, default=None, help="also write the results as JSON to this file")
     retrieve.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed for picking the queries of a folder/.npz")
-    retrieve.add_argument("--n_queries", type=COUNT, default=None,
+    retrieve.add_argument("--n-queries", type=COUNT, default=None,
                           help="queries of a folder/.npz, classes taking turns (default: one per class; of "
                                "unlabelled images: all), picked at random (--seed)")
     retrieve.add_argument("--html", type=OUTPUT_FILE, default=None,
@@ -96,6 +126,8 @@ def register(commands) -> None:
     retrieve.add_argument("--weights", default=None,
                           help="the database's checkpoint, if it moved since the database was built")
     retrieve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    retrieve.add_argument("--no_picture", action="store_true", help="do not save the picture")
+    retrieve.add_argument("--no-picture", action="store_true", help="do not save the picture")
     retrieve.add_argument("--exact", action="store_true", help="exact search even if an index was trained")
+    retrieve.add_argument("--verbose", action="store_true",
+                          help="print where the time went (imports, Redis, model, index, search, records) on stderr")
     retrieve.set_defaults(run=run)

@@ -10,7 +10,8 @@ from cbir.store.redis.connect import describe
 
 
 def run(args) -> int:
-    from cbir.search.persisted import delete_index, train_index
+    from cbir import api
+    from cbir.search.persisted import delete_index
 
     store = open_store(args)
     store.require()
@@ -20,7 +21,7 @@ def run(args) -> int:
               "searches are exact")
         return 0
     print(f"training an index ({args.index}) over '{args.db_name}' on {describe(store.client)}")
-    report = train_index(store, kind=args.index, nlist=args.nlist, m=args.m, breadth=args.nprobe,
+    report = api.train_index(store, kind=args.index, nlist=args.nlist, m=args.m, breadth=args.nprobe,
                          target_recall=args.target_recall, seed=args.seed)
     params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "exact"
     print(f"  parameters: {params}")
@@ -69,11 +70,11 @@ def register(commands) -> None:
                              help="inverted lists of ivf/ivfpq (default: about 4·sqrt(N))")
     train_index.add_argument("--nprobe", type=COUNT, default=None,
                              help="search breadth: lists visited (ivf/ivfpq) or efSearch (hnsw); "
-                                  "default: the smallest that reaches --target_recall")
+                                  "default: the smallest that reaches --target-recall")
     train_index.add_argument("--m", type=COUNT, default=None,
                              help="ivfpq: sub-quantisers (code bytes per vector; default up to 32); "
                                   "hnsw: links per node (32)")
-    train_index.add_argument("--target_recall", type=real(0, 1, above=True), default=0.95,
+    train_index.add_argument("--target-recall", type=real(0, 1, above=True), default=0.95,
                              help="recall@10 against exact search that tuning aims for (default: 0.95)")
     train_index.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the training and tuning samples")
     train_index.add_argument("--delete", action="store_true",

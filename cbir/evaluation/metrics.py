@@ -28,7 +28,6 @@ def average_precision_at_r(hits: np.ndarray, relevant: np.ndarray) -> np.ndarray
         return np.where(relevant > 0, (precision * hits).sum(axis=1) / relevant, np.nan)
 
 
-
 # ---------------------------------------------------------------- metrics
 def hit_rates(query_values: np.ndarray, neighbour_values: np.ndarray, prefix: str = "") -> dict[str, float]:
     """top-1, top-5 and majority@5 (at least 3 of 5) of ``neighbour_values`` matching the query's."""
@@ -37,10 +36,8 @@ def hit_rates(query_values: np.ndarray, neighbour_values: np.ndarray, prefix: st
             f"{prefix}majority5": float((hits.sum(axis=1) >= 3).mean())}
 
 
-
 def precision_at(query_labels: np.ndarray, neighbour_labels: np.ndarray, k: int) -> float:
     return float((neighbour_labels[:, :k] == query_labels[:, None]).mean())
-
 
 
 def knn_predict(neighbour_labels: np.ndarray, scores: np.ndarray, k: int, vote: str = "majority",
@@ -71,14 +68,12 @@ def knn_predict(neighbour_labels: np.ndarray, scores: np.ndarray, k: int, vote: 
     return classes[tally.argmax(axis=1)]
 
 
-
 @dataclass
 class EvaluationSettings:
     ks: Sequence[int] = (1, 5, 11)  # kNN classification neighbours
     vote: str = "majority"
     temperature: float = 0.07
     project_groups: dict[str, str] | None = None  # project -> group, for "similar project" hits
-
 
 
 def metrics(ranking: Ranking, settings: EvaluationSettings) -> dict[str, float]:
@@ -114,7 +109,6 @@ def metrics(ranking: Ranking, settings: EvaluationSettings) -> dict[str, float]:
     return out
 
 
-
 def confusion(ranking: Ranking, how: str = "top1") -> tuple[list[str], np.ndarray]:
     """(classes, matrix) of true class (rows) against the first neighbour's or the 5-vote's class."""
     labels = ranking.neighbour(ranking.support.labels)
@@ -129,14 +123,12 @@ def confusion(ranking: Ranking, how: str = "top1") -> tuple[list[str], np.ndarra
         return classes, confusion_matrix(truth, predicted, labels=classes)
 
 
-
 @contextlib.contextmanager
 def _one_class_allowed():
     """Quiet scikit-learn's warnings about one class (a 1 x 1 matrix, predictions of other classes)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module=r"sklearn\.")
         yield
-
 
 
 def knn_probabilities(neighbour_labels: np.ndarray, scores: np.ndarray, k: int, classes: Sequence[str],

@@ -100,10 +100,10 @@ def protocol_separated(ranking: Ranking, settings: EvaluationSettings) -> Protoc
 def protocol_remove(ranking: Ranking, settings: EvaluationSettings, exclude_classes: Sequence[str]) -> ProtocolResult:
     unknown = set(exclude_classes) - set(ranking.queries.labels.tolist())
     if unknown:
-        raise CbirError(f"--exclude_classes: no query has class {', '.join(sorted(unknown))}")
+        raise CbirError(f"--exclude-classes: no query has class {', '.join(sorted(unknown))}")
     kept = ranking.take(np.flatnonzero(~np.isin(ranking.queries.labels, list(exclude_classes))))
     if not len(kept.queries):
-        raise CbirError(f"--exclude_classes {', '.join(exclude_classes)} leaves out every query; the remove "
+        raise CbirError(f"--exclude-classes {', '.join(exclude_classes)} leaves out every query; the remove "
                         "protocol needs queries of another class")
     row = {"excluded": ", ".join(exclude_classes), **metrics(kept, settings)}
     return ProtocolResult("remove", [row], ["excluded"], ranking=kept)
@@ -283,7 +283,7 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
     check_protocol_options(measures, options.exclude_classes, with_queries=queries is not None)
     check_support(support, f"database '{store.name}'" if store is not None else "the database")
     if settings.project_groups and len(support) and not set(support.projects.tolist()) & set(settings.project_groups):
-        warnings.warn(f"--project_groups names no stored project (stored: {some_labels(support.projects.tolist())}): "
+        warnings.warn(f"--project-groups names no stored project (stored: {some_labels(support.projects.tolist())}): "
                       "'similar project' hits count the same project only", DataSourceWarning, stacklevel=2)
     if len(set(support.labels.tolist())) == 1:
         warnings.warn(f"the database holds one class ({some_labels(support.labels.tolist())}): every neighbour has "
@@ -305,7 +305,7 @@ def run_protocols(measures: Sequence[str], support: Support, queries: Queries | 
     own = Queries.of_support(support)
     asked = queries if queries is not None else own
     if "stat" in measures and options.repeats > 1 and options.n_queries >= len(asked):
-        warnings.warn(f"--n_queries {options.n_queries} is not fewer than the {len(asked)} queries: every stat "
+        warnings.warn(f"--n-queries {options.n_queries} is not fewer than the {len(asked)} queries: every stat "
                       "repeat asks all of them, so the repeats agree (std 0)", DataSourceWarning, stacklevel=2)
     ranking = rank_all(index, support, asked, settings, store) if set(measures) - set(SUPPORT_MEASURES) else None
     results: list[ProtocolResult] = []

@@ -119,7 +119,7 @@ def open_workbook(path: str | Path) -> Workbook:
         return load_workbook(path)
     except Exception as exc:  # openpyxl raises what its zip and XML readers meet first
         raise CbirError(f"{path}: not an Excel workbook that can be extended ({type(exc).__name__}: {exc}); "
-                        "give another --excel_path or move the file away") from exc
+                        "give another --excel-path or move the file away") from exc
 
 
 def write_workbook(path: str | Path, results: Sequence[ProtocolResult], config: dict,

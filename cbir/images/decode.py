@@ -54,19 +54,15 @@ def decode_image(data: bytes, where: str, keep_grey: bool = False) -> Image.Imag
     return _finished(image, where, keep_grey)
 
 
-
 # An image array: (H, W) or (H, W, C), channels last, of any number type (bool, int, uint, float).
 IMAGE_SHAPES = "(H, W) or (H, W, C) with C = 1, 3 or 4"
-
 
 
 NUMBER_KINDS = "biuf"
 
 
-
 def is_image_shape(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4))
-
 
 
 def array_image(array: np.ndarray, where: str, keep_grey: bool = False) -> Image.Image:
@@ -80,7 +76,6 @@ def array_image(array: np.ndarray, where: str, keep_grey: bool = False) -> Image
     if array.dtype != np.uint8:
         array = to_8_bits(array)
     return _finished(Image.fromarray(array), where, keep_grey)
-
 
 
 def check_header(path: str) -> None:
@@ -105,10 +100,8 @@ def check_header(path: str) -> None:
         raise ImageError(f"{path}: not an image file, or a damaged one ({type(exc).__name__})") from exc
 
 
-
 def _finished(image: Image.Image, where: str, keep_grey: bool) -> Image.Image:
     return image if keep_grey and image.mode == "L" else _to_rgb(image, where)
-
 
 
 def _to_rgb(image: Image.Image, where: str) -> Image.Image:

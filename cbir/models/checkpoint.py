@@ -24,7 +24,6 @@ def _load_failure(path: Path, exc: Exception) -> str:
     return f"not a complete {kind} weights file (damaged, cut short, or another format)"
 
 
-
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], ExtractorSpec | None]:
     """Tensors and, for a cbir checkpoint, its spec; never unpickles arbitrary objects."""
     if path.is_dir():
@@ -55,7 +54,6 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], ExtractorSpec | Non
     return state, None
 
 
-
 def load_checkpoint(path: str | Path) -> Extractor:
     """Rebuild the extractor a cbir checkpoint describes."""
     path = Path(path)
@@ -73,13 +71,11 @@ def load_checkpoint(path: str | Path) -> Extractor:
     return extractor.eval()
 
 
-
 def _head(state: dict[str, torch.Tensor]) -> nn.Module | None:
     if "head.weight" not in state:
         return None
     out_dim, in_dim = state["head.weight"].shape
     return nn.Linear(in_dim, out_dim)
-
 
 
 def strip_prefixes(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:

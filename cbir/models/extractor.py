@@ -28,8 +28,6 @@ VECTOR_FIELDS = ("architecture", "input_size", "mean", "std", "embedding_dim", "
                  "multiscale")
 
 
-
-
 @dataclass(frozen=True)
 class ExtractorSpec:
     """Everything needed to rebuild an extractor and to judge whether two are the same."""

@@ -8,7 +8,6 @@ from torch import nn
 from cbir.errors import ModelError
 from cbir.models.checkpoint import load_checkpoint, read_state, strip_prefixes
 from cbir.models.extractor import Extractor, ExtractorSpec, MultiScaleBackbone
-from cbir.models.hub import download_pretrained
 from cbir.models.registry import build_backbone, resolve_backbone
 
 
@@ -46,6 +45,8 @@ def create_extractor(name: str = "efficientnet_lite0", weights: str | Path | Non
         module.load_state_dict(backbone.offline_weights())
         source = "imagenet"
     elif pretrained:
+        from cbir.models.hub import download_pretrained  # timm and the hub client: seconds to import
+
         module = download_pretrained(backbone, size)
         source = "imagenet"
     else:

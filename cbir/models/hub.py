@@ -20,10 +20,8 @@ from cbir.models.registry import Backbone
 HUB_CONNECT_TIMEOUT_S = 3.0
 
 
-
 # A proxy's own answers when it cannot reach the hub, or will not without credentials.
 _PROXY_FAILURES = (407, 502, 504)
-
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -31,7 +29,6 @@ def _root_cause(exc: BaseException) -> BaseException:
     while exc.__cause__ or exc.__context__:
         exc = exc.__cause__ or exc.__context__
     return exc
-
 
 
 def _hub_proxy(endpoint: str) -> str | None:
@@ -43,7 +40,6 @@ def _hub_proxy(endpoint: str) -> str | None:
         return None
     parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-
 
 
 def _hub_unreachable() -> str | None:
@@ -70,7 +66,6 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-
 @contextmanager
 def _hub_offline():
     """The hub answers from its local cache alone, as with ``HF_HUB_OFFLINE=1``."""
@@ -80,7 +75,6 @@ def _hub_offline():
         yield
     finally:
         hub_constants.HF_HUB_OFFLINE = offline
-
 
 
 def download_pretrained(backbone: Backbone, input_size: int) -> nn.Module:

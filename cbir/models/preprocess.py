@@ -35,7 +35,6 @@ class Preprocess:
         return image.resize((self.input_size, self.input_size), method, reducing_gap=3.0)
 
 
-
 def _grey_band(image: Image.Image) -> Image.Image | None:
     """One band of an RGB image whose three bands are equal (most medical images are grey saved
     as RGB), else None."""

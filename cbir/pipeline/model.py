@@ -18,7 +18,6 @@ def register_model(store: VectorStore, extractor: Extractor, weights: str | Path
     store.ensure_model(extractor.fingerprint(), spec, extractor.spec.embedding_dim, chunk_size)
 
 
-
 def extractor_for_store(store: VectorStore, weights: str | Path | None = None,
                         device: str | None = None) -> Extractor:
     """Rebuild the extractor that filled ``store`` (or load ``weights``) and check it is the same."""

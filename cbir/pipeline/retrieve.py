@@ -1,6 +1,7 @@
 """Nearest stored images of query images, their records and a kNN class vote."""
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -89,19 +90,32 @@ class Retriever:
     exact: bool = False  # ignore a trained index
     index: SearchIndex = field(init=False)
     stored: int = field(init=False)  # images in the database when the search began
+    # Seconds spent on each step so far: index (Redis reads and FAISS), embed (decoding and the
+    # model), search, records (Redis reads of the neighbours' records only).
+    timings: dict[str, float] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.store.require()
-        self.stored = self.store.count()
+        started = time.perf_counter()
+        self.index = search_index(self.store, exact=self.exact)
+        self.timings["index"] = time.perf_counter() - started
+        self.stored = self.index.size  # the index is current: no second pass over the records to count them
         if not self.stored:
             raise StoreError(f"database '{self.store.name}' holds no images (every one was removed): "
                              f"add images first")
-        self.index = search_index(self.store, exact=self.exact)
+
+    def _timed(self, step: str, started: float) -> float:
+        now = time.perf_counter()
+        self.timings[step] = self.timings.get(step, 0.0) + now - started
+        return now
 
     def neighbours(self, vectors: np.ndarray, k: int = DEFAULT_NEIGHBOURS) -> list[list[Neighbour]]:
+        started = time.perf_counter()
         scores, ids = self.index.search(vectors, k)
+        started = self._timed("search", started)
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         records = dict(zip(wanted, self.store.records(wanted)))
+        self._timed("records", started)
         rows = []
         for row_scores, row_ids in zip(scores, ids):
             row = []
@@ -125,7 +139,9 @@ class Retriever:
     def query(self, items: Sequence[ImageItem], k: int = DEFAULT_NEIGHBOURS, known_labels: bool = True,
               progress: bool = False) -> tuple[list[Retrieval], list[str]]:
         """Retrievals for the readable ``items`` and the failures (file: reason) of the others."""
+        started = time.perf_counter()
         vectors, decoded = embed_items(items, self.extractor, progress=progress)
+        self._timed("embed", started)
         results = []
         for position, sha, row in zip(decoded.positions, decoded.sha256, self.neighbours(vectors, k)):
             item = items[position]

@@ -20,13 +20,11 @@ class RecallPoint:
     refine: int = 1  # candidates re-ranked per neighbour (IVF-PQ)
 
 
-
 @dataclass
 class Tuning:
     chosen: RecallPoint
     tried: list[RecallPoint]
     reached: bool  # whether the chosen breadth meets the target
-
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray, k: int, found_scores: np.ndarray | None = None,
@@ -47,7 +45,6 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int, found_scores: np.nda
             threshold = truth_scores[row, wanted - 1] - TIE_TOLERANCE
             hits.append(min(wanted, int(((f >= 0) & (found_scores[row, :k] >= threshold)).sum())) / wanted)
     return float(np.mean(hits))
-
 
 
 def tune(searcher: SearchIndex, exact: SearchIndex, query_ids: np.ndarray, queries: np.ndarray,
@@ -83,7 +80,6 @@ def tune(searcher: SearchIndex, exact: SearchIndex, query_ids: np.ndarray, queri
     if refined:
         searcher.params["refine"] = best.refine
     return Tuning(chosen=best, tried=tried, reached=best.recall10 >= target_recall)
-
 
 
 def _tune_breadth(searcher: SearchIndex, exact: SearchIndex, query_ids: np.ndarray, queries: np.ndarray,

@@ -69,7 +69,7 @@ def database_names(client) -> list[str]:
 
 
 class VectorStore(ReadingMixin, WritingMixin, JournalMixin, LockingMixin):
-    """One database (``--db_name``) in Redis: vectors, image records and the model that made them.
+    """One database (``--db-name``) in Redis: vectors, image records and the model that made them.
 
     Writers hold :meth:`writing` (one writer per database at a time); readers need nothing.
     """
@@ -190,7 +190,7 @@ class VectorStore(ReadingMixin, WritingMixin, JournalMixin, LockingMixin):
             raise ModelMismatchError(
                 f"database '{self.name}' was built with {stored} ({self.dim}-d, {self.model}); "
                 f"this run uses {wanted} ({dim}-d, {fingerprint}). Use the same extractor, "
-                "another --db_name, or --rewrite to start the database over."
+                "another --db-name, or --rewrite to start the database over."
             )
 
     def describe(self) -> DatabaseInfo:
@@ -229,15 +229,5 @@ class VectorStore(ReadingMixin, WritingMixin, JournalMixin, LockingMixin):
         key = self.key(suffix)
         self.call("writing", self.client.sadd, self.prefix + "keys", key)
         return key
-
-
-
-
-
-
-
-
-
-
 
 

@@ -33,45 +33,34 @@ from cbir.errors import StoreError
 SCHEMA_VERSION = "3"
 
 
-
 CHUNK_BYTES = 512 * 1024  # vector bytes per chunk key, at most
-
 
 
 DB_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
-
 _TEXT_FIELDS = ("name", "label", "project", "source")
-
 
 
 _LABEL_COLUMN = _TEXT_FIELDS.index("label")
 
 
-
 _VALUE_SEPARATOR = "\x1f"  # ASCII unit separator, between the values of one text column
-
 
 
 _COLUMN_SEPARATOR = "\x1e"  # ASCII record separator, between the text columns
 
 
-
 _FORBIDDEN_CHARACTERS = (_VALUE_SEPARATOR, _COLUMN_SEPARATOR, "\0")
-
 
 
 _BLOCK_HEADER = struct.Struct("<II")  # records in the block, bytes of its text
 
 
-
 _DIGEST_BYTES = 32
 
 
-
 _NO_DIGEST = "0" * 2 * _DIGEST_BYTES
-
 
 
 @dataclass(frozen=True)
@@ -86,13 +75,11 @@ class ImageRecord:
     added: float = 0.0
 
 
-
 def _is_hex_digest(text: str) -> bool:
     try:
         return len(bytes.fromhex(text)) == _DIGEST_BYTES
     except ValueError:
         return False
-
 
 
 @dataclass
@@ -145,7 +132,6 @@ class Columns:
                        self.digests[positions])
 
 
-
 def encode_block(ids: np.ndarray, columns: Columns) -> bytes:
     r"""One block of a meta chunk, column by column: ``<u32 n><u32 text bytes>``, the n ids (u32),
     the n sha256 digests, the n added times (f64), then the name, label, project and source
@@ -158,7 +144,6 @@ def encode_block(ids: np.ndarray, columns: Columns) -> bytes:
     return b"".join((_BLOCK_HEADER.pack(len(columns), len(encoded)), ids.astype("<u4").tobytes(),
                      np.ascontiguousarray(columns.digests, np.uint8).tobytes(),
                      columns.added.astype("<f8").tobytes(), encoded))
-
 
 
 class _Block:
@@ -186,7 +171,6 @@ class _Block:
         digest = self.digest(row)
         return ImageRecord(name=name, label=label, project=project, source=source,
                            sha256=digest.hex() if any(digest) else "", added=float(self.added[row]))
-
 
 
 class MetaChunk:
@@ -248,12 +232,10 @@ class MetaChunk:
         return Counter(record.label for _, record in self.records())
 
 
-
 def encoded_names(names: Sequence[str]) -> list[bytes]:
     """The names in UTF-8; one encode and split instead of one per name (checked names hold no
     _VALUE_SEPARATOR)."""
     return _VALUE_SEPARATOR.join(names).encode("utf-8").split(_VALUE_SEPARATOR.encode()) if names else []
-
 
 
 def grouped_positions(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -263,7 +245,6 @@ def grouped_positions(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     return zip(distinct.tolist(), np.split(order, starts[1:]))
 
 
-
 def chunk_size_for(dim: int) -> int:
     """Vectors per chunk: as many as fit, with Redis' string header, in CHUNK_BYTES.
 
@@ -271,7 +252,6 @@ def chunk_size_for(dim: int) -> int:
     take the 640 KiB class (25 % waste), one just under it takes 512 KiB.
     """
     return max(1, (CHUNK_BYTES - 64) // (dim * 4))
-
 
 
 def check_db_name(name: str) -> str:

@@ -49,7 +49,6 @@ class WritePlan:
         return self.ids >= (self.fresh_from if self.fresh_from is not None else np.iinfo(np.int64).max)
 
 
-
 class WriteStream:
     """Writes plans through a :class:`~cbir.commands.CommandStream`, up to ``depth`` in flight:
     this client encodes the next batch while Redis stores the last (``depth=0`` waits for each)."""
@@ -77,7 +76,6 @@ class WriteStream:
     def abandon(self) -> None:
         """Close without waiting for the writes in flight (see CommandStream.abandon)."""
         self._stream.abandon()
-
 
 
 def warn_if_resumed(stream: commands.CommandStream, database: str) -> None:

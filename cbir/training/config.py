@@ -15,14 +15,11 @@ from cbir.options import LOSSES, SCHEDULERS
 SAMPLE_ANCHORED = ("margin", "triplet", "contrastive", "ntxent", "normsoftmax", "arcface", "cross_entropy")
 
 
-
 # Losses that compare the samples of a batch with each other: a batch of one class has no negatives.
 PAIR_LOSSES = ("margin", "triplet", "contrastive", "ntxent")
 
 
-
 RUN_FILES = ("best.safetensors", "last.safetensors", "state.pt")  # what a run leaves in its folder
-
 
 
 @dataclass
@@ -68,21 +65,20 @@ class TrainConfig:
         if self.scheduler not in SCHEDULERS:
             raise CbirError(f"unknown --scheduler '{self.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
         if self.knn_weighting and self.loss not in SAMPLE_ANCHORED:
-            raise CbirError(f"--knn_weighting needs a loss with per-sample terms ({', '.join(SAMPLE_ANCHORED)})")
+            raise CbirError(f"--knn-weighting needs a loss with per-sample terms ({', '.join(SAMPLE_ANCHORED)})")
         if self.num_epochs < 1:
-            raise CbirError(f"--num_epochs must be at least 1, got {self.num_epochs}")
+            raise CbirError(f"--num-epochs must be at least 1, got {self.num_epochs}")
         if self.batch_size < 2:
-            raise CbirError(f"--batch_size must be at least 2 (metric losses compare images), got {self.batch_size}")
+            raise CbirError(f"--batch-size must be at least 2 (metric losses compare images), got {self.batch_size}")
         if self.loss in PAIR_LOSSES and self.batch_size < 2 * self.m_per_class:
-            raise CbirError(f"--batch_size {self.batch_size} holds one class of --m_per_class {self.m_per_class} "
+            raise CbirError(f"--batch-size {self.batch_size} holds one class of --m-per-class {self.m_per_class} "
                             f"images, and the {self.loss} loss needs other classes in a batch to learn from: make "
-                            f"--batch_size at least {2 * self.m_per_class} or --m_per_class at most "
+                            f"--batch-size at least {2 * self.m_per_class} or --m-per-class at most "
                             f"{max(1, self.batch_size // 2)}")
         if self.train_classes and not self.generalise:
-            raise CbirError("--train_classes applies with --generalise only; add --generalise")
+            raise CbirError("--train-classes applies with --generalise only; add --generalise")
         if len(set(self.train_classes)) == 1:
-            raise CbirError(f"--train_classes names one class ({self.train_classes[0]}); training needs at least two")
-
+            raise CbirError(f"--train-classes names one class ({self.train_classes[0]}); training needs at least two")
 
 
 # ---------------------------------------------------------------------- data
@@ -107,7 +103,7 @@ def split_training_data(config: TrainConfig) -> tuple[list[ImageItem], list[Imag
         chosen = list(config.train_classes) or sorted(random.Random(config.seed).sample(classes, max(2, len(classes) // 2)))
         missing = set(chosen) - set(classes)
         if missing:
-            raise CbirError(f"--train_classes: no training images of class {', '.join(sorted(missing))}")
+            raise CbirError(f"--train-classes: no training images of class {', '.join(sorted(missing))}")
         unseen = [c for c in classes if c not in chosen]
         train = [item for item in train if item.label in chosen]
         validation = [item for item in validation if item.label in chosen]
@@ -115,13 +111,13 @@ def split_training_data(config: TrainConfig) -> tuple[list[ImageItem], list[Imag
     if len(counts) < 2:
         raise CbirError(f"{config.training_data}: training needs at least two classes, found {sorted(counts)}")
     if not validation:
-        advice = "give --validation_data"
+        advice = "give --validation-data"
         if path.is_dir() and not config.validation_data:
             largest = max(counts.values())
             if config.val_fraction == 0:
-                advice += " or a --val_fraction above 0"
+                advice += " or a --val-fraction above 0"
             elif largest > 2:  # stratified_split takes validation images only from classes of 3 or more
-                advice += (f" or a larger --val_fraction ({config.val_fraction:g} of the largest class, "
+                advice += (f" or a larger --val-fraction ({config.val_fraction:g} of the largest class, "
                            f"{largest} images, rounds to none)")
             else:
                 advice += " (classes of 2 images or fewer give none to validation)"
@@ -131,7 +127,6 @@ def split_training_data(config: TrainConfig) -> tuple[list[ImageItem], list[Imag
         raise CbirError(f"{config.validation_data}: no validation class is a training class (validation: "
                         f"{some_labels(item.label for item in validation)}; training: {some_labels(counts)})")
     return train, validation, unseen
-
 
 
 def check_readable(items: Sequence[ImageItem]) -> None:
@@ -145,7 +140,6 @@ def check_readable(items: Sequence[ImageItem]) -> None:
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise CbirError(f"{len(bad)} training image(s) cannot be read: {'; '.join(bad[:5])}{more}")
-
 
 
 def stratified_split(items: Sequence[ImageItem], fraction: float, seed: int) -> tuple[list, list]:

@@ -28,7 +28,6 @@ class Augment:
         return self.transform(image)
 
 
-
 class LabelledImages(Dataset):
     def __init__(self, items: Sequence[ImageItem], class_index: dict[str, int], transform):
         self.items, self.class_index, self.transform = list(items), class_index, transform

@@ -85,7 +85,7 @@ def learning_rate_factor(config: TrainConfig, epoch: int) -> float:
     """The share of the configured learning rates that ``epoch`` (1-based) trains with.
 
     A function of the epoch and the flags alone, the closed forms of torch's CosineAnnealingLR,
-    StepLR and ExponentialLR: a resumed run follows the schedule of the --num_epochs it is given.
+    StepLR and ExponentialLR: a resumed run follows the schedule of the --num-epochs it is given.
     A restored torch scheduler kept the first run's length, so a run of 3 epochs resumed for 5
     trained epoch 4 at a learning rate of 0 and epoch 5 at a rising one.
     """
@@ -120,7 +120,7 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
                                  pretrained=config.pretrained, embedding_dim=config.num_features, device=config.device,
                                  multiscale=config.dr_model)
     if extractor.head is None:
-        raise CbirError(f"--num_features {config.num_features} equals the backbone's feature size; "
+        raise CbirError(f"--num-features {config.num_features} equals the backbone's feature size; "
                         "choose another size so there is an embedding head to train")
     extractor = extractor.to(memory_format=torch.channels_last)
     pretrained_part = extractor.backbone.backbone if config.dr_model else extractor.backbone

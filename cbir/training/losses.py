@@ -13,7 +13,6 @@ from torch import nn
 CLASSIFIER_SCALE = 16.0  # logits = scale * cosine(embedding, class weight) for the cross-entropy head
 
 
-
 # ---------------------------------------------------------------------- loss
 class AnchorWeightedReducer(BaseReducer):
     """Mean of the non-zero loss terms, each weighted by the weight of its anchor sample."""
@@ -39,7 +38,6 @@ class AnchorWeightedReducer(BaseReducer):
         return self._weighted(losses, loss_indices[0])
 
 
-
 class CosineCrossEntropy(BaseMetricLossFunction):
     """Plain cross-entropy through a cosine classifier head: the classification baseline."""
 
@@ -52,7 +50,6 @@ class CosineCrossEntropy(BaseMetricLossFunction):
         terms = F.cross_entropy(logits, labels, reduction="none")
         return {"loss": {"losses": terms, "indices": torch.arange(len(labels), device=labels.device),
                          "reduction_type": "element"}}
-
 
 
 def build_loss(name: str, num_classes: int, dim: int, weighted: bool):
@@ -81,7 +78,6 @@ def build_loss(name: str, num_classes: int, dim: int, weighted: bool):
     return CosineCrossEntropy(num_classes, dim, **extra), None
 
 
-
 def class_weights(loss) -> tuple[torch.Tensor, float] | None:
     """(classes x dim weights, logit scale) of a loss that learns one vector per class, else None."""
     if isinstance(loss, (losses.ArcFaceLoss, losses.NormalizedSoftmaxLoss)):
@@ -94,12 +90,10 @@ def class_weights(loss) -> tuple[torch.Tensor, float] | None:
     return None
 
 
-
 def set_class_weights(loss, weights: torch.Tensor | None) -> None:
     for module in loss.modules():
         if isinstance(module, AnchorWeightedReducer):
             module.weights = weights
-
 
 
 def knn_wrong(vectors: torch.Tensor, labels: torch.Tensor, k: int = 10) -> torch.Tensor:

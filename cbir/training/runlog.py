@@ -14,10 +14,9 @@ from cbir.training.config import TrainConfig
 
 def run_shape(config: TrainConfig, extractor: Extractor, class_names: list[str]) -> dict:
     """The settings that shape a run's saved state: a resumed run must be given the same."""
-    return {"--model": config.model, "--input_size": extractor.spec.input_size, "--num_features": config.num_features,
+    return {"--model": config.model, "--input-size": extractor.spec.input_size, "--num-features": config.num_features,
             "--loss": config.loss, "--optimizer": config.optimizer, "--freeze": config.freeze,
-            "--dr_model": config.dr_model, "classes": class_names}
-
+            "--dr-model": config.dr_model, "classes": class_names}
 
 
 def resumed_state(path: Path, shape: dict, extractor: Extractor, loss, optimizer) -> dict:
@@ -43,12 +42,10 @@ def resumed_state(path: Path, shape: dict, extractor: Extractor, loss, optimizer
     return state
 
 
-
 def shown_in_log(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     return ", ".join(value) if isinstance(value, list) else str(value)
-
 
 
 def keep_log_rows(path: Path, last_epoch: int) -> None:
@@ -65,7 +62,6 @@ def keep_log_rows(path: Path, last_epoch: int) -> None:
             writer.writerows(kept)
 
 
-
 def append_log(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="", encoding="utf-8") as handle:
@@ -75,11 +71,9 @@ def append_log(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-
 def log_rows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
-
 
 
 def best_row(path: Path) -> dict:

@@ -19,12 +19,10 @@ def failure_and_advice(exc: redis.RedisError) -> tuple[str, str]:
     return "Redis failed", reason
 
 
-
 def stopped_answering(exc: BaseException) -> bool:
     """Whether ``exc`` is a StoreError for a server gone or silent: another command to it would only
     wait out the client's retries or the socket timeout again."""
     return isinstance(exc, StoreError) and isinstance(exc.__cause__, (redis.ConnectionError, redis.TimeoutError))
-
 
 
 def as_text(value) -> str:
