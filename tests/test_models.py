@@ -51,6 +51,37 @@ def test_the_packaged_weights_are_really_loaded(extractor):
     assert extractor.fingerprint() == create_extractor("efficientnet_lite0", input_size=64, device="cpu").fingerprint()
 
 
+def test_lite0_in_plain_torch_is_timms_network_layer_for_layer():
+    """The default model is built without timm: the same parameter names in the same order (so the
+    same fingerprint as databases built through timm) and the same vectors, bit for bit."""
+    import timm
+
+    from cbir.models.lite0 import EfficientNetLite0
+
+    theirs = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    ours = EfficientNetLite0().eval()
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == \
+        [(k, v.shape) for k, v in theirs.state_dict().items()]
+    ours.load_state_dict(theirs.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    for size in (224, 97):  # an odd size: TensorFlow's "SAME" padding puts the odd pixel last
+        images = torch.randn(2, 3, size, size, generator=generator)
+        with torch.inference_mode():
+            assert torch.equal(ours(images), theirs(images))
+
+
+def test_the_default_extractor_keeps_the_fingerprint_of_databases_built_before():
+    # Fingerprints of the packaged ImageNet Lite0 as built through timm (cbir before 2026-12-07).
+    assert create_extractor("efficientnet_lite0").fingerprint() == "271e515d4cd115a1"
+    assert create_extractor("efficientnet_lite0", input_size=64).fingerprint() == "a034a2152e6b628b"
+
+
+def test_the_default_extractor_does_not_import_timm():
+    check = ("import sys; from cbir.models.factory import create_extractor; create_extractor('efficientnet_lite0'); "
+             "sys.exit(10 if 'timm' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0
+
+
 def test_checkpoint_describes_itself(tmp_path):
     model = create_extractor("resnet18", input_size=64, pretrained=False, embedding_dim=32, device="cpu")
     path = model.save(tmp_path / "model.safetensors")

@@ -274,6 +274,11 @@ def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsy
                                         "project": "breastmnist", "score": pytest.approx(1.0, abs=1e-4)}
         pictures = list((tmp_path / "pictures").glob("retrieval_*.png"))
         assert len(pictures) == 1 and Image.open(pictures[0]).size[0] > 400
+        # --verbose: where the time went, on stderr; the thesis's flag spellings work as well.
+        assert cli("retrieve", "--db_name", db_name, "--path", query, "--nrt_neigh", 3, "--no_picture", "--verbose") == 0
+        timings = capsys.readouterr().err.splitlines()[-1]
+        assert all(f" {step} " in timings for step in ("cli", "redis", "imports", "model", "index", "embed",
+                                                          "search", "records"))
         with pytest.warns(UserWarning, match=f"--nrt-neigh 100 is more than the 78 images of '{db_name}'"):
             assert cli("retrieve", "--db-name", db_name, "--path", query, "--nrt-neigh", 100,
                        "--results-dir", tmp_path / "pictures") == 0
