@@ -6,10 +6,13 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup redis-server demo test bench serve
+.PHONY: setup redis-server demo test bench
 
+# A fresh Debian or Ubuntu Python lacks venv's ensurepip until python3-venv is installed.
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV) && $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
+		$(PYTHON) -m venv $(VENV); }
 
 # Installed again only when requirements.txt or pyproject.toml change; the project itself is
 # installed editable (the `cbir` command in .venv/bin), without fetching anything.

@@ -16,10 +16,10 @@ LOSSES = ("margin", "proxy_nca", "proxy_anchor", "softtriple", "normsoftmax", "a
           "contrastive", "ntxent", "cross_entropy")
 SCHEDULERS = ("cosine", "step", "exponential", "none")
 DEFAULT_NEIGHBOURS = 10  # returned per query unless --nrt-neigh says otherwise
-# Queries drawn in one retrieval picture: a row of 10 neighbours took 0.23 s and 95 kB (BUSI), so
-# a folder of 780 queries would draw for 3 minutes into a picture 171,600 pixels high.
+# Queries drawn in one retrieval picture: a folder of 780 queries would draw for minutes into a
+# picture 171,600 pixels high.
 PICTURE_ROWS = 20
-# Neighbours drawn per query: 500 made a picture 93,687 pixels wide in 24 s.
+# Neighbours drawn per query: 500 made a picture 93,687 pixels wide.
 PICTURE_COLUMNS = 20
 MIN_TSNE_POINTS = 5  # fewer points show no structure worth a t-SNE picture
 # Images per class in a dataset's sample grid: 437 (BUSI's benign class) made a picture 176,000

@@ -19,9 +19,8 @@ from cbir.store.database import VectorStore
 MAP_DEPTH_LIMIT = 2000  # mAP@R looks at most this deep (R is capped for huge classes)
 
 
-# Neighbours (queries x depth) one search step holds: leave-one-out over 20,000 images of two
-# classes, ranked 2,000 deep at once, peaked at 3 GB; ranked in steps this size, memory no longer
-# grows with the number of queries.
+# Neighbours (queries x depth) one search step holds: ranked in steps this size, memory does not
+# grow with the number of queries (docs/PERFORMANCE.md, "Figures once quoted in the code").
 RANKING_CELLS = 2_000_000
 
 

@@ -104,7 +104,7 @@ class Extractor(nn.Module):
         return next(self.parameters()).device
 
     def for_inference(self, device: str | torch.device | None = None) -> "Extractor":
-        """Evaluation mode on ``device``, channels-last (2x faster convolutions on CPU here)."""
+        """Evaluation mode on ``device``, channels-last (faster convolutions on CPU)."""
         retain_freed_memory()
         return self.to(_device(device), memory_format=torch.channels_last).eval()
 
@@ -191,9 +191,8 @@ def retain_freed_memory() -> None:
 
     PyTorch on CPU allocates every activation afresh. By default glibc serves large blocks with
     fresh ``mmap`` pages and trims the heap whenever its top is free, so each forward pass
-    page-faults its whole working set in again: for efficientnet_lite0 at 224 px and batch 32
-    that was 2.3 million minor faults per 256 images and half of the CPU time, in the kernel.
-    This affects the whole process (it keeps the peak heap, about 0.25 GB more resident here) and
+    page-faults its whole working set in again, which cost about half of the CPU time, in the
+    kernel (docs/PERFORMANCE.md). This affects the whole process (it keeps the peak heap resident) and
     is the in-process form of the usual advice to preload jemalloc or tcmalloc. Nothing happens
     on other C libraries; calling it again changes nothing.
     """

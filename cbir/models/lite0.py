@@ -1,7 +1,7 @@
 """EfficientNet-Lite0 in plain PyTorch, layer for layer timm's ``tf_efficientnet_lite0``.
 
 The default extractor of every command. Building it through timm costs a one-query command
-about 3 s of importing timm's whole model zoo; this module builds the same network (the same
+seconds of importing timm's whole model zoo (docs/PERFORMANCE.md); this module builds the same network (the same
 parameter names in the same order, so the same fingerprint, and the same operations, so the same
 vectors: the tests compare both) with nothing but torch. Other backbones still come from timm.
 """

@@ -22,8 +22,8 @@ DEFAULT_BATCH_SIZE = 32
 
 
 # Decoding threads taking turns with the model decode this many images a turn (whole batches, at
-# least one): in alternating adds of BUSI on 2 cores, turns of 32 images ran at 0.78 x the pure
-# forward rate (median of 5), turns of 64 to 256 images at 0.82-0.85.
+# least one): turns of 64 to 256 images kept adds closest to the pure forward rate, shorter turns
+# fell behind (docs/PERFORMANCE.md).
 DECODE_TURN_IMAGES = 128
 
 

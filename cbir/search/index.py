@@ -32,7 +32,7 @@ TRAINING_POINTS_PER_CENTROID = 64
 TIE_TOLERANCE = 1e-5  # similarities of identical vectors differ by float32 rounding at most
 PQ_CENTROIDS = 256  # per sub-quantiser of 8-bit codes; k-means needs at least as many vectors
 HNSW_NEIGHBOURS = 32
-# --m 100000 over 1,217 vectors took 3 GB and 24 s and reached recall@10 0.56 at efSearch 32.
+# --m 100000 over 1,217 vectors took gigabytes and reached recall@10 0.56 at efSearch 32.
 HNSW_MAX_NEIGHBOURS = 256
 # FAISS's default efConstruction (40) leaves clustered data poorly linked: 0.94 recall@10 at
 # efSearch 1024 on 1M clustered vectors; 100 reaches 1.0 at efSearch 64 for 2.3x the build time.
@@ -76,7 +76,7 @@ def id_positions(held: np.ndarray, ids: np.ndarray) -> np.ndarray:
     top = int(held.max(initial=-1))
     if top < 0:
         return np.full(ids.shape, -1, np.int64)
-    if top < 4 * len(held) + 1024:  # store ids are dense: a table lookup, 5x faster than a binary search
+    if top < 4 * len(held) + 1024:  # store ids are dense: a table lookup beats a binary search
         table = np.full(top + 1, -1, np.int64)
         present = held >= 0
         table[held[present]] = np.flatnonzero(present)
@@ -243,7 +243,7 @@ class SearchIndex:
         about 160) is searched again with twice the lists until it is full or every list is probed.
         An HNSW walk skips removed entries but still spends its breadth on them: with 99 % of
         20,000 vectors removed, efSearch 1024 found 9 of 100 neighbours. A row it leaves short is
-        searched exactly over the graph's own vectors instead (0.1 ms a query there).
+        searched exactly over the graph's own vectors instead.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")

@@ -93,7 +93,7 @@ def train_index(store: VectorStore, kind: str = "ivf", nlist: int | None = None,
     tuning = tune(searcher, exact, ids[rows], vectors[rows], target_recall=target_recall,
                   breadths=None if breadth is None else [breadth])
     tune_seconds = time.perf_counter() - started
-    # Freed before serialising: with them, 100,000 x 1280 vectors peaked at 5.3 x their bytes.
+    # Freed before serialising: kept, they raised the peak memory by a third (docs/PERFORMANCE.md).
     del vectors, exact
     blob = searcher.to_bytes()
     save_index(store, blob, searcher, version, journal_start, tuning)

@@ -10,8 +10,8 @@ image stored).
 
 Against a Redis hash of name -> id, this saves Redis one field per image (parsed, stored and
 logged to the append-only file) on every write and one HMGET field per name on every lookup, and
-lets a writer answer "is this name new?" from memory. On a 1M-vector ingest into the embedded
-Redis, the server's CPU time fell from 2.1-2.6 s to 0.8-1.3 s (same machine, same day).
+lets a writer answer "is this name new?" from memory: it more than halved the server's CPU time
+of an ingest (docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ from cbir.store.layout import ImageRecord, MetaChunk
 from cbir.store.names import NameIndex, buckets, name_hashes
 from cbir.store.redis.connect import evicting_servers
 
-# Rows of one chunk from which reading the chunk whole beats a GETRANGE per row: on embedded Redis
-# a GETRANGE of a 1280-d row took 33 us, a GET of its 408 KiB chunk about 1 ms.
+# Rows of one chunk from which reading the chunk whole beats a GETRANGE per row (measured on the
+# embedded Redis with 1280-d rows: docs/PERFORMANCE.md).
 ROWS_WORTH_A_CHUNK = 32
 PIPELINE_CHUNKS = 32  # chunks read per pipeline round trip when loading
 

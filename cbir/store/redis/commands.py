@@ -89,7 +89,7 @@ def run(client, commands: Sequence[Command]) -> list:
         return replies
     # Pipelines of the nodes' own clients, not redis-py's cluster pipeline: that one sends every
     # command of a node that timed out again, one by one, and each waits out the timeout again
-    # (a stalled node held an add for 268 s at a 3 s timeout).
+    # (a stalled node held an add for minutes).
     by_node: dict[str, tuple[object, list[int]]] = {}
     for position, command in enumerate(commands):
         node = client.get_node_from_key(command[1])

