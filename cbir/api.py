@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from cbir.errors import CbirError
 from cbir.images.sources import ImageItem, content_digests, every_item, load_items, query_items
 from cbir.options import DEFAULT_NEIGHBOURS
-from cbir.store.database import VectorStore, database_names
+from cbir.store.database import DatabaseInfo, VectorStore, database_names
 from cbir.store.layout import ImageRecord
 from cbir.store.redis.connect import connect
+from cbir.store.redis.connect import describe as describe_client
 
 if TYPE_CHECKING:
     from cbir.evaluation.protocols import ProtocolResult
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
     from cbir.search.persisted import TrainReport
     from cbir.training.config import TrainConfig
 
-__all__ = ["open_database", "list_databases", "load_items", "query_items", "model_for_add", "start_over", "add",
-           "retriever", "search", "remove", "Removal", "train_index", "evaluate", "train", "DEFAULT_EXTRACTOR"]
+__all__ = ["open_database", "list_databases", "Databases", "where", "load_items", "query_items", "model_for_add", "start_over", "add",
+           "retriever", "search", "remove", "Removal", "describe", "Description", "train_index", "delete_index",
+           "evaluate", "train", "tsne", "dataset_pictures", "DEFAULT_EXTRACTOR"]
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"  # ImageNet weights ship in a package: works offline
 
@@ -46,8 +48,36 @@ def open_database(name: str = "db", redis_url: str | None = None, lock_wait: flo
     return VectorStore(connect(redis_url), name, lock_wait=lock_wait)
 
 
-def list_databases(redis_url: str | None = None) -> list[str]:
-    return database_names(connect(redis_url))
+@dataclass
+class Databases:
+    where: str  # the Redis, in words
+    stores: list[VectorStore]  # one per database, by name
+
+
+def list_databases(redis_url: str | None = None) -> Databases:
+    """Every database on the Redis at ``redis_url`` (found with SCAN, on every node of a Cluster)."""
+    client = connect(redis_url)
+    return Databases(describe_client(client), [VectorStore(client, name) for name in database_names(client)])
+
+
+def where(store: VectorStore) -> str:
+    """The Redis a store lives on, in words (its URL without the password, or the embedded server's folder)."""
+    return describe_client(store.client)
+
+
+@dataclass
+class Description:
+    info: DatabaseInfo
+    labels: dict[str, int]  # images per label
+    index: dict  # the trained index's metadata; empty where searches are exact
+
+
+def describe(store: VectorStore) -> Description:
+    """What a database holds: counts, model, version, images per label, its trained index."""
+    from cbir.search.persisted import index_info
+
+    info = store.describe()
+    return Description(info=info, labels=dict(store.label_counts()), index=index_info(store))
 
 
 def model_for_add(store: VectorStore, architecture: str | None = None, weights: str | None = None,
@@ -168,6 +198,14 @@ def train_index(store: VectorStore, kind: str = "ivf", **options) -> TrainReport
     return train_and_store(store, kind=kind, **options)
 
 
+def delete_index(store: VectorStore) -> bool:
+    """Delete the trained index (searches become exact); whether there was one."""
+    from cbir.search.persisted import delete_index as delete
+
+    store.require()
+    return delete(store)
+
+
 def evaluate(store: VectorStore, measures: Sequence[str], settings, options, items: Sequence[ImageItem] | None = None,
              groups: dict[str, str] | None = None, exact: bool = False, weights: str | None = None,
              device: str | None = None, progress: bool = True) -> tuple[list[ProtocolResult], dict]:
@@ -201,4 +239,28 @@ def train(config: TrainConfig, progress: bool = True):
     from cbir.training.loop import train_extractor
 
     return train_extractor(config, progress=progress)
+
+
+def tsne(store: VectorStore, path, perplexity: float = 30.0, max_points: int = 5000, by_project: bool = False,
+         seed: int = 0):
+    """A 2-D t-SNE picture of the stored vectors at ``path``, coloured by class (and by project)."""
+    from cbir.viz.overview import save_tsne
+
+    store.require()
+    return save_tsne(store, path, perplexity=perplexity, max_points=max_points, by_project=by_project, seed=seed)
+
+
+def dataset_pictures(items: Sequence[ImageItem], directory, name: str, per_class: int = 6, seed: int = 0,
+                     progress: bool = True):
+    """Charts of a dataset (images per class, sizes, intensities) and a grid of samples per class;
+    returns the statistics and the pictures' paths."""
+    from pathlib import Path
+
+    from cbir.viz.overview import dataset_stats, save_dataset_charts
+    from cbir.viz.pictures import save_class_samples
+
+    stats = dataset_stats(items, progress=progress)
+    pictures = [picture.path for picture in save_dataset_charts(stats, directory, name)]
+    pictures.append(save_class_samples(items, Path(directory) / f"{name}_samples.png", per_class, seed))
+    return stats, pictures
 

@@ -12,7 +12,6 @@ from cbir.cli.flags import (
     store_arguments,
     writer_arguments,
 )
-from cbir.store.redis.connect import describe
 
 
 def run(args) -> int:
@@ -26,7 +25,7 @@ def run(args) -> int:
     # Only now, with the model built and its flags checked: a mistyped --weights must not cost the database.
     if args.rewrite and api.start_over(store):
         print(f"--rewrite: deleted database '{args.db_name}'")
-    print(f"{counted(len(items), 'image')} from {args.path} -> '{args.db_name}' on {describe(store.client)}, "
+    print(f"{counted(len(items), 'image')} from {args.path} -> '{args.db_name}' on {api.where(store)}, "
           f"model {extractor.spec.description}, {extractor.spec.embedding_dim}-d")
     report = api.add(store, items, extractor, weights=args.weights, chunk_size=args.chunk_size,
                      batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)

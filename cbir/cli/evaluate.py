@@ -14,14 +14,12 @@ from cbir.cli.flags import (
     OUTPUT_FOLDER,
     POSITIVE,
     WORKBOOK_FILE,
-    open_store,
     skipped_summary,
     store_arguments,
 )
 from cbir.errors import CbirError
 from cbir.images.sources import NPZ_SPLITS, load_items
 from cbir.options import MEASURES, VOTES, check_protocol_options
-from cbir.store.redis.connect import describe
 
 
 def _read_mapping(path: str | None, what: str) -> dict[str, str] | None:
@@ -48,7 +46,9 @@ def run(args) -> int:
     measures = list(dict.fromkeys(args.measure))
     check_protocol_options(measures, args.exclude_classes, with_queries=bool(args.path))
     items = load_items(args.path, split=args.split) if args.path else None
-    store = open_store(args)
+    from cbir import api
+
+    store = api.open_database(args.db_name, args.redis_url)
     store.require()
     groups = _read_mapping(args.groups, "groups")
     project_groups = _read_mapping(args.project_groups, "project groups")
@@ -57,7 +57,6 @@ def run(args) -> int:
     import faiss
     import torch
 
-    from cbir import api
     from cbir.evaluation.metrics import EvaluationSettings
     from cbir.evaluation.protocols import ProtocolOptions
     from cbir.evaluation.report import format_table, open_workbook, save_figures, write_json, write_workbook
@@ -81,7 +80,7 @@ def run(args) -> int:
         print(f"\n{result.measure}")
         print(format_table(result))
     config = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "database": args.db_name,
-              "redis": describe(store.client), "model": store.model_spec.get("description", ""),
+              "redis": api.where(store), "model": store.model_spec.get("description", ""),
               "fingerprint": store.model, "dataset": str(args.path or "(stored images)"),
               "split": args.split if args.path else "", "index": ran["index"], "k": " ".join(map(str, args.k)),
               "vote": args.vote, "seed": args.seed, "cbir": __version__, "torch": torch.__version__,

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from cbir.images.sources import NPZ_SPLITS
-from cbir.store.database import VectorStore
-from cbir.store.redis.connect import URL_ENV, connect
+from cbir.store.redis.connect import URL_ENV
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"
 DEFAULT_DATABASE = "db"  # as in the thesis: `retrieve_images.py --path query.png` needs no --db-name
@@ -178,10 +177,6 @@ SOURCES = ("a folder with one sub-folder per class, a MedMNIST-style .npz, or an
 def source_arguments(parser: argparse.ArgumentParser, path_help: str) -> None:
     parser.add_argument("--path", required=True, help=path_help)
     parser.add_argument("--split", default="train", choices=NPZ_SPLITS, help="split of a .npz (default: train)")
-
-
-def open_store(args) -> VectorStore:
-    return VectorStore(connect(args.redis_url), args.db_name, lock_wait=getattr(args, "wait", 0.0))
 
 
 def extractor_arguments(parser: argparse.ArgumentParser) -> None:

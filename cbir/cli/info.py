@@ -3,48 +3,46 @@ from __future__ import annotations
 
 import time
 
-from cbir.cli.flags import counted, open_store, store_arguments
+from cbir.cli.flags import counted, store_arguments
 from cbir.errors import StoreError
-from cbir.store.database import VectorStore, database_names
-from cbir.store.redis.connect import connect, describe
-
-
-def _list_databases(client) -> int:
-    names = database_names(client)
-    print(f"{counted(len(names), 'database')} on {describe(client)}"
-          + ("" if names else ": add images with `cbir add` (add_images.py)"))
-    for name in names:
-        store = VectorStore(client, name)
-        try:
-            store.require()
-        except StoreError as exc:  # an older schema's layout, say: named, not read
-            print(f"  {name:<24} {'?':>9}          {exc}")
-            continue
-        images = counted(store.count(), "image")
-        print(f"  {name:<24} {images:>16}   {store.model_spec.get('description', '?')}")
-    return 0
 
 
 def run(args) -> int:
-    from cbir.search.persisted import index_info
+    from cbir import api
 
     if args.db_name is None:
-        return _list_databases(connect(args.redis_url))
-    store = open_store(args)
-    info = store.describe()
-    labels = store.label_counts()
-    print(f"database '{info.name}' on {describe(store.client)}")
+        return _list_databases(args.redis_url)
+    store = api.open_database(args.db_name, args.redis_url)
+    described = api.describe(store)
+    info, trained = described.info, described.index
+    print(f"database '{info.name}' on {api.where(store)}")
     print(f"  images: {info.count}   dim: {info.dim}   version: {info.version}")
     print(f"  model: {info.model_spec.get('description', '?')} (fingerprint {info.model})")
     print(f"  created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.created))}")
-    trained = index_info(store)
     if trained:
         print(f"  index: {trained['kind']} {trained['params']}, built at version {trained['version']}, "
               f"{int(trained['bytes']) / 2**20:.1f} MiB, recall@10 {float(trained['recall10'] or 1):.3f}")
     else:
         print("  index: exact search (no trained index; see train_index.py)")
-    for label, count in sorted(labels.items()):
+    for label, count in sorted(described.labels.items()):
         print(f"  {label:<24} {count}")
+    return 0
+
+
+def _list_databases(redis_url: str | None) -> int:
+    from cbir import api
+
+    databases = api.list_databases(redis_url)
+    print(f"{counted(len(databases.stores), 'database')} on {databases.where}"
+          + ("" if databases.stores else ": add images with `cbir add` (add_images.py)"))
+    for store in databases.stores:
+        try:
+            store.require()
+        except StoreError as exc:  # an older schema's layout, say: named, not read
+            print(f"  {store.name:<24} {'?':>9}          {exc}")
+            continue
+        images = counted(store.count(), "image")
+        print(f"  {store.name:<24} {images:>16}   {store.model_spec.get('description', '?')}")
     return 0
 
 

@@ -9,37 +9,32 @@ from cbir.cli.flags import (
     PICTURE_FILE,
     POSITIVE,
     SOURCES,
-    open_store,
     skipped_summary,
     source_arguments,
     store_arguments,
     whole,
 )
-from cbir.images.sources import load_items
 from cbir.options import MIN_TSNE_POINTS, SAMPLE_COLUMNS
 
 
 def run_tsne(args) -> int:
-    from cbir.viz.overview import save_tsne
+    from cbir import api
 
-    store = open_store(args)
-    store.require()
+    store = api.open_database(args.db_name, args.redis_url)
     out = args.out or Path(args.out_dir) / f"tsne_{args.db_name}.png"
-    picture = save_tsne(store, out, perplexity=args.perplexity, max_points=args.max_points,
-                        by_project=args.by_project, seed=args.seed)
+    picture = api.tsne(store, out, perplexity=args.perplexity, max_points=args.max_points,
+                       by_project=args.by_project, seed=args.seed)
     print(f"t-SNE of {picture.points} images of '{args.db_name}': {picture.path}")
     return 0
 
 
 def run_dataset(args) -> int:
-    items = load_items(args.path, split=args.split)
-    from cbir.viz.overview import dataset_stats, save_dataset_charts
-    from cbir.viz.pictures import save_class_samples
+    from cbir import api
 
+    items = api.load_items(args.path, split=args.split)
     name = args.name or Path(args.path).stem + (f"_{args.split}" if str(args.path).endswith(".npz") else "")
-    stats = dataset_stats(items, progress=not args.quiet)
-    pictures = [p.path for p in save_dataset_charts(stats, args.out_dir, name)]
-    pictures.append(save_class_samples(items, Path(args.out_dir) / f"{name}_samples.png", args.per_class, args.seed))
+    stats, pictures = api.dataset_pictures(items, args.out_dir, name, args.per_class, args.seed,
+                                           progress=not args.quiet)
     print(f"{len(stats.labels)} images, {len(set(stats.labels))} classes, sizes "
           f"{stats.widths.min()}-{stats.widths.max()} x {stats.heights.min()}-{stats.heights.max()} px")
     for picture in pictures:

@@ -3,24 +3,22 @@ from __future__ import annotations
 
 import json
 
-from cbir.cli.flags import COUNT, NON_NEGATIVE, OUTPUT_FILE, open_store, real, store_arguments, writer_arguments
+from cbir.cli.flags import COUNT, NON_NEGATIVE, OUTPUT_FILE, real, store_arguments, writer_arguments
 from cbir.files import write_text
 from cbir.options import INDEX_KINDS
-from cbir.store.redis.connect import describe
 
 
 def run(args) -> int:
     from cbir import api
-    from cbir.search.persisted import delete_index
 
-    store = open_store(args)
+    store = api.open_database(args.db_name, args.redis_url, args.wait)
     store.require()
     if args.delete:
-        deleted = delete_index(store)
+        deleted = api.delete_index(store)
         print(f"'{args.db_name}': {'trained index deleted' if deleted else 'had no trained index'}; "
               "searches are exact")
         return 0
-    print(f"training an index ({args.index}) over '{args.db_name}' on {describe(store.client)}")
+    print(f"training an index ({args.index}) over '{args.db_name}' on {api.where(store)}")
     report = api.train_index(store, kind=args.index, nlist=args.nlist, m=args.m, breadth=args.nprobe,
                          target_recall=args.target_recall, seed=args.seed)
     params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "exact"
