@@ -125,14 +125,17 @@ def start_over(store: VectorStore) -> bool:
 
 def add(store: VectorStore, items: Sequence[ImageItem], extractor: Extractor, weights: str | None = None,
         chunk_size: int | None = None, batch_size: int = 32, workers: int | None = None,
-        progress: bool = True) -> IndexReport:
+        progress: bool = True, update: bool = False) -> IndexReport:
     """Embed ``items`` and store them. Re-running is safe: images stored with the same content are
-    skipped before the model sees them; unreadable files are listed in the report's failures."""
+    skipped before the model sees them; unreadable files are listed in the report's failures. A
+    stored name with other content is never replaced silently: it is a conflict in the report,
+    unless ``update`` asks for the new content to replace it."""
     from cbir.pipeline.ingest import index_images
     from cbir.pipeline.model import register_model
 
     register_model(store, extractor, weights=weights, chunk_size=chunk_size)
-    return index_images(store, items, extractor, batch_size=batch_size, workers=workers, progress=progress)
+    return index_images(store, items, extractor, batch_size=batch_size, workers=workers, progress=progress,
+                        update=update)
 
 
 def retriever(store: VectorStore, weights: str | None = None, device: str | None = None,

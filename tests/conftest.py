@@ -299,3 +299,37 @@ def busi():
     if not BUSI.is_dir():
         pytest.fail(f"{BUSI} is missing: the tests need ../shared/data beside the project")
     return BUSI
+
+
+# ------------------------------------------------------------------ fault table
+# The fault tests say what they did and what came of it; the rows become docs/RELIABILITY.md's
+# table (`make fault-table` writes it there; every run of the suite writes results/fault_table.md).
+FAULT_TABLE = ROOT / "results" / "fault_table.md"
+_FAULT_ROWS: list[tuple[str, str, str, str, str]] = []
+_FAULT_HEADER = ("fault or bad input", "images expected", "stored after the run (and a re-run)", "exactly once",
+                 "what the user was told")
+
+
+def record_fault(fault: str, expected: int | str, stored: int | str, once: bool | str, told: str) -> None:
+    """One row of the fault table: reached only once the test's assertions have held."""
+    if isinstance(once, bool):
+        once = "yes" if once else "NO"
+    told = " ".join(told.split()).replace("|", "\\|")
+    _FAULT_ROWS.append((fault, str(expected), str(stored), once, f"`{told}`" if told else "(nothing: killed)"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _FAULT_ROWS:
+        return
+    rows = sorted(set(_FAULT_ROWS))
+    lines = ["| " + " | ".join(_FAULT_HEADER) + " |", "|" + "---|" * len(_FAULT_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    FAULT_TABLE.parent.mkdir(exist_ok=True)
+    FAULT_TABLE.write_text(text, encoding="utf-8")
+    target = os.environ.get("CBIR_FAULT_TABLE_DOC")
+    if target:  # `make fault-table`: the table between its markers in the document
+        doc = Path(target)
+        begin, end = "<!-- fault table: begin -->\n", "<!-- fault table: end -->"
+        before, _, rest = doc.read_text(encoding="utf-8").partition(begin)
+        doc.write_text(before + begin + text + end + rest.partition(end)[2], encoding="utf-8")

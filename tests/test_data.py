@@ -426,7 +426,8 @@ def test_links_are_followed_once_and_broken_ones_reported(tmp_path):
     (data / "benign" / "gone.png").symlink_to(tmp_path / "missing.png")
     (data / "benign" / "circle.png").symlink_to(data / "benign" / "circle.png")
     (data / "malignant").symlink_to(pool)
-    items = {i.name: i for i in folder_items(data)}
+    with pytest.warns(DataSourceWarning, match=r": a link back to a folder above it \(.*pool.*\), not followed again"):
+        items = {i.name: i for i in folder_items(data)}
     assert sorted(items) == ["benign/circle.png", "benign/gone.png", "benign/patient 1/a.png",
                              "malignant/scans/a.png"]
     assert items["benign/patient 1/a.png"].location == str(pool / "scans" / "a.png")
@@ -436,9 +437,41 @@ def test_links_are_followed_once_and_broken_ones_reported(tmp_path):
         items["benign/circle.png"].read()
 
 
+def test_an_empty_class_folder_is_named_in_a_warning(tmp_path):
+    (tmp_path / "benign").mkdir()
+    (tmp_path / "benign" / "a.png").write_bytes(png_bytes(Image.new("L", (4, 4))))
+    (tmp_path / "normal").mkdir()
+    (tmp_path / "normal" / ".DS_Store").write_bytes(b"")  # hidden: the folder holds no image
+    with pytest.warns(DataSourceWarning, match=rf"^{tmp_path}: no files in the class folder normal: that class"):
+        assert [item.name for item in folder_items(tmp_path)] == ["benign/a.png"]
+
+
 def test_printable_names_escape_what_utf8_text_cannot_hold():
     import os
 
     assert printable(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"  # a Latin-1 byte
     assert printable("two\nlines\x7f.png") == "two\\x0alines\\x7f.png"
     assert printable("café (1) 肺.png") == "café (1) 肺.png"
+
+
+def test_an_image_too_large_for_the_memory_left_says_how_much_it_needs():
+    """A MemoryError was reported with an empty reason ("x.png: MemoryError: "). Here the process
+    really runs out: its address space is capped just above what it uses before decoding."""
+    script = """
+import io, resource, psutil
+from PIL import Image
+from cbir.errors import ImageError
+from cbir.images.decode import decode_image
+buffer = io.BytesIO()
+Image.new("RGB", (9000, 9000)).save(buffer, format="PNG")
+resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + 100 * 2**20, resource.RLIM_INFINITY))
+try:
+    decode_image(buffer.getvalue(), "scans/big.png")
+except ImageError as exc:
+    print(exc)
+"""
+    import subprocess
+    import sys
+
+    printed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert printed == "scans/big.png: not enough memory to decode it: needs 232 MB for 9000 x 9000 pixels\n"

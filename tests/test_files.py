@@ -25,3 +25,39 @@ def test_a_write_that_stops_halfway_keeps_the_previous_file(tmp_path, stop):
             raise stop()
     assert target.read_bytes() == b"sheets of earlier runs"
     assert [p.name for p in tmp_path.iterdir()] == ["accuracy.xlsx"]
+
+
+def test_two_writers_of_one_output_write_separate_files_and_one_wins_whole(tmp_path):
+    target = tmp_path / "results.json"
+    with written_whole(target) as first, written_whole(target) as second:
+        assert first != second
+        first.write_text("first")
+        second.write_text("second")
+    assert target.read_text() == "first"  # the last to finish replaced the other, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_the_file_gets_the_permissions_open_would_give(tmp_path):
+    import os
+
+    target = tmp_path / "checkpoint.safetensors"
+    with written_whole(target) as partial:
+        partial.write_bytes(b"weights")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_the_data_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    from cbir import files
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda handle: synced.append(os.readlink(f"/proc/self/fd/{handle}"))
+                        or real_fsync(handle))
+    target = tmp_path / "log.csv"
+    with written_whole(target) as partial:
+        partial.write_text("epoch,loss\n")
+    assert synced[0].endswith(".partial.csv") and synced[1] == str(tmp_path)

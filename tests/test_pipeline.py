@@ -36,6 +36,7 @@ from .conftest import (
     _start_cluster,
     _start_server,
     _stop,
+    record_fault,
 )
 
 
@@ -121,6 +122,9 @@ def test_bad_files_are_reported_and_the_rest_indexed(store, busi, extractor, tmp
     assert sorted(f.split(": ")[1].split(" (")[0] for f in report.failures) == [
         "empty file", "not an image file", "unreadable or truncated image"]
     assert all(str(folder) in f for f in report.failures)
+    for failure in sorted(report.failures):
+        name = failure.split(": ")[0].rsplit("/", 1)[1]
+        record_fault(f"bad input beside 7 good images: {name}", 7, store.count(), True, failure.replace(str(tmp_path), "…"))
 
 
 def test_removed_images_are_never_returned(store, busi, extractor):
@@ -198,6 +202,40 @@ def test_leave_one_out_never_counts_the_query_itself(store):
 # ------------------------------------------------------------------ the CLI
 def cli(*args) -> int:
     return main([str(a) for a in args])
+
+
+def test_merging_two_exports_that_share_a_file_name_replaces_nothing_silently(cli_env, db_name, tmp_path, capsys):
+    """Two hospitals' exports both hold benign/a.png, different images: the second add used to
+    report "1 updated" and the first hospital's image was gone."""
+    images = np.load(BREASTMNIST)["val_images"]
+    for hospital, index in (("n1", 3), ("n2", 4)):
+        (tmp_path / hospital / "benign").mkdir(parents=True)
+        Image.fromarray(images[index]).save(tmp_path / hospital / "benign" / "a.png")
+        Image.fromarray(images[index + 10]).save(tmp_path / hospital / "benign" / f"only {hospital}.png")
+    add = ("add", "--db-name", db_name, "--input-size", TEST_INPUT_SIZE, "--quiet", "--workers", 0)
+    try:
+        assert cli(*add, "--path", tmp_path / "n1") == 0
+        capsys.readouterr()
+        assert cli(*add, "--path", tmp_path / "n2") == 1  # done, but not everything was stored: a script can tell
+        said = capsys.readouterr()
+        conflict = f"benign/a.png: stored from {tmp_path / 'n1' / 'benign' / 'a.png'}, not replaced by " \
+                   f"{tmp_path / 'n2' / 'benign' / 'a.png'}"
+        assert "1 new, 0 updated, 0 unchanged, 1 conflicting" in said.out and f"  {conflict}" in said.err
+        store = VectorStore(connect(cli_env), db_name)
+        stored = {record.name: record.source for _, record in store.iter_records()}
+        assert stored["benign/a.png"] == str(tmp_path / "n1" / "benign" / "a.png")  # the first hospital's, kept
+        record_fault("bad input: a second source with another image under a stored name (`benign/a.png`)", 1, 1,
+                     True, said.err.splitlines()[-1].strip().replace(str(tmp_path), "…"))
+        # Both kept, named by project; or the new content replacing the old, when asked for.
+        assert cli(*add, "--path", tmp_path / "n1", "--names-by-project") == 0
+        assert cli(*add, "--path", tmp_path / "n2", "--names-by-project") == 0
+        names = {record.name for _, record in store.iter_records()}
+        assert {"n1/benign/a.png", "n2/benign/a.png"} <= names
+        capsys.readouterr()
+        assert cli(*add, "--path", tmp_path / "n2", "--update") == 0
+        assert "0 new, 1 updated, 1 unchanged" in capsys.readouterr().out
+    finally:
+        VectorStore(connect(cli_env), db_name).drop()
 
 
 def test_the_exit_status_tells_a_script_that_files_were_skipped(cli_env, db_name, tmp_path, capsys):
@@ -400,20 +438,24 @@ def _once_stored(store: VectorStore, process: subprocess.Popen, count: int) -> N
     assert process.poll() is None, process.stderr.read().decode()
 
 
-def _every_busi_image_once(store: VectorStore) -> None:
+def _every_busi_image_once(store: VectorStore) -> int:
+    """How many images are stored, once it is checked that they are BUSI's 780, each once, each whole."""
     ids, vectors = store.load_vectors()
     names = [record.name for _, record in store.iter_records()]
     assert len(ids) == 780 and len(names) == 780 and len(set(names)) == 780
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3), "a stored image without its vector"
+    return len(names)
 
 
-def _rerun_completes(store: VectorStore, command: list[str], env: dict, partial: int) -> None:
-    """A re-run of ``command`` stores the missing images: every BUSI image once, each with its vector."""
+def _rerun_completes(store: VectorStore, command: list[str], env: dict, partial: int) -> str:
+    """A re-run of ``command`` stores the missing images: every BUSI image once, each with its vector.
+    Returns how many the first run had stored and what the re-run said, for the fault table."""
     assert 100 <= partial < 780
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    _every_busi_image_once(store)
+    stored = _every_busi_image_once(store)
     assert f"{780 - partial} new" in rerun.stdout, rerun.stdout
+    return f"{partial}, then {stored}"
 
 
 @pytest.mark.parametrize("where,kill", [("embedded", signal.SIGKILL), ("standalone", signal.SIGKILL),
@@ -437,10 +479,13 @@ def test_killed_indexing_rerun_stores_every_image_exactly_once(where, kill, requ
         _once_stored(store, process, 100)
         process.send_signal(kill)
         process.wait(timeout=60)
+        told = ""
         if kill == signal.SIGTERM:  # ended like Ctrl-C: the batch in flight stored, exit handlers run
             assert process.returncode == 128 + signal.SIGTERM
-            assert "terminated: what was stored is kept" in process.stderr.read().decode()
-        _rerun_completes(store, command, env, store.count())
+            told = process.stderr.read().decode().splitlines()[-1]
+            assert told.startswith("terminated: what was stored is kept")
+        stored = _rerun_completes(store, command, env, store.count())
+        record_fault(f"`add` sent {kill.name} mid-run ({where} Redis), then run again", 780, stored, True, told)
     finally:
         store.drop()
 
@@ -465,7 +510,8 @@ def test_indexing_rides_out_a_redis_restart(redis_server_binary, tmp_path, db_na
         assert process.returncode == 0, errors
         assert "the connection to Redis was lost and made again 1 time(s)" in errors
         assert "780 new" in out
-        _every_busi_image_once(store)
+        record_fault("Redis restarted mid-`add` (down about 1 s)", 780, _every_busi_image_once(store), True,
+                     errors.strip().splitlines()[-1][:160] + " ...")
     finally:
         _stop(servers)
 
@@ -493,7 +539,9 @@ def test_a_redis_crash_mid_indexing_is_one_error_and_a_rerun_completes(redis_ser
         assert errors[-1].endswith(". Stored images are kept; re-run to continue.") and ".." not in errors[-1]
         server = _start_server(redis_server_binary, port, tmp_path, *durable)
         store = VectorStore(connect(url), db_name)
-        _rerun_completes(store, command, env, store.count())
+        stored = _rerun_completes(store, command, env, store.count())
+        record_fault("Redis server killed (SIGKILL) mid-`add`, restarted from its append-only file, `add` run again",
+                     780, stored, True, errors[-1])
     finally:
         _stop([server])
 
@@ -523,7 +571,8 @@ def test_a_stalled_redis_mid_indexing_is_one_error_after_one_socket_timeout(redi
         assert errors[-1].startswith("error: Redis stopped answering (Timeout reading from socket) while "), errors
         assert waited < 2 * timeout, f"{waited:.1f} s: the {timeout:g} s socket timeout was waited out twice"
         store = VectorStore(connect(url), db_name)
-        _rerun_completes(store, command, env, store.count())
+        stored = _rerun_completes(store, command, env, store.count())
+        record_fault("Redis stalled (SIGSTOP) mid-`add`, resumed, `add` run again", 780, stored, True, errors[-1])
     finally:
         _stop([server])
 
@@ -574,7 +623,8 @@ def test_indexing_rides_out_a_cluster_failing_a_lost_primary_over(redis_server_b
                                                                    db_name, busi, replicas=1, lose=lose)
         assert process.returncode == 0, errors
         assert "780 new" in out
-        _every_busi_image_once(store)
+        record_fault(f"Cluster primary {'killed' if lose == signal.SIGKILL else 'stalled'} mid-`add`, with a replica",
+                     780, _every_busi_image_once(store), True, out.strip().splitlines()[-1])
     finally:
         _stop(processes)
 
@@ -591,7 +641,9 @@ def test_a_stalled_cluster_primary_without_replica_is_one_error_soon(redis_serve
         assert process.returncode == 2, errors
         assert errors[-1].startswith("error: Redis stopped answering (Timeout reading from socket) while "), errors
         assert waited < 3 * timeout, f"{waited:.1f} s after the node stalled, at a {timeout:g} s socket timeout"
-        _rerun_completes(store, _add_busi_command(db_name, busi), env, store.count())
+        stored = _rerun_completes(store, _add_busi_command(db_name, busi), env, store.count())
+        record_fault("Cluster primary without a replica stalled mid-`add`, resumed, `add` run again", 780, stored,
+                     True, errors[-1])
     finally:
         _stop(processes)
 

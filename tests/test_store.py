@@ -31,7 +31,7 @@ from cbir.store.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
 from cbir.store.redis.connect import SOCKET_TIMEOUT_SECONDS, connect, describe, redact, scratch
 from cbir.store.writer import WriteStream
 
-from .conftest import ROOT, WITH_TLS, _free_port, _restart_later, _start_server, _stop
+from .conftest import ROOT, WITH_TLS, _free_port, _restart_later, _start_server, _stop, record_fault
 
 DIM = 16
 
@@ -81,15 +81,20 @@ def test_vector_rows_read_scattered_ids_in_the_order_asked(small):
     assert not rows[wanted == 40].any()
 
 
-def test_readding_is_idempotent_and_changed_content_updates_in_place(small):
+def test_readding_is_idempotent_and_changed_content_updates_in_place_only_when_asked(small):
     vectors = unit_vectors(20)
     with small.writing():
         small.add(records(20), vectors)
         again = small.add(records(20), vectors)
-        changed = [ImageRecord(**{**r.__dict__, "sha256": hashlib.sha256(b"new").hexdigest()}) for r in records(2)]
-        update = small.add(changed, unit_vectors(2, seed=7))
+        changed = [ImageRecord(**{**r.__dict__, "sha256": hashlib.sha256(b"new").hexdigest(), "source": f"n2/{r.name}"})
+                   for r in records(2)]
+        conflict = small.add(changed, unit_vectors(2, seed=7))  # another source's image of the same name
+        assert conflict.written == 0 and conflict.updated == 0
+        assert conflict.conflicts == [(r.name, r.source, f"n2/{r.name}") for r in records(2)]
+        np.testing.assert_array_equal(small.load_vectors()[1][:2], vectors[:2])  # nothing replaced
+        update = small.add(changed, unit_vectors(2, seed=7), update=True)
     assert again.unchanged == 20 and again.written == 0
-    assert update.updated == 2 and update.ids.tolist() == [0, 1]
+    assert update.updated == 2 and update.ids.tolist() == [0, 1] and update.conflicts == []
     ids, loaded = small.load_vectors()
     assert len(ids) == 20 and small.count() == 20
     np.testing.assert_array_equal(loaded[:2], unit_vectors(2, seed=7))
@@ -245,7 +250,7 @@ def test_a_server_out_of_memory_stops_a_write_with_one_error_and_a_rerun_complet
 
     with _configured(client, lambda target: {"maxmemory": client.info("memory", **target)["used_memory"] + 1_500_000}):
         with pytest.raises(StoreError, match=r"^Redis is out of memory \(command not allowed when used memory > "
-                                             r"'maxmemory'\) while writing to database .*: raise its maxmemory"):
+                                             r"'maxmemory'\) while writing to database .*: raise its maxmemory") as told:
             add_in_batches()
     kept = store.count()
     assert kept < len(wanted)
@@ -254,6 +259,9 @@ def test_a_server_out_of_memory_stops_a_write_with_one_error_and_a_rerun_complet
     vector_of = dict(zip((record.name for record in wanted), vectors))
     assert sorted(record.name for record in stored) == sorted(vector_of)
     np.testing.assert_array_equal(loaded, [vector_of[record.name] for record in stored])
+    record_fault(f"Redis `maxmemory` reached mid-write ({deployment[0]}), raised, the write run again", len(wanted),
+                 f"{kept}, then {len(stored)}", len(set(r.name for r in stored)) == len(stored),
+                 str(told.value).replace(store.name, "<db>"))
 
 
 def test_database_names_lists_every_database_on_every_node_and_nothing_else(deployment, small, db_name):
@@ -601,7 +609,9 @@ def test_names_planned_but_not_yet_written_keep_their_id(small):
     with small.writing():
         stream = WriteStream(small, depth=4)
         plan = small.prepare(first)
-        again = small.prepare(first[3:] + changed)  # before the first plan is written
+        clash = small.prepare(changed)  # before the first plan is written: a conflict with what it plans
+        assert clash.written == 0 and [c[0] for c in clash.conflicts] == [r.name for r in first[:2]]
+        again = small.prepare(first[3:] + changed, update=True)
         assert again.unchanged == 2 and again.updated == 2 and again.new == 0
         assert again.ids.tolist() == plan.ids[:2].tolist()
         stream.write(plan, unit_vectors(5))

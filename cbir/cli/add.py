@@ -1,9 +1,12 @@
 """`cbir add` (add_images.py): index images into a database."""
 from __future__ import annotations
 
+import sys
+
 from cbir.cli.flags import (
     COUNT,
     NON_NEGATIVE,
+    SOME_FILES_SKIPPED,
     SOURCES,
     counted,
     extractor_arguments,
@@ -18,7 +21,7 @@ def run(args) -> int:
     from cbir import api
 
     items = api.load_items(args.path, split=args.split, project=args.project, projects_in_names=args.projects,
-                           label=args.label)
+                           label=args.label, names_by_project=args.names_by_project)
     store = api.open_database(args.db_name, args.redis_url, args.wait)
     extractor = api.model_for_add(store, args.extractor, args.weights, args.input_size, args.device,
                                   args.num_features, fresh=args.rewrite)
@@ -28,12 +31,18 @@ def run(args) -> int:
     print(f"{counted(len(items), 'image')} from {args.path} -> '{args.db_name}' on {api.where(store)}, "
           f"model {extractor.spec.description}, {extractor.spec.embedding_dim}-d")
     report = api.add(store, items, extractor, weights=args.weights, chunk_size=args.chunk_size,
-                     batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+                     batch_size=args.batch_size, workers=args.workers, progress=not args.quiet, update=args.update)
     rate = (report.written / report.seconds) if report.seconds else 0.0
+    conflicts = f"{len(report.conflicts)} conflicting, " if report.conflicts else ""
     print(f"'{args.db_name}': {report.new} new, {report.updated} updated, "
-          f"{report.unchanged} unchanged, {report.duplicates} duplicate names, {len(report.failures)} failed "
+          f"{report.unchanged} unchanged, {conflicts}{report.duplicates} duplicate names, {len(report.failures)} failed "
           f"in {report.seconds:.1f} s ({rate:.1f} images/s indexed); {counted(store.count(), 'image')} stored")
-    return skipped_summary(report.failures)
+    if report.conflicts:
+        print(f"{counted(len(report.conflicts), 'stored name')} with other content, kept as stored (--update replaces "
+              "them; --names-by-project keeps both, named <project>/<name>):", file=sys.stderr)
+        for conflict in report.conflicts:
+            print(f"  {conflict}", file=sys.stderr)
+    return skipped_summary(report.failures) or (SOME_FILES_SKIPPED if report.conflicts else 0)
 
 
 def register(commands) -> None:
@@ -47,6 +56,12 @@ def register(commands) -> None:
     add.add_argument("--num-features", type=COUNT, default=None,
                      help="expected embedding size (checked against the model; a checkpoint sets its own)")
     add.add_argument("--rewrite", action="store_true", help="delete this database (only this one) first")
+    add.add_argument("--update", action="store_true",
+                     help="replace stored images whose name comes again with other content (without it, such a "
+                          "name is a conflict: listed, kept as stored, exit status 1)")
+    add.add_argument("--names-by-project", action="store_true",
+                     help="name each image <project>/<name>, so that sources sharing file names (two hospitals' "
+                          "exports) are stored side by side; the project is --project, else the folder's name")
     add.add_argument("--project", default=None,
                      help="project of every image (default: the folder's or the .npz's name; none for an image file)")
     add.add_argument("--projects", action="store_true",

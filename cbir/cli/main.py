@@ -77,7 +77,9 @@ def exit_now(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a reader that left, a stream closed
+        except BrokenPipeError:  # the reader of the output left (`cbir info | head -1`) before the last of it
+            code = code or OUTPUT_CLOSED
+        except (OSError, ValueError):  # a stream closed
             pass
     os._exit(code)
 

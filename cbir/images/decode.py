@@ -32,6 +32,24 @@ def decode_image(data: bytes, where: str, keep_grey: bool = False) -> Image.Imag
     """
     if not data:
         raise ImageError(f"{where}: empty file")
+    try:
+        return _decoded(data, where, keep_grey)
+    except MemoryError:
+        raise ImageError(f"{where}: not enough memory to decode it{_memory_needed(data)}") from None
+
+
+def _memory_needed(data: bytes) -> str:
+    """How much memory the pixels of ``data`` take once decoded, as its header says (where Pillow
+    reads the header: DICOM's decoders need more than the pixels anyway)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height, bands = image.width, image.height, len(image.getbands())
+    except Exception:  # no header Pillow reads
+        return ""
+    return f": needs {width * height * max(bands, 3) / 2**20:,.0f} MB for {width} x {height} pixels"
+
+
+def _decoded(data: bytes, where: str, keep_grey: bool) -> Image.Image:
     if is_dicom(data):
         return dicom_image(data, where, Image.MAX_IMAGE_PIXELS)
     try:

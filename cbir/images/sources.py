@@ -14,7 +14,7 @@ import urllib.request
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -112,6 +112,8 @@ def _visible_files(folder: Path) -> list[Path]:
     def walk(directory: Path, ancestors: frozenset[str]) -> None:
         real = os.path.realpath(directory)
         if real in ancestors:
+            warnings.warn(f"{directory}: a link back to a folder above it ({real}), not followed again",
+                          DataSourceWarning, stacklevel=4)
             return
         try:
             entries = list(os.scandir(directory))
@@ -180,14 +182,20 @@ def folder_items(root: Path, project: str | None = None, projects_in_names: bool
     if not class_dirs:
         raise DataSourceError(f"{root}: no class sub-folders (expected one folder per class, or, to add "
                               f"images of one class, --label for all of them)")
-    items = []
+    items, empty = [], []
     for class_dir in class_dirs:
         if projects_in_names:
             item_project, class_name = split_project(class_dir.name)
         else:
             item_project, class_name = project_of_root, class_dir.name
+        files = _visible_files(class_dir)
+        empty += [] if files else [class_dir.name]
         items += [ImageItem(name=f.relative_to(root).as_posix(), label=class_name, project=item_project,
-                            location=_real_path(f)) for f in _visible_files(class_dir)]
+                            location=_real_path(f)) for f in files]
+    if empty and items:
+        warnings.warn(f"{root}: no files in the class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)}: "
+                      f"{'those classes get' if len(empty) > 1 else 'that class gets'} no image",
+                      DataSourceWarning, stacklevel=3)
     if not items:
         raise DataSourceError(f"{root}: the class folders contain no files")
     _warn_of_files_without_class(root)
@@ -280,10 +288,21 @@ def source_path(path: str | os.PathLike) -> Path:
 
 
 def load_items(path: str | os.PathLike, split: str = "train", project: str | None = None,
-               projects_in_names: bool = False, label: str | None = None) -> list[ImageItem]:
+               projects_in_names: bool = False, label: str | None = None,
+               names_by_project: bool = False) -> list[ImageItem]:
     """The items of a folder, a ``.npz`` split, or a single image file. ``label``: the class of
     every image of a folder or of the single file (default: a file's folder name; a folder's
-    class sub-folders); an ``.npz`` carries its own labels."""
+    class sub-folders); an ``.npz`` carries its own labels. ``names_by_project``: each name is
+    ``<project>/<name>``, so that two sources' files of one name (``benign/a.png`` in two
+    hospitals' exports) are two images."""
+    items = _items(path, split, project, projects_in_names, label)
+    if names_by_project:
+        items = [replace(item, name=f"{item.project}/{item.name}" if item.project else item.name) for item in items]
+    return items
+
+
+def _items(path: str | os.PathLike, split: str, project: str | None, projects_in_names: bool,
+           label: str | None) -> list[ImageItem]:
     path = source_path(path)
     if path.is_dir():
         return folder_items(path, project, projects_in_names, label)

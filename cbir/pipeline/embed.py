@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cbir import interrupts
-from cbir.errors import CbirError, ImageError
+from cbir.errors import CbirError, ImageError, in_one_line
 from cbir.images.sources import ImageItem
 from cbir.models.extractor import Extractor
 from cbir.models.preprocess import Preprocess
@@ -41,8 +41,10 @@ def _decode(item: ImageItem, position: int, preprocess: Preprocess):
         return position, preprocess(image), sha, None
     except ImageError as exc:
         return position, None, None, str(exc)
+    except MemoryError:  # in the resize, say: the decoder says how much it needs itself
+        return position, None, None, f"{item.location}: not enough memory to prepare it for the model"
     except Exception as exc:  # a decoder bug must cost one image, not the whole run
-        return position, None, None, f"{item.location}: {type(exc).__name__}: {exc}"
+        return position, None, None, f"{item.location}: {in_one_line(exc)}"
 
 
 def _collate(samples) -> DecodedBatch:

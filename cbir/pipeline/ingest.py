@@ -42,6 +42,8 @@ class IndexReport:
     unchanged: int = 0
     duplicates: int = 0
     failures: list[str] = field(default_factory=list)
+    # Names stored with other content, not replaced: "name: stored from A, not replaced by B"
+    conflicts: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -53,6 +55,8 @@ class IndexReport:
         self.updated += plan.updated
         self.unchanged += plan.unchanged
         self.duplicates += plan.duplicates
+        self.conflicts += [f"{name}: stored from {stored}, not replaced by {new}"
+                           for name, stored, new in plan.conflicts]
 
 
 class BackgroundWriter:
@@ -107,8 +111,9 @@ class BackgroundWriter:
 
 def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extractor,
                  batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-                 progress: bool = True) -> IndexReport:
-    """Embed and store ``items``; safe to re-run after an interruption (see VectorStore.prepare)."""
+                 progress: bool = True, update: bool = False) -> IndexReport:
+    """Embed and store ``items``; safe to re-run after an interruption (see VectorStore.prepare).
+    A stored name whose content differs is a conflict, listed and skipped, unless ``update``."""
     report = IndexReport(total=len(items))
     with store.writing(), interrupts.held():
         started = time.perf_counter()  # after any wait for another writer: the rate is this run's
@@ -123,7 +128,7 @@ def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extr
                                            project=items[p].project, sha256=sha,
                                            source=printable(items[p].location), added=now)
                                for p, sha in zip(batch.positions, batch.sha256)]
-                    plan = store.prepare(records)
+                    plan = store.prepare(records, update)
                     report.count(plan)
                     if plan.records:
                         writer.submit(plan, extractor.embed(batch.images[plan.positions]))

@@ -122,6 +122,10 @@ class Columns:
     def names(self) -> list[str]:
         return self.text[0]
 
+    @property
+    def sources(self) -> list[str]:
+        return self.text[_TEXT_FIELDS.index("source")]
+
     def rows(self, positions: np.ndarray) -> "Columns":
         """The columns of the rows at ``positions`` (ascending); a slice where they are contiguous."""
         if len(positions) and positions[-1] - positions[0] + 1 == len(positions):

@@ -24,6 +24,9 @@ LOCK_TTL_SECONDS = 120
 _SET_IF_EQUAL = ("if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end "
                  "redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) return 1")
 _DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end return redis.call('del', KEYS[1])"
+# Renewed only by its holder: a writer paused past the time-out must not extend a lock that
+# another writer has taken since.
+RENEW_IF_EQUAL = "if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end return redis.call('expire', KEYS[1], ARGV[2])"
 
 
 class LockingMixin:
@@ -85,3 +88,24 @@ class LockingMixin:
             if self.call("locking", self.client.eval, _SET_IF_EQUAL, 1, key, holder, token, LOCK_TTL_SECONDS):
                 return None
         return None
+
+    def renew_lock(self) -> None:
+        """Extend this writer's lock by :data:`LOCK_TTL_SECONDS`, or stop before writing anything
+        more if it is no longer this writer's: the process was paused or cut off past the time-out
+        and another writer took the lock, or a server restarted without its data."""
+        if not self._lock_token:
+            return
+        key = self.prefix + "lock"
+        if self.call("renewing the writer lock of", self.client.eval, RENEW_IF_EQUAL, 1, key, self._lock_token,
+                     LOCK_TTL_SECONDS):
+            return
+        holder = as_text(self.call("checking the writer lock of", self.client.get, key) or b"")
+        now = f"{holder} holds it now" if holder else "no process holds it now"
+        raise StoreError(
+            f"database '{self.name}': Redis no longer holds this run's writer lock ({now}: the run was paused or "
+            f"cut off for over {LOCK_TTL_SECONDS} s, or the server restarted without its data); nothing more is "
+            f"written, what was stored is kept: re-run to continue")
+
+    def check_lock_kept(self) -> None:
+        """After a write's connection was made again: the writer lock must still be this run's."""
+        self.renew_lock()

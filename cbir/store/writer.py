@@ -10,11 +10,10 @@ import numpy as np
 
 from cbir.errors import ConnectionResumedWarning, StoreError
 from cbir.store.layout import Columns, ImageRecord, encode_block, encoded_names, grouped_positions
-from cbir.store.lock import LOCK_TTL_SECONDS
+from cbir.store.lock import LOCK_TTL_SECONDS, RENEW_IF_EQUAL
 from cbir.store.names import PAIR, buckets, name_hashes, pairs
 from cbir.store.redis import commands
 from cbir.store.redis.commands import Command
-from cbir.store.redis.failures import as_text
 
 if TYPE_CHECKING:
     from cbir.store.database import VectorStore
@@ -31,7 +30,9 @@ class WritePlan:
     hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # name hash of each
     fresh_from: int | None = None  # ids from here on were reserved by this plan: nothing stored there
     new: int = 0  # not stored before: gets a fresh id
-    updated: int = 0  # same name, new content: keeps its id
+    updated: int = 0  # same name, new content, replacing allowed: keeps its id
+    # Same name, other content, not replaced: (name, the stored image's source, the new one's)
+    conflicts: list[tuple[str, str, str]] = field(default_factory=list)
     unchanged: int = 0  # already stored with the same content: skipped
     duplicates: int = 0  # repeated names within the input: skipped
 
@@ -63,6 +64,7 @@ class WriteStream:
             return
         try:
             phases = self.store.write_phases(plan, vectors)
+            self.store.renew_lock()  # a writer that lost its lock stops before sending anything more
         except BaseException:
             self.store.settled(plan)  # nothing of it was sent
             raise
@@ -94,12 +96,13 @@ class WritingMixin:
         if not self._lock_token:
             raise StoreError(f"writing to database '{self.name}' needs its writer lock: use VectorStore.writing()")
 
-    def prepare(self, records: Sequence[ImageRecord]) -> WritePlan:
+    def prepare(self, records: Sequence[ImageRecord], update: bool = False) -> WritePlan:
         """Decide, without writing anything but the id counter, which records need storing.
 
         A name already stored (or planned by a write still in flight) with the same sha256 is
-        skipped; with another sha256 it is updated in place (same id); any other name gets a
-        fresh id. Needs :meth:`writing`.
+        skipped; with another sha256 it is a conflict, skipped and listed in the plan (two sources
+        that share a file name), or with ``update`` replaced in place (same id); any other name
+        gets a fresh id. Needs :meth:`writing`.
         """
         self.require()
         self._require_lock()
@@ -128,12 +131,17 @@ class WritingMixin:
         stored.update(found_digests)
         keep = ids < 0
         plan.new = int(keep.sum())
+        clashing = []
         for k, digest in stored.items():
             if digest == columns.digests[k].tobytes():
                 plan.unchanged += 1
-            else:
+            elif update:
                 plan.updated += 1
                 keep[k] = True
+            else:
+                clashing.append(k)
+        if clashing:
+            plan.conflicts = self._conflicts(columns, names, [int(ids[k]) for k in clashing], clashing)
         if plan.new:
             end = int(self.call("reserving ids in", self.client.incrby, self.prefix + "next_id", plan.new))
             fresh = ids < 0
@@ -151,6 +159,18 @@ class WritingMixin:
         if plan.records:
             self._unsettled.append(plan)
         return plan
+
+    def _conflicts(self, columns: Columns, names: list[str], stored_ids: list[int],
+                   rows: list[int]) -> list[tuple[str, str, str]]:
+        """(name, the stored image's source, the new image's source) of each clashing row."""
+        sources = {}
+        for plan in self._unsettled:  # planned by this run, not yet stored
+            for row, record in enumerate(plan.records):
+                sources[int(plan.ids[row])] = record.source
+        missing = [i for i in stored_ids if i not in sources]
+        sources.update((i, record.source if record else "") for i, record in zip(missing, self.records(missing)))
+        return [(names[row], sources[image_id] or "?", columns.sources[row] or "?")
+                for image_id, row in zip(stored_ids, rows)]
 
     def _in_flight(self, names: list[str], positions: list[int], ids: np.ndarray) -> dict[int, bytes]:
         """Give those of the names at ``positions`` that unsettled writes planned their planned
@@ -174,22 +194,13 @@ class WritingMixin:
             self.settled(plan)
 
     def _run_phases(self, what: str, phases: list[list[Command]]) -> None:
-        """Run ``phases`` in order and wait for them (one round trip on a single server)."""
+        """Run ``phases`` in order and wait for them (one round trip on a single server), once this
+        writer has renewed its lock."""
+        self.renew_lock()
         stream = self.call("connecting to", commands.CommandStream, self.client, 0, resumed=self.check_lock_kept)
         self.call(what, stream.send, phases)
         self.call(what, stream.close)
         warn_if_resumed(stream, self.name)
-
-    def check_lock_kept(self) -> None:
-        """After a write's connection was made again: the writer lock must still be this run's."""
-        if not self._lock_token:
-            return
-        holder = as_text(self.call("checking the writer lock of", self.client.get, self.prefix + "lock") or b"")
-        if holder != self._lock_token:
-            raise StoreError(
-                f"database '{self.name}': Redis no longer holds this run's writer lock after the connection was "
-                f"lost (a server restarted without its data, or another process took the lock); nothing more is "
-                f"written: re-run to continue")
 
     def write_phases(self, plan: WritePlan, vectors: np.ndarray) -> list[list[Command]]:
         """The commands of a write: the new names' index pairs and the vectors, then the records
@@ -220,9 +231,9 @@ class WritingMixin:
                 del self._unsettled[position]
                 return
 
-    def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> WritePlan:
+    def add(self, records: Sequence[ImageRecord], vectors: np.ndarray, update: bool = False) -> WritePlan:
         """:meth:`prepare` then :meth:`write`; ``vectors`` has one row per input record."""
-        plan = self.prepare(records)
+        plan = self.prepare(records, update)
         self.write(plan, np.asarray(vectors)[plan.positions])
         return plan
 
@@ -252,7 +263,8 @@ class WritingMixin:
     def _commit_commands(self, change: bytes) -> list[tuple]:
         # The journal entry goes first: a reader that sees version v finds v's entry too.
         journal = [("RPUSH", self.journal_key, change)] if self._info.get("journal") else []
-        lock = [("EXPIRE", self.prefix + "lock", LOCK_TTL_SECONDS)] if self._lock_token else []
+        lock = [("EVAL", RENEW_IF_EQUAL, 1, self.prefix + "lock", self._lock_token, LOCK_TTL_SECONDS)] \
+            if self._lock_token else []
         return journal + [("HINCRBY", self.info_key, "version", 1)] + lock
 
     # -------------------------------------------------------------- removals

@@ -79,7 +79,8 @@ _WHILE_FAILING_OVER = (RedisConnectionError, ClusterDownError, SlotNotCoveredErr
 def run(client, commands: Sequence[Command]) -> list:
     """The replies of ``commands``, in order, the first error raised as Redis worded it (not as
     redis-py's pipeline does, after the whole failing command, binary vectors and all): one
-    pipeline on a single server, one per node on a Cluster (each command's first argument is its key)."""
+    pipeline on a single server, one per node on a Cluster (each command routed by its key: its first
+    argument, or a script's first key)."""
     if not isinstance(client, RedisCluster):
         pipe = client.pipeline(transaction=False)
         for command in commands:
@@ -92,7 +93,7 @@ def run(client, commands: Sequence[Command]) -> list:
     # (a stalled node held an add for minutes).
     by_node: dict[str, tuple[object, list[int]]] = {}
     for position, command in enumerate(commands):
-        node = client.get_node_from_key(command[1])
+        node = client.get_node_from_key(command[3] if command[0] in ("EVAL", "EVALSHA") else command[1])
         by_node.setdefault(node.name, (node, []))[1].append(position)
     replies: list = [None] * len(commands)
     for name, (node, positions) in by_node.items():
