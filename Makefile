@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup redis-server demo test bench
+.PHONY: setup redis-server demo test bench fault-table
 
 # A fresh Debian or Ubuntu Python lacks venv's ensurepip until python3-venv is installed.
 $(PY):
@@ -39,3 +39,7 @@ test: setup
 bench: setup
 	$(PY) scripts/bench_ingest.py
 	$(PY) scripts/bench_index.py
+
+# The whole suite, its fault tests' rows written into docs/RELIABILITY.md's table.
+fault-table: setup
+	CBIR_FAULT_TABLE_DOC=docs/RELIABILITY.md $(PY) -m pytest -q

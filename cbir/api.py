@@ -26,6 +26,7 @@ from cbir.store.database import DatabaseInfo, VectorStore, database_names
 from cbir.store.layout import ImageRecord
 from cbir.store.redis.connect import connect
 from cbir.store.redis.connect import describe as describe_client
+from cbir.store.redis.connect import make_durable as make_servers_durable
 
 if TYPE_CHECKING:
     from cbir.evaluation.protocols import ProtocolResult
@@ -35,9 +36,10 @@ if TYPE_CHECKING:
     from cbir.search.persisted import TrainReport
     from cbir.training.config import TrainConfig
 
-__all__ = ["open_database", "list_databases", "Databases", "where", "load_items", "query_items", "model_for_add", "start_over", "add",
-           "retriever", "search", "remove", "Removal", "describe", "Description", "train_index", "delete_index",
-           "evaluate", "train", "tsne", "dataset_pictures", "DEFAULT_EXTRACTOR"]
+__all__ = ["open_database", "list_databases", "Databases", "where", "load_items", "query_items", "model_for_add",
+           "start_over", "add", "make_durable", "retriever", "search", "remove", "Removal", "describe",
+           "Description", "train_index", "delete_index", "evaluate", "train", "tsne", "dataset_pictures",
+           "DEFAULT_EXTRACTOR"]
 
 DEFAULT_EXTRACTOR = "efficientnet_lite0"  # ImageNet weights ship in a package: works offline
 
@@ -125,17 +127,25 @@ def start_over(store: VectorStore) -> bool:
 
 def add(store: VectorStore, items: Sequence[ImageItem], extractor: Extractor, weights: str | None = None,
         chunk_size: int | None = None, batch_size: int = 32, workers: int | None = None,
-        progress: bool = True, update: bool = False) -> IndexReport:
+        progress: bool = True, update: bool = False, durable: bool = False) -> IndexReport:
     """Embed ``items`` and store them. Re-running is safe: images stored with the same content are
     skipped before the model sees them; unreadable files are listed in the report's failures. A
     stored name with other content is never replaced silently: it is a conflict in the report,
-    unless ``update`` asks for the new content to replace it."""
+    unless ``update`` asks for the new content to replace it. ``durable``: see :func:`make_durable`."""
     from cbir.pipeline.ingest import index_images
     from cbir.pipeline.model import register_model
 
+    if durable:
+        make_durable(store)
     register_model(store, extractor, weights=weights, chunk_size=chunk_size)
     return index_images(store, items, extractor, batch_size=batch_size, workers=workers, progress=progress,
                         update=update)
+
+
+def make_durable(store: VectorStore) -> None:
+    """Writes to ``store`` acknowledged only once on disk (Redis ``appendfsync always``): the embedded
+    server is set so; a server of the user's own is checked, and refused with the fix where it is not."""
+    store.call("configuring", make_servers_durable, store.client)
 
 
 def retriever(store: VectorStore, weights: str | None = None, device: str | None = None,
@@ -172,7 +182,7 @@ class Removal:
 
 
 def remove(store: VectorStore, names: Iterable[str] = (), labels: Iterable[str] = (), path: str | None = None,
-           split: str = "train") -> Removal:
+           split: str = "train", durable: bool = False) -> Removal:
     """Delete images by name, by label, or by the content of the files under ``path``; what
     matched nothing is said, not an error (a removal run again finds nothing, and succeeds)."""
     names, labels = list(names), list(labels)
@@ -180,6 +190,8 @@ def remove(store: VectorStore, names: Iterable[str] = (), labels: Iterable[str] 
     if not names and not labels and not path:
         raise CbirError("nothing to remove: give --name, --label and/or --path")
     digests, failures = content_digests(every_item(path, split=split)) if path else ({}, [])
+    if durable:
+        make_durable(store)
     with store.writing():
         removed = store.remove_names(names) if names else []
         removed += store.remove_matching(labels, digests) if labels or digests else []
@@ -192,12 +204,14 @@ def remove(store: VectorStore, names: Iterable[str] = (), labels: Iterable[str] 
                    given=sum(map(len, digests.values())))
 
 
-def train_index(store: VectorStore, kind: str = "ivf", **options) -> TrainReport:
+def train_index(store: VectorStore, kind: str = "ivf", durable: bool = False, **options) -> TrainReport:
     """Train a FAISS index over the stored vectors, tune it against exact search and store it in
     Redis (see :func:`cbir.search.persisted.train_index` for the options)."""
     from cbir.search.persisted import train_index as train_and_store
 
     store.require()
+    if durable:
+        make_durable(store)
     return train_and_store(store, kind=kind, **options)
 
 

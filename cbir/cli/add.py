@@ -31,12 +31,13 @@ def run(args) -> int:
     print(f"{counted(len(items), 'image')} from {args.path} -> '{args.db_name}' on {api.where(store)}, "
           f"model {extractor.spec.description}, {extractor.spec.embedding_dim}-d")
     report = api.add(store, items, extractor, weights=args.weights, chunk_size=args.chunk_size,
-                     batch_size=args.batch_size, workers=args.workers, progress=not args.quiet, update=args.update)
+                     batch_size=args.batch_size, workers=args.workers, progress=not args.quiet, update=args.update,
+                     durable=args.durable)
     rate = (report.written / report.seconds) if report.seconds else 0.0
     conflicts = f"{len(report.conflicts)} conflicting, " if report.conflicts else ""
     print(f"'{args.db_name}': {report.new} new, {report.updated} updated, "
-          f"{report.unchanged} unchanged, {conflicts}{report.duplicates} duplicate names, {len(report.failures)} failed "
-          f"in {report.seconds:.1f} s ({rate:.1f} images/s indexed); {counted(store.count(), 'image')} stored")
+          f"{report.unchanged} unchanged, {conflicts}{report.duplicates} duplicate names, "
+          f"{len(report.failures)} failed in {report.seconds:.1f} s ({rate:.1f} images/s indexed); {counted(store.count(), 'image')} stored")
     if report.conflicts:
         print(f"{counted(len(report.conflicts), 'stored name')} with other content, kept as stored (--update replaces "
               "them; --names-by-project keeps both, named <project>/<name>):", file=sys.stderr)

@@ -164,10 +164,14 @@ def store_arguments(parser: argparse.ArgumentParser, db_help: str | None = None)
 
 
 def writer_arguments(parser: argparse.ArgumentParser) -> None:
-    """--wait, for a command that takes the database's writer lock."""
+    """--wait and --durable, for a command that takes the database's writer lock."""
     parser.add_argument("--wait", type=NON_NEGATIVE_REAL, default=0.0, metavar="SECONDS",
                         help="wait up to this long for another process writing the database to finish "
                              "(default: 0, refuse at once)")
+    parser.add_argument("--durable", action="store_true",
+                        help="each write acknowledged only once it is on disk (Redis appendfsync always: the "
+                             "embedded server is set so, a server of your own must be), so a machine that dies "
+                             "right after the command loses nothing of it")
 
 
 SOURCES = ("a folder with one sub-folder per class, a MedMNIST-style .npz, or an image (any format Pillow "

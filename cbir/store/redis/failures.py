@@ -16,6 +16,9 @@ def failure_and_advice(exc: redis.RedisError) -> tuple[str, str]:
     if isinstance(exc, redis.TimeoutError):
         return (f"Redis stopped answering ({reason})", "it is stalled or cut off by the network (a URL sets how "
                 f"long to wait: ?socket_timeout=SECONDS, {SOCKET_TIMEOUT_SECONDS:g} s by default)")
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return (f"Redis refused ({reason})", "this Redis user may not do that; writing needs a user allowed to "
+                "write the cbir:* keys (a read-only user can search: docs/RELIABILITY.md)")
     return "Redis failed", reason
 
 
