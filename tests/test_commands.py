@@ -100,12 +100,12 @@ def test_a_writer_whose_server_came_back_empty_stops_with_one_error(redis_server
                 stream.write(store.prepare([ImageRecord(name="a", label="x")]), np.ones((1, 2), np.float32))
                 _stop(servers)
                 restarter, servers = _restart_later(redis_server_binary, port, tmp_path)
-                plan = store.prepare([ImageRecord(name="b", label="x")])  # its id reserved through the restart
                 with pytest.raises(StoreError, match="no longer holds this run's writer lock"):
+                    # The lock, renewed before each plan, went with the server's data: nothing more is planned.
+                    plan = store.prepare([ImageRecord(name="b", label="x")])
                     stream.write(plan, np.ones((1, 2), np.float32))
                     stream.close()
                 restarter.join()
-        # The lock, renewed before each write, was found gone: nothing of the write was sent.
         assert store.client.keys("cbir:lost:vec:*") == [] and store.client.keys("cbir:lost:meta:*") == []
     finally:
         _stop(servers)

@@ -38,6 +38,7 @@ from .conftest import (
     _stop,
     record_fault,
 )
+from .test_data import _png_with_split_data, _png_with_two_headers
 
 
 def indexed(store, items, extractor, chunk_size=128):
@@ -117,14 +118,19 @@ def test_bad_files_are_reported_and_the_rest_indexed(store, busi, extractor, tmp
     (folder / "truncated.png").write_bytes(good[0].read_bytes()[:2000])
     Image.open(good[1]).convert("RGBA").save(folder / "alpha ü.png")
     Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(folder / "deep16.png")
+    # Crafted PNGs: the pixel limit and the decoder read the same header (Pillow's, the last IHDR).
+    (folder / "two headers, huge last.png").write_bytes(_png_with_two_headers((8, 8), (20000, 20000)))
+    (folder / "two headers, huge first.png").write_bytes(_png_with_two_headers((20000, 20000), (8, 8)))  # 8 x 8
+    (folder / "split image data.png").write_bytes(_png_with_split_data(16, 8, parts=5))
     report = indexed(store, load_items(tmp_path / "mixed"), extractor)
-    assert report.new == 7 and store.count() == 7
+    assert report.new == 9 and store.count() == 9
     assert sorted(f.split(": ")[1].split(" (")[0] for f in report.failures) == [
-        "empty file", "not an image file", "unreadable or truncated image"]
+        "empty file", "not an image file", "refused, too many pixels", "unreadable or truncated image"]
     assert all(str(folder) in f for f in report.failures)
     for failure in sorted(report.failures):
         name = failure.split(": ")[0].rsplit("/", 1)[1]
-        record_fault(f"bad input beside 7 good images: {name}", 7, store.count(), True, failure.replace(str(tmp_path), "…"))
+        record_fault(f"bad input beside 9 good images: {name}", 9, store.count(), True,
+                     failure.replace(str(tmp_path), "…"))
 
 
 def test_removed_images_are_never_returned(store, busi, extractor):

@@ -96,7 +96,7 @@ class LockingMixin:
         if not self._lock_token:
             return
         key = self.prefix + "lock"
-        if self.call("renewing the writer lock of", self.client.eval, RENEW_IF_EQUAL, 1, key, self._lock_token,
+        if self.call("writing to", self.client.eval, RENEW_IF_EQUAL, 1, key, self._lock_token,
                      LOCK_TTL_SECONDS):
             return
         holder = as_text(self.call("checking the writer lock of", self.client.get, key) or b"")

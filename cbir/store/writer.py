@@ -64,7 +64,6 @@ class WriteStream:
             return
         try:
             phases = self.store.write_phases(plan, vectors)
-            self.store.renew_lock()  # a writer that lost its lock stops before sending anything more
         except BaseException:
             self.store.settled(plan)  # nothing of it was sent
             raise
@@ -106,6 +105,7 @@ class WritingMixin:
         """
         self.require()
         self._require_lock()
+        self.renew_lock()  # a writer that lost its lock stops here, before it plans (and sends) anything more
         columns = Columns.of(records)
         names = columns.names
         if len(set(names)) == len(names):
