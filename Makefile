@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup redis-server demo test bench fault-table
+.PHONY: setup redis-server demo test bench fault-table serve
 
 # A fresh Debian or Ubuntu Python lacks venv's ensurepip until python3-venv is installed.
 $(PY):
@@ -35,6 +35,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=10
+
+# The HTTP API over the embedded Redis (or $CBIR_REDIS_URL), on http://127.0.0.1:8000 (docs at /docs).
+serve: setup
+	$(PY) -m cbir serve
 
 bench: setup
 	$(PY) scripts/bench_ingest.py

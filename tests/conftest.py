@@ -8,6 +8,7 @@ tests that need them are skipped locally and fail under CI.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -314,7 +315,7 @@ def record_fault(fault: str, expected: int | str, stored: int | str, once: bool 
     """One row of the fault table: reached only once the test's assertions have held."""
     if isinstance(once, bool):
         once = "yes" if once else "NO"
-    told = " ".join(told.split()).replace("|", "\\|")
+    told = re.sub(r"test-[0-9a-f]{10}", "<db>", " ".join(told.split())).replace("|", "\\|")
     _FAULT_ROWS.append((fault, str(expected), str(stored), once, f"`{told}`" if told else "(nothing: killed)"))
 
 

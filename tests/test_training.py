@@ -80,6 +80,7 @@ def test_classifier_weights_come_from_the_loss():
     assert class_weights(build_loss("triplet", 3, 8, weighted=False)[0]) is None
 
 
+@pytest.mark.filterwarnings("ignore:.*no files in the class folder")  # training refuses it, below
 def test_bad_training_data_is_refused(tmp_path):
     folder = tmp_path / "data"
     for label in ("a", "b"):

@@ -88,7 +88,7 @@ class Retriever:
     store: VectorStore
     extractor: Extractor
     exact: bool = False  # ignore a trained index
-    index: SearchIndex = field(init=False)
+    index: SearchIndex | None = None  # an index kept current by the caller (a service), else loaded here
     stored: int = field(init=False)  # images in the database when the search began
     # Seconds spent on each step so far: index (Redis reads and FAISS), embed (decoding and the
     # model), search, records (Redis reads of the neighbours' records only).
@@ -97,7 +97,8 @@ class Retriever:
     def __post_init__(self) -> None:
         self.store.require()
         started = time.perf_counter()
-        self.index = search_index(self.store, exact=self.exact)
+        if self.index is None:
+            self.index = search_index(self.store, exact=self.exact)
         self.timings["index"] = time.perf_counter() - started
         self.stored = self.index.size  # the index is current: no second pass over the records to count them
         if not self.stored:
@@ -142,12 +143,19 @@ class Retriever:
         started = time.perf_counter()
         vectors, decoded = embed_items(items, self.extractor, progress=progress)
         self._timed("embed", started)
+        asked = [items[position] for position in decoded.positions]
+        return self.answers(vectors, [item.name for item in asked], decoded.sha256,
+                            [item.label if known_labels else None for item in asked],
+                            [item.location for item in asked], k), decoded.failures
+
+    def answers(self, vectors: np.ndarray, names: Sequence[str], sha256: Sequence[str],
+                labels: Sequence[str | None], locations: Sequence[str], k: int = DEFAULT_NEIGHBOURS) -> list[Retrieval]:
+        """The retrieval of each query vector (embedded by the caller), with its kNN vote; a stored
+        copy of the query (the same sha256) is listed but does not vote."""
         results = []
-        for position, sha, row in zip(decoded.positions, decoded.sha256, self.neighbours(vectors, k)):
-            item = items[position]
+        for name, sha, label, location, row in zip(names, sha256, labels, locations, self.neighbours(vectors, k)):
             voters = [n for n in row if n.sha256 != sha]
             vote, share = majority_vote([n.label for n in voters], [n.score for n in voters])
-            results.append(Retrieval(query=item.name, query_label=item.label if known_labels else None,
-                                     neighbours=row, vote=vote, vote_share=share, voters=len(voters),
-                                     location=item.location))
-        return results, decoded.failures
+            results.append(Retrieval(query=name, query_label=label, neighbours=row, vote=vote, vote_share=share,
+                                     voters=len(voters), location=location))
+        return results

@@ -1,0 +1,55 @@
+"""`cbir serve`: the HTTP API over every database on one Redis (uvicorn)."""
+from __future__ import annotations
+
+import ipaddress
+import os
+
+from cbir.cli.flags import COUNT, NON_NEGATIVE
+from cbir.errors import CbirError
+from cbir.store.redis.connect import URL_ENV
+
+UPLOAD_ENV = "CBIR_MAX_UPLOAD_MB"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args) -> int:
+    # Tokens and roles are not there yet: a service that anyone on the network could use to add and
+    # forget images must not listen beyond this machine.
+    if not _loopback(args.host):
+        raise CbirError(f"--host {args.host}: the service has no access tokens yet, so it listens on this machine only "
+                        "(127.0.0.1, ::1 or localhost)")
+    import uvicorn
+
+    from cbir.store.redis.connect import connect, describe
+
+    if args.redis_url:
+        os.environ[URL_ENV] = args.redis_url  # the workers' create_app reads it, as replicas would
+    os.environ[UPLOAD_ENV] = str(args.max_upload_mb)
+    print(f"serving the databases on {describe(connect(args.redis_url))} at http://{args.host}:{args.port} "
+          f"(API under /api/v1, interactive docs at /docs); listening on this machine only", flush=True)
+    uvicorn.run("cbir.service.app:from_environment", factory=True, host=args.host, port=args.port,
+                workers=args.workers or None, log_level="warning")
+    return 0
+
+
+def register(commands) -> None:
+    serve = commands.add_parser("serve", help="serve the HTTP API over every database on a Redis",
+                                description="An always-on service (FastAPI, uvicorn): search by image or vector "
+                                            "in milliseconds, database descriptions, /healthz and /metrics. It "
+                                            "keeps no state of its own: replicas over the same Redis answer alike.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; loopback only "
+                                                           "until access tokens exist)")
+    serve.add_argument("--port", type=COUNT, default=8000, help="default: 8000")
+    serve.add_argument("--redis-url", default=None,
+                       help=f"Redis URL (default: ${URL_ENV}, else the embedded Redis under $CBIR_HOME)")
+    serve.add_argument("--workers", type=NON_NEGATIVE, default=1, help="service processes (default: 1)")
+    serve.add_argument("--max-upload-mb", type=COUNT, default=50, help="largest request accepted (default: 50 MB)")
+    serve.set_defaults(run=run, after_stop="the service stopped; no database was changed")

@@ -1,0 +1,220 @@
+"""The HTTP API (``/api/v1``) over every database on one Redis: FastAPI, served by uvicorn.
+
+The service keeps no state a second replica would miss: databases, indexes and their changes live
+in Redis, so replicas of ``cbir serve`` over the same Redis answer alike. Errors are JSON
+``{"error": "..."}`` with the status that says what went wrong; no stack trace reaches a client.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import numpy as np
+import redis
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException
+
+from cbir import __version__
+from cbir.errors import CbirError, ImageError, ModelMismatchError, StoreError
+from cbir.images.decode import decode_image
+from cbir.options import DEFAULT_NEIGHBOURS
+from cbir.search.persisted import index_info
+from cbir.service.metrics import Metrics
+from cbir.service.warm import UnknownDatabase, WarmDatabases
+from cbir.store.database import VectorStore, database_names
+from cbir.store.redis.connect import connect, describe
+
+MAX_UPLOAD_BYTES = 50 * 2**20
+MAX_NEIGHBOURS = 1000
+
+
+class ClientError(CbirError):
+    """A request the service cannot answer, with its HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def status_of(exc: Exception) -> int:
+    if isinstance(exc, ClientError):
+        return exc.status
+    if isinstance(exc, UnknownDatabase):
+        return 404
+    if isinstance(exc, ModelMismatchError):
+        return 409
+    if isinstance(exc, ImageError):
+        text = str(exc)
+        return 415 if "not an image file" in text else 413 if "too many pixels" in text else 400
+    if isinstance(exc, redis.RedisError) or (isinstance(exc, StoreError) and isinstance(exc.__cause__, redis.RedisError)):
+        return 503
+    return 400
+
+
+def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    """The service over the Redis at ``redis_url`` (default: ``$CBIR_REDIS_URL``, else the embedded one)."""
+    client = connect(redis_url)
+    databases = WarmDatabases(client)
+    metrics = Metrics(databases.batch_sizes)
+    app = FastAPI(title="cbir", version=__version__,
+                  description="Content-based medical image retrieval: search stored images like a query.")
+    app.state.databases = databases
+
+    @app.middleware("http")
+    async def measured(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.observe(getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(CbirError)
+    @app.exception_handler(redis.RedisError)
+    async def one_line(request: Request, exc: Exception):
+        return JSONResponse({"error": str(exc).splitlines()[0]}, status_code=status_of(exc))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # logged by uvicorn, never shown to a client
+        return JSONResponse({"error": "internal error (the service's log says more)"}, status_code=500)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())[1:])
+        return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=400)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        client.ping()
+        return {"status": "ok", "redis": describe(client), "version": __version__}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.text(), media_type=metrics.content_type)
+
+    @app.get("/api/v1/databases")
+    def list_databases() -> dict:
+        """Every database on this Redis, with its image count and model."""
+        return {"databases": [_summary(databases, name) for name in database_names(client)]}
+
+    @app.get("/api/v1/databases/{db}")
+    def database(db: str) -> dict:
+        """Images, classes with counts, model, trained index and data version of one database."""
+        warm_store = _store(databases, db)
+        info = warm_store.describe()
+        trained = index_info(warm_store)
+        return {"name": info.name, "images": info.count, "dim": info.dim, "version": info.version,
+                "model": info.model_spec.get("description", ""), "fingerprint": info.model,
+                "classes": dict(sorted(warm_store.label_counts().items())),
+                "index": {"kind": trained["kind"], "version": int(trained["version"]),
+                          "recall10": float(trained["recall10"] or 1)} if trained else {"kind": "exact"}}
+
+    @app.post("/api/v1/databases/{db}/search", openapi_extra=SEARCH_BODY)
+    async def search(db: str, request: Request) -> dict:
+        """The k nearest stored images of each uploaded image (multipart, field ``image``,
+        repeatable: any format ``add`` reads, DICOM too) or of each vector (JSON ``{"vectors": [...]}``),
+        with their kNN vote and where the time went."""
+        started = time.perf_counter()
+        length = int(request.headers.get("content-length") or 0)
+        if length > max_upload_bytes:
+            raise ClientError(413, f"the request is {length / 2**20:.1f} MB, over the limit of "
+                                   f"{max_upload_bytes / 2**20:g} MB")
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("multipart/form-data"):
+            form = await request.form(max_part_size=max_upload_bytes)
+            options = form
+            uploads = [(part.filename or "upload", await part.read()) for part in form.getlist("image")
+                       if hasattr(part, "read")]
+            if not uploads:
+                raise ClientError(400, "no image: send one or more files in the multipart field 'image'")
+            vectors = None
+        elif kind.startswith("application/json"):
+            options = await request.json()
+            uploads, vectors = [], options.get("vectors") if isinstance(options, dict) else None
+            if not vectors:
+                raise ClientError(400, "no vectors: send {\"vectors\": [[...], ...]} or images as multipart")
+        else:
+            raise ClientError(415, f"send images as multipart/form-data or vectors as JSON, not {kind or 'nothing'}")
+        k = _whole(options.get("k", DEFAULT_NEIGHBOURS), "k", 1, MAX_NEIGHBOURS)
+        exact = str(options.get("exact", "false")).lower() in ("1", "true", "yes")
+        warm = databases.get(db)
+        return await _search(warm, uploads, vectors, k, exact, started)
+
+    return app
+
+
+def from_environment() -> FastAPI:
+    """The app of ``cbir serve``'s workers: its settings from the environment, as every replica reads them."""
+    import os
+
+    return create_app(max_upload_bytes=int(os.environ.get("CBIR_MAX_UPLOAD_MB", MAX_UPLOAD_BYTES // 2**20)) * 2**20)
+
+
+SEARCH_BODY = {"requestBody": {"content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "k": {"type": "integer", "default": DEFAULT_NEIGHBOURS}, "exact": {"type": "boolean"}}}},
+    "application/json": {"schema": {"type": "object", "properties": {
+        "vectors": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        "k": {"type": "integer", "default": DEFAULT_NEIGHBOURS}, "exact": {"type": "boolean"}}}}}}}
+
+
+def _whole(value, name: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ClientError(400, f"{name}: {value!r} is not a whole number") from None
+    if not low <= number <= high:
+        raise ClientError(400, f"{name}: must be from {low} to {high}, got {number}")
+    return number
+
+
+def _store(databases: WarmDatabases, name: str) -> VectorStore:
+    store = VectorStore(databases.client, name)
+    if not store.exists:
+        raise UnknownDatabase(f"no database '{name}' on this Redis")
+    store.require()
+    return store
+
+
+def _summary(databases: WarmDatabases, name: str) -> dict:
+    try:
+        store = _store(databases, name)
+    except StoreError as exc:  # an older schema's layout, say: named, not read
+        return {"name": name, "error": str(exc)}
+    return {"name": name, "images": store.count(), "model": store.model_spec.get("description", "")}
+
+
+async def _search(warm, uploads: list[tuple[str, bytes]], vectors, k: int, exact: bool, started: float) -> dict:
+    timings = {}
+    if uploads:
+        tensors, names, digests = [], [], []
+        for name, data in uploads:
+            image = decode_image(data, name)  # in memory: nothing of an upload is written to disk
+            tensors.append(warm.extractor.preprocess(image))
+            names.append(name)
+            digests.append(hashlib.sha256(data).hexdigest())
+        decoded = time.perf_counter()
+        timings["decode"] = decoded - started
+        found = await asyncio.wrap_future(warm.batcher.submit(torch.stack(tensors)))
+        timings["model"] = time.perf_counter() - decoded
+    else:
+        found = np.asarray(vectors, dtype=np.float32)
+        if found.ndim != 2 or found.shape[1] != warm.store.dim or not np.isfinite(found).all():
+            raise ClientError(400, f"vectors: expected rows of {warm.store.dim} finite numbers, got shape "
+                                   f"{tuple(found.shape)}")
+        found /= np.maximum(np.linalg.norm(found, axis=1, keepdims=True), 1e-12)
+        names, digests = [f"vector {i}" for i in range(len(found))], [""] * len(found)
+    retrievals, inside = await asyncio.to_thread(warm.answer, found, names, digests, k, exact)
+    timings.update(search=inside.get("search", 0.0), records=inside.get("records", 0.0))
+    timings["total"] = time.perf_counter() - started
+    return {"results": [retrieval.to_json() for retrieval in retrievals],
+            "timings_ms": {step: round(seconds * 1000, 2) for step, seconds in timings.items()}}

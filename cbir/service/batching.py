@@ -1,0 +1,70 @@
+"""Dynamic batching: concurrent searches share the model's forward passes.
+
+Each request hands its preprocessed images to the :class:`Batcher` of its database's extractor;
+one thread takes what is waiting, waits at most ``max_wait`` for more (as Triton's dynamic
+batcher and Ray Serve's ``@serve.batch`` do), runs one forward over all of it and answers each
+request with its rows. A request alone pays the wait once; many requests at once fill batches.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+import torch
+
+MAX_BATCH = 32  # images per forward
+MAX_WAIT_SECONDS = 0.004  # how long the first request waits for others to join its batch
+
+
+class Batcher:
+    """Embeds uint8 image batches (N x 3 x S x S) with ``extractor``, joining concurrent requests."""
+
+    def __init__(self, extractor, max_batch: int = MAX_BATCH, max_wait: float = MAX_WAIT_SECONDS):
+        self.extractor = extractor
+        self.max_batch, self.max_wait = max_batch, max_wait
+        self.sizes: list[int] = []  # images per forward so far (the metrics read and clear it)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="cbir-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, images: torch.Tensor) -> Future:
+        """A future of the vectors of ``images`` (float32, one row each)."""
+        future: Future = Future()
+        self._queue.put((images, future))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            jobs, count = [job], len(job[0])
+            deadline = time.monotonic() + self.max_wait
+            while count < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                try:
+                    job = self._queue.get(timeout=left)
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                jobs.append(job)
+                count += len(job[0])
+            self._embed(jobs, count)
+
+    def _embed(self, jobs: list, count: int) -> None:
+        try:
+            vectors = self.extractor.embed(torch.cat([images for images, _ in jobs]))
+        except BaseException as exc:  # each request gets the error, the thread goes on
+            for _, future in jobs:
+                future.set_exception(exc)
+            return
+        self.sizes.append(count)
+        start = 0
+        for images, future in jobs:
+            future.set_result(np.ascontiguousarray(vectors[start:start + len(images)]))
+            start += len(images)

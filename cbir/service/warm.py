@@ -1,0 +1,92 @@
+"""Databases kept warm for a service: each one's extractor built once, its index loaded once and
+kept current, and nothing a second replica would miss (everything lives in Redis)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cbir.errors import StoreError
+from cbir.pipeline.model import extractor_for_store
+from cbir.pipeline.retrieve import Retrieval, Retriever
+from cbir.search.index import SearchIndex
+from cbir.search.persisted import index_info, search_index
+from cbir.service.batching import Batcher
+from cbir.store.database import VectorStore
+
+
+class UnknownDatabase(StoreError):
+    pass
+
+
+@dataclass
+class WarmDatabase:
+    store: VectorStore
+    batcher: Batcher
+    fingerprint: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Without a trained index searches are exact over every vector: loaded again only when the
+    # data version moves (an add or a removal by any process).
+    exact: SearchIndex | None = None
+    exact_version: int = -1
+
+    @property
+    def extractor(self):
+        return self.batcher.extractor
+
+    def _index(self, exact: bool) -> SearchIndex:
+        if not exact and index_info(self.store):
+            return search_index(self.store)  # loaded once per process, the journal replayed on each call
+        version = self.store.version()
+        if self.exact_version != version:
+            self.exact, self.exact_version = SearchIndex.from_store(self.store), version
+        return self.exact
+
+    def answer(self, vectors: np.ndarray, names: list[str], sha256: list[str], k: int,
+               exact: bool = False) -> tuple[list[Retrieval], dict[str, float]]:
+        """The retrievals of query vectors and the seconds spent on the index, search and records.
+        One search at a time per database: bringing an index up to date changes it."""
+        with self.lock:
+            retriever = Retriever(self.store, self.extractor, exact=exact, index=self._index(exact))
+            found = retriever.answers(vectors, names, sha256, [None] * len(names), [""] * len(names), k)
+        return found, retriever.timings
+
+
+class WarmDatabases:
+    """The databases on one Redis, each made warm on its first search and rebuilt if the database
+    was built again with another model."""
+
+    def __init__(self, client):
+        self.client = client
+        self._warm: dict[str, WarmDatabase] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> WarmDatabase:
+        store = VectorStore(self.client, name)  # reads the database's info afresh
+        if not store.exists:
+            raise UnknownDatabase(f"no database '{name}' on this Redis")
+        store.require()
+        with self._lock:
+            warm = self._warm.get(name)
+            if warm is None or warm.fingerprint != store.model:
+                if warm is not None:
+                    warm.batcher.close()
+                extractor = extractor_for_store(store)
+                warm = self._warm[name] = WarmDatabase(store, Batcher(extractor), store.model)
+            warm.store = store
+        return warm
+
+    def close(self) -> None:
+        with self._lock:
+            for warm in self._warm.values():
+                warm.batcher.close()
+            self._warm.clear()
+
+    def batch_sizes(self) -> list[int]:
+        """Images per forward since the last call, over every database."""
+        sizes = []
+        for warm in list(self._warm.values()):
+            sizes += warm.batcher.sizes
+            warm.batcher.sizes = []
+        return sizes

@@ -1,0 +1,163 @@
+"""The HTTP API against real Redis (the standalone server, and the embedded one for `cbir serve`),
+real images and the real model, through FastAPI's test client (httpx)."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cbir import api
+from cbir.service.app import create_app
+from cbir.store.database import VectorStore
+
+from .conftest import BREASTMNIST, ROOT, TEST_INPUT_SIZE, _free_port, _start_server, _stop
+
+
+@pytest.fixture(scope="module")
+def indexed(standalone_url):
+    """BreastMNIST's 78 validation images in a database of the standalone server."""
+    store = api.open_database("service-test", standalone_url)
+    api.start_over(store)
+    api.add(store, api.load_items(BREASTMNIST, split="val"), api.model_for_add(store, input_size=TEST_INPUT_SIZE),
+            workers=0, progress=False)
+    yield store
+    VectorStore(store.client, store.name).drop()
+
+
+@pytest.fixture(scope="module")
+def service(standalone_url, indexed):
+    with TestClient(create_app(standalone_url, max_upload_bytes=2 * 2**20)) as client:
+        yield client
+
+
+def png(index: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.load(BREASTMNIST)["val_images"][index]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_indexed_image_finds_itself_first_and_its_timings(service, indexed):
+    answer = service.post(f"/api/v1/databases/{indexed.name}/search", files=[("image", ("q.png", png(5)))],
+                          data={"k": "3"})
+    assert answer.status_code == 200, answer.text
+    result = answer.json()["results"][0]
+    assert result["results"][0]["name"] == "val/05" and result["results"][0]["score"] == pytest.approx(1, abs=1e-4)
+    assert len(result["results"]) == 3 and result["query"] == "q.png"
+    assert set(answer.json()["timings_ms"]) == {"decode", "model", "search", "records", "total"}
+
+
+def test_several_images_and_vectors_are_answered_in_one_request(service, indexed):
+    answer = service.post(f"/api/v1/databases/{indexed.name}/search",
+                          files=[("image", ("a.png", png(7))), ("image", ("b.png", png(9)))], data={"k": "1"})
+    assert [r["results"][0]["name"] for r in answer.json()["results"]] == ["val/07", "val/09"]
+    ids, vectors = indexed.load_vectors()
+    by_vector = service.post(f"/api/v1/databases/{indexed.name}/search", json={"vectors": vectors[:2].tolist(), "k": 1})
+    assert [r["results"][0]["name"] for r in by_vector.json()["results"]] == ["val/00", "val/01"]
+
+
+def test_concurrent_searches_share_forward_passes(service, indexed):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(index: int) -> str:
+        answer = service.post(f"/api/v1/databases/{indexed.name}/search",
+                              files=[("image", ("q.png", png(index)))], data={"k": "1"})
+        return answer.json()["results"][0]["results"][0]["name"]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ask, range(16))) == [f"val/{i:02d}" for i in range(16)]
+    metrics = service.get("/metrics").text
+    assert "cbir_batch_images_count" in metrics and 'cbir_requests_total{route="/api/v1/databases/{db}/search"' in metrics
+
+
+def test_databases_are_described(service, indexed):
+    listed = service.get("/api/v1/databases").json()["databases"]
+    assert {"name": indexed.name, "images": 78, "model": indexed.model_spec["description"]} in listed
+    described = service.get(f"/api/v1/databases/{indexed.name}").json()
+    assert described["images"] == 78 and described["classes"] == {"malignant": 21, "normal, benign": 57}
+    assert described["index"] == {"kind": "exact"}
+    assert service.get("/healthz").json()["status"] == "ok"
+    assert service.get("/openapi.json").json()["info"]["title"] == "cbir"
+
+
+@pytest.mark.parametrize("request_args,status,message", [
+    (dict(url="/api/v1/databases/no-such-db/search", files=[("image", ("q.png", b"x"))]), 404, "no database 'no-such-db'"),
+    (dict(files=[("image", ("notes.txt", b"a clinician's note"))]), 415, "notes.txt: not an image file"),
+    (dict(files=[("image", ("cut.png", png(3)[:-40]))]), 400, "cut.png: unreadable or truncated image"),
+    (dict(files=[("image", ("big.png", b"\0" * (3 * 2**20)))]), 413, "over the limit of 2 MB"),
+    (dict(files=[("image", ("q.png", b"x"))], data={"k": "0"}), 400, "k: must be from 1 to 1000, got 0"),
+    (dict(json={"vectors": [[1.0, 2.0]]}), 400, "vectors: expected rows of 1280 finite numbers"),
+    (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "send images as multipart/form-data"),
+], ids=["unknown database", "not an image", "truncated", "too large", "bad k", "wrong vectors", "wrong type"])
+def test_bad_requests_get_one_json_error_with_their_status(service, indexed, request_args, status, message):
+    request_args.setdefault("url", f"/api/v1/databases/{indexed.name}/search")
+    answer = service.post(**request_args)
+    assert answer.status_code == status, answer.text
+    assert set(answer.json()) == {"error"} and message in answer.json()["error"]
+    assert "Traceback" not in answer.text
+
+
+def test_redis_gone_is_503(redis_server_binary, tmp_path):
+    port = _free_port()
+    server = _start_server(redis_server_binary, port, tmp_path)
+    with TestClient(create_app(f"redis://127.0.0.1:{port}/0")) as client:
+        assert client.get("/healthz").status_code == 200
+        _stop([server])
+        answer = client.get("/api/v1/databases")
+    assert answer.status_code == 503 and answer.json()["error"].startswith("Redis failed while listing the databases")
+
+
+def test_a_change_made_by_the_cli_is_seen_by_the_running_service(service, indexed, standalone_url, tmp_path):
+    """Another process adds an image and removes one: the service's next answers see both."""
+    query = png(30)
+    before = service.post(f"/api/v1/databases/{indexed.name}/search", files=[("image", ("q.png", query))],
+                          data={"k": "1"}).json()["results"][0]["results"][0]
+    assert before["name"] == "val/30"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CBIR_REDIS_URL=standalone_url)
+    removed = subprocess.run([sys.executable, str(ROOT / "remove_images.py"), "--db-name", indexed.name, "--name",
+                              "val/30"], env=env, capture_output=True, text=True, timeout=120)
+    assert removed.returncode == 0, removed.stderr
+    after = service.post(f"/api/v1/databases/{indexed.name}/search", files=[("image", ("q.png", query))],
+                         data={"k": "1"}).json()["results"][0]["results"][0]
+    assert after["name"] != "val/30"  # forgotten: never returned again
+    (tmp_path / "new" / "malignant").mkdir(parents=True)
+    (tmp_path / "new" / "malignant" / "again.png").write_bytes(query)
+    added = subprocess.run([sys.executable, str(ROOT / "add_images.py"), "--db-name", indexed.name, "--path",
+                            str(tmp_path / "new"), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert added.returncode == 0, added.stderr
+    again = service.post(f"/api/v1/databases/{indexed.name}/search", files=[("image", ("q.png", query))],
+                         data={"k": "1"}).json()["results"][0]["results"][0]
+    assert again["name"] == "malignant/again.png"
+
+
+def test_cbir_serve_answers_over_http_and_refuses_to_listen_beyond_this_machine(tmp_path, db_name):
+    env = {k: v for k, v in os.environ.items() if k != "CBIR_REDIS_URL"}
+    env.update(PYTHONPATH=str(ROOT), CBIR_HOME=str(tmp_path / "home"))
+    refused = subprocess.run([sys.executable, "-m", "cbir", "serve", "--host", "0.0.0.0"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "listens on this machine only" in refused.stderr
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "cbir", "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and server.poll() is None, server.stderr.read()
+                time.sleep(0.2)
+        assert health.json()["status"] == "ok" and "embedded Redis" in health.json()["redis"]
+        assert httpx.get(f"http://127.0.0.1:{port}/api/v1/databases/{db_name}").status_code == 404
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
