@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from cbir.training.config import TrainConfig
 
 __all__ = ["open_database", "list_databases", "Databases", "where", "load_items", "query_items", "model_for_add",
-           "start_over", "add", "make_durable", "retriever", "search", "remove", "Removal", "describe",
+           "start_over", "add", "backfill_thumbnails", "Backfill", "make_durable", "retriever", "search", "remove", "Removal", "describe",
            "Description", "train_index", "delete_index", "evaluate", "train", "tsne", "dataset_pictures",
            "DEFAULT_EXTRACTOR"]
 
@@ -127,11 +127,12 @@ def start_over(store: VectorStore) -> bool:
 
 def add(store: VectorStore, items: Sequence[ImageItem], extractor: Extractor, weights: str | None = None,
         chunk_size: int | None = None, batch_size: int = 32, workers: int | None = None,
-        progress: bool = True, update: bool = False, durable: bool = False) -> IndexReport:
+        progress: bool = True, update: bool = False, durable: bool = False, thumbnails: bool = True) -> IndexReport:
     """Embed ``items`` and store them. Re-running is safe: images stored with the same content are
     skipped before the model sees them; unreadable files are listed in the report's failures. A
     stored name with other content is never replaced silently: it is a conflict in the report,
-    unless ``update`` asks for the new content to replace it. ``durable``: see :func:`make_durable`."""
+    unless ``update`` asks for the new content to replace it. ``durable``: see :func:`make_durable`.
+    ``thumbnails``: a small picture of each image stored with it (for pages showing neighbours)."""
     from cbir.pipeline.ingest import index_images
     from cbir.pipeline.model import register_model
 
@@ -139,13 +140,54 @@ def add(store: VectorStore, items: Sequence[ImageItem], extractor: Extractor, we
         make_durable(store)
     register_model(store, extractor, weights=weights, chunk_size=chunk_size)
     return index_images(store, items, extractor, batch_size=batch_size, workers=workers, progress=progress,
-                        update=update)
+                        update=update, thumbnails=thumbnails)
 
 
 def make_durable(store: VectorStore) -> None:
     """Writes to ``store`` acknowledged only once on disk (Redis ``appendfsync always``): the embedded
     server is set so; a server of the user's own is checked, and refused with the fix where it is not."""
     store.call("configuring", make_servers_durable, store.client)
+
+
+@dataclass
+class Backfill:
+    made: int = 0
+    bytes: int = 0  # of the thumbnails made
+    failures: list[str] = field(default_factory=list)  # "source: reason" of each image left without one
+
+
+def backfill_thumbnails(store: VectorStore, progress: bool = True) -> Backfill:
+    """Thumbnails for the stored images that have none (a database built before they existed),
+    made from each image's source file as recorded; a source gone or changed since is listed."""
+    from tqdm import tqdm
+
+    from cbir.errors import ImageError
+    from cbir.images.thumbnails import thumbnail
+
+    store.require()
+    have = store.thumbnail_ids()
+    todo = [(image_id, record) for image_id, record in store.iter_records() if image_id not in have]
+    report = Backfill()
+    with store.writing():
+        for start in tqdm(range(0, len(todo), 64), desc=f"thumbnails of '{store.name}'", disable=not progress):
+            ids, made = [], []
+            for image_id, record in todo[start:start + 64]:
+                item = ImageItem(name=record.name, label=record.label, project=record.project, location=record.source)
+                try:
+                    image, digest = item.read()
+                except ImageError as exc:
+                    report.failures.append(str(exc))
+                    continue
+                if record.sha256 and digest != record.sha256:
+                    report.failures.append(f"{record.source}: changed since it was stored as {record.name}")
+                    continue
+                ids.append(image_id)
+                made.append(thumbnail(image))
+            if ids:
+                store.set_thumbnails(ids, made)
+                report.made += len(ids)
+                report.bytes += sum(map(len, made))
+    return report
 
 
 def retriever(store: VectorStore, weights: str | None = None, device: str | None = None,

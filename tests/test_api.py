@@ -54,3 +54,28 @@ def test_a_model_that_contradicts_the_database_is_refused(database):
 def test_importing_the_api_imports_neither_torch_nor_faiss():
     check = "import sys; from cbir import api; sys.exit(10 if {'torch', 'faiss', 'timm'} & set(sys.modules) else 0)"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0
+
+
+def test_thumbnails_are_stored_with_images_removed_with_them_and_backfilled(database, tmp_path):
+    import io
+    import shutil
+
+    source = tmp_path / "cases"
+    (source / "malignant").mkdir(parents=True)
+    images = np.load(BREASTMNIST)["val_images"]
+    for index in range(4):
+        Image.fromarray(images[index]).save(source / "malignant" / f"{index}.png")
+    extractor = api.model_for_add(database, input_size=TEST_INPUT_SIZE)
+    api.add(database, api.load_items(source), extractor, workers=0, progress=False, thumbnails=False)
+    assert database.thumbnail_ids() == set()  # built without them, as databases before them were
+    shutil.move(source / "malignant" / "3.png", tmp_path / "moved.png")
+    backfill = api.backfill_thumbnails(database, progress=False)
+    assert backfill.made == 3 and backfill.failures == [f"{source / 'malignant' / '3.png'}: cannot read "
+                                                       "(No such file or directory)"]
+    assert 0 < backfill.bytes / backfill.made <= 8 * 1024
+    picture = Image.open(io.BytesIO(database.thumbnail(0)))
+    assert picture.format == "WEBP" and picture.size == (28, 28)  # small images stay their size
+    api.remove(database, names=["malignant/0.png"])
+    assert database.thumbnail(0) is None and 0 not in database.thumbnail_ids()  # removed with the image
+    api.add(database, api.load_items(tmp_path / "moved.png", label="malignant"), extractor, workers=0, progress=False)
+    assert len(database.thumbnail_ids()) == 3  # made at add time, by default

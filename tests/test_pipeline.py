@@ -314,7 +314,7 @@ def test_cli_add_retrieve_json_remove_evaluate(cli_env, db_name, tmp_path, capsy
         assert "val/05" in printed and "vote:" in printed
         result = json.loads(out_json.read_text())
         assert set(result) >= {"query", "results", "vote"}
-        assert result["results"][0] == {"rank": 1, "name": "val/05", "label": result["results"][0]["label"],
+        assert result["results"][0] == {"rank": 1, "id": 5, "name": "val/05", "label": result["results"][0]["label"],
                                         "project": "breastmnist", "score": pytest.approx(1.0, abs=1e-4)}
         pictures = list((tmp_path / "pictures").glob("retrieval_*.png"))
         assert len(pictures) == 1 and Image.open(pictures[0]).size[0] > 400

@@ -32,7 +32,7 @@ def run(args) -> int:
           f"model {extractor.spec.description}, {extractor.spec.embedding_dim}-d")
     report = api.add(store, items, extractor, weights=args.weights, chunk_size=args.chunk_size,
                      batch_size=args.batch_size, workers=args.workers, progress=not args.quiet, update=args.update,
-                     durable=args.durable)
+                     durable=args.durable, thumbnails=not args.no_thumbnails)
     rate = (report.written / report.seconds) if report.seconds else 0.0
     conflicts = f"{len(report.conflicts)} conflicting, " if report.conflicts else ""
     print(f"'{args.db_name}': {report.new} new, {report.updated} updated, "
@@ -60,6 +60,8 @@ def register(commands) -> None:
     add.add_argument("--update", action="store_true",
                      help="replace stored images whose name comes again with other content (without it, such a "
                           "name is a conflict: listed, kept as stored, exit status 1)")
+    add.add_argument("--no-thumbnails", action="store_true",
+                     help="store no thumbnail (a 128 px WebP of each image, a few KB, that the service's pages show)")
     add.add_argument("--names-by-project", action="store_true",
                      help="name each image <project>/<name>, so that sources sharing file names (two hospitals' "
                           "exports) are stored side by side; the project is --project, else the folder's name")

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from cbir import interrupts
 from cbir.errors import CbirError, ImageError, in_one_line
 from cbir.images.sources import ImageItem
+from cbir.images.thumbnails import thumbnail
 from cbir.models.extractor import Extractor
 from cbir.models.preprocess import Preprocess
 
@@ -33,18 +34,19 @@ class DecodedBatch:
     images: torch.Tensor | None  # preprocessed uint8, (n, 3, H, W); a numpy array on its way between processes
     sha256: list[str]
     failures: list[str]  # "file: reason", one per image that could not be decoded
+    thumbnails: list[bytes] | None = None  # of each decoded image, where asked for
 
 
-def _decode(item: ImageItem, position: int, preprocess: Preprocess):
+def _decode(item: ImageItem, position: int, preprocess: Preprocess, thumbnails: bool = False):
     try:
         image, sha = item.read(keep_grey=True)
-        return position, preprocess(image), sha, None
+        return position, preprocess(image), sha, None, thumbnail(image) if thumbnails else None
     except ImageError as exc:
-        return position, None, None, str(exc)
+        return position, None, None, str(exc), None
     except MemoryError:  # in the resize, say: the decoder says how much it needs itself
-        return position, None, None, f"{item.location}: not enough memory to prepare it for the model"
+        return position, None, None, f"{item.location}: not enough memory to prepare it for the model", None
     except Exception as exc:  # a decoder bug must cost one image, not the whole run
-        return position, None, None, f"{item.location}: {in_one_line(exc)}"
+        return position, None, None, f"{item.location}: {in_one_line(exc)}", None
 
 
 def _collate(samples) -> DecodedBatch:
@@ -52,20 +54,21 @@ def _collate(samples) -> DecodedBatch:
     return DecodedBatch(positions=[s[0] for s in good],
                         images=torch.stack([s[1] for s in good]) if good else None,
                         sha256=[s[2] for s in good],
-                        failures=[s[3] for s in samples if s[1] is None])
+                        failures=[s[3] for s in samples if s[1] is None],
+                        thumbnails=[s[4] for s in good] if good and good[0][4] is not None else None)
 
 
 class _Decoding(Dataset):
     """The items, decoded on demand: what DataLoader processes decode."""
 
-    def __init__(self, items: Sequence[ImageItem], preprocess: Preprocess):
-        self.items, self.preprocess = items, preprocess
+    def __init__(self, items: Sequence[ImageItem], preprocess: Preprocess, thumbnails: bool = False):
+        self.items, self.preprocess, self.thumbnails = items, preprocess, thumbnails
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, position: int):
-        return _decode(self.items[position], position, self.preprocess)
+        return _decode(self.items[position], position, self.preprocess, self.thumbnails)
 
 
 def default_workers() -> int:
@@ -78,8 +81,10 @@ def decodes_beside(extractor: Extractor) -> bool:
 
 
 def decode_batches(items: Sequence[ImageItem], preprocess: Preprocess, batch_size: int = DEFAULT_BATCH_SIZE,
-                   workers: int | None = None, beside_model: bool = False) -> Iterator[DecodedBatch]:
-    """Decoded, preprocessed batches in item order; undecodable images are reported, not raised.
+                   workers: int | None = None, beside_model: bool = False,
+                   thumbnails: bool = False) -> Iterator[DecodedBatch]:
+    """Decoded, preprocessed batches in item order (with a thumbnail of each image, where asked
+    for); undecodable images are reported, not raised.
 
     By default ``workers`` threads decode a turn of batches (DECODE_TURN_IMAGES images) when the
     first of them is asked for and leave the cores to the caller until the turn's batches are
@@ -90,15 +95,16 @@ def decode_batches(items: Sequence[ImageItem], preprocess: Preprocess, batch_siz
     batches = [range(first, min(first + batch_size, len(items))) for first in range(0, len(items), batch_size)]
     if workers == 0:
         for positions in batches:
-            yield _collate([_decode(items[p], p, preprocess) for p in positions])
+            yield _collate([_decode(items[p], p, preprocess, thumbnails) for p in positions])
     elif beside_model and len(batches) > 1:  # for one batch, starting processes costs more than it saves
-        yield from _decode_in_processes(items, preprocess, batches, workers)
+        yield from _decode_in_processes(items, preprocess, batches, workers, thumbnails)
     else:
         turn = max(1, DECODE_TURN_IMAGES // batch_size) * batch_size
         with ThreadPoolExecutor(workers, thread_name_prefix="cbir-decode") as pool:
             for start in range(0, len(items), turn):
                 positions = range(start, min(start + turn, len(items)))
-                samples = list(pool.map(_decode, (items[p] for p in positions), positions, repeat(preprocess)))
+                samples = list(pool.map(_decode, (items[p] for p in positions), positions, repeat(preprocess),
+                                        repeat(thumbnails)))
                 for first in range(0, len(samples), batch_size):
                     yield _collate(samples[first:first + batch_size])
 
@@ -115,7 +121,7 @@ def _collate_to_send(samples) -> DecodedBatch:
 
 
 def _decode_in_processes(items: Sequence[ImageItem], preprocess: Preprocess, batches: list[range],
-                         workers: int) -> Iterator[DecodedBatch]:
+                         workers: int, thumbnails: bool = False) -> Iterator[DecodedBatch]:
     """DataLoader processes decode each batch in chunks, one or more per worker, joined again here.
 
     A DataLoader worker decodes a whole batch of its own, so batches of 256 kept 4 of 16 workers
@@ -125,7 +131,7 @@ def _decode_in_processes(items: Sequence[ImageItem], preprocess: Preprocess, bat
     """
     chunks = [np.array_split(positions, max(1, min(workers, len(positions) // 8))) for positions in batches]
     sampler = [chunk.tolist() for parts in chunks for chunk in parts]
-    loader = iter(DataLoader(_Decoding(items, preprocess), num_workers=min(workers, len(sampler)),
+    loader = iter(DataLoader(_Decoding(items, preprocess, thumbnails), num_workers=min(workers, len(sampler)),
                              collate_fn=_collate_to_send, batch_sampler=sampler))
     for parts in chunks:
         decoded = [next(loader) for _ in parts]
@@ -133,7 +139,8 @@ def _decode_in_processes(items: Sequence[ImageItem], preprocess: Preprocess, bat
         yield DecodedBatch(positions=[p for part in decoded for p in part.positions],
                            images=torch.from_numpy(np.concatenate(images)) if images else None,
                            sha256=[sha for part in decoded for sha in part.sha256],
-                           failures=[failure for part in decoded for failure in part.failures])
+                           failures=[failure for part in decoded for failure in part.failures],
+                           thumbnails=[t for part in decoded for t in part.thumbnails or []] if thumbnails else None)
 
 
 def embed_items(items: Sequence[ImageItem], extractor: Extractor, batch_size: int = DEFAULT_BATCH_SIZE,

@@ -111,15 +111,17 @@ class BackgroundWriter:
 
 def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extractor,
                  batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-                 progress: bool = True, update: bool = False) -> IndexReport:
+                 progress: bool = True, update: bool = False, thumbnails: bool = True) -> IndexReport:
     """Embed and store ``items``; safe to re-run after an interruption (see VectorStore.prepare).
-    A stored name whose content differs is a conflict, listed and skipped, unless ``update``."""
+    A stored name whose content differs is a conflict, listed and skipped, unless ``update``.
+    ``thumbnails``: store a small picture of each image with it (see cbir.images.thumbnails)."""
     report = IndexReport(total=len(items))
     with store.writing(), interrupts.held():
         started = time.perf_counter()  # after any wait for another writer: the rate is this run's
         with tqdm(total=len(items), unit="img", desc=f"indexing into '{store.name}'", disable=not progress) as bar, \
                 BackgroundWriter(store) as writer:
-            for batch in decode_batches(items, extractor.preprocess, batch_size, workers, decodes_beside(extractor)):
+            for batch in decode_batches(items, extractor.preprocess, batch_size, workers, decodes_beside(extractor),
+                                        thumbnails):
                 interrupts.check()  # between batches: no hand-over to the decoding or writer threads under way
                 report.failures += batch.failures
                 if batch.positions:
@@ -129,6 +131,8 @@ def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extr
                                            source=printable(items[p].location), added=now)
                                for p, sha in zip(batch.positions, batch.sha256)]
                     plan = store.prepare(records, update)
+                    if batch.thumbnails is not None:
+                        plan.thumbnails = [batch.thumbnails[p] for p in plan.positions]
                     report.count(plan)
                     if plan.records:
                         writer.submit(plan, extractor.embed(batch.images[plan.positions]))

@@ -60,7 +60,7 @@ class Retrieval:
         return {
             "query": self.query,
             "query_label": self.query_label,
-            "results": [{k: v for k, v in asdict(n).items() if k in ("rank", "name", "label", "project", "score")}
+            "results": [{k: v for k, v in asdict(n).items() if k in ("rank", "id", "name", "label", "project", "score")}
                         for n in self.neighbours],
             "vote": self.vote,
             "vote_share": self.vote_share,

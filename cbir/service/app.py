@@ -15,12 +15,13 @@ import redis
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from cbir import __version__
 from cbir.errors import CbirError, ImageError, ModelMismatchError, StoreError
 from cbir.images.decode import decode_image
+from cbir.images.thumbnails import MEDIA_TYPE
 from cbir.options import DEFAULT_NEIGHBOURS
 from cbir.search.persisted import index_info
 from cbir.service.metrics import Metrics
@@ -116,6 +117,16 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
                 "classes": dict(sorted(warm_store.label_counts().items())),
                 "index": {"kind": trained["kind"], "version": int(trained["version"]),
                           "recall10": float(trained["recall10"] or 1)} if trained else {"kind": "exact"}}
+
+    @app.get("/api/v1/databases/{db}/images/{image_id}/thumbnail", response_class=Response,
+             responses={200: {"content": {MEDIA_TYPE: {}}}})
+    def image_thumbnail(db: str, image_id: int) -> Response:
+        """A small picture (WebP, at most 128 px) of a stored image, for pages showing neighbours."""
+        picture = _store(databases, db).thumbnail(image_id)
+        if picture is None:
+            raise ClientError(404, f"no thumbnail of image {image_id} in '{db}' (a removed image, or a database "
+                                   "built before thumbnails: `cbir thumbnails` makes them)")
+        return Response(picture, media_type=MEDIA_TYPE, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/api/v1/databases/{db}/search", openapi_extra=SEARCH_BODY)
     async def search(db: str, request: Request) -> dict:

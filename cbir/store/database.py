@@ -103,6 +103,9 @@ class VectorStore(ReadingMixin, WritingMixin, JournalMixin, LockingMixin):
     def names_key(self, bucket: int) -> str:
         return f"{self.prefix}names:{bucket}"
 
+    def thumbnails_key(self, chunk: int) -> str:
+        return f"{self.prefix}thumbs:{chunk}"
+
     def key(self, suffix: str) -> str:
         """The key ``cbir:<db>:<suffix>``, for modules that keep their own data in this database."""
         return self.prefix + suffix
@@ -210,7 +213,8 @@ class VectorStore(ReadingMixin, WritingMixin, JournalMixin, LockingMixin):
         # _settled_chunks); then the vectors and the rest; then the info and the id counter, which
         # say what there is to delete, so a drop cut short is finished by running it again.
         records = [self.meta_key(c) for c in range(chunks)]
-        rest = [self.vector_key(c) for c in range(chunks)] + [self.names_key(b) for b in range(NAME_BUCKETS)]
+        rest = [self.vector_key(c) for c in range(chunks)] + [self.thumbnails_key(c) for c in range(chunks)]
+        rest += [self.names_key(b) for b in range(NAME_BUCKETS)]
         rest += self._extra_keys() + [self.journal_key] + ([] if self._lock_token else [self.prefix + "lock"])
         deleted = 0
         for keys in (records, rest, [self.prefix + "next_id", self.info_key]):

@@ -111,6 +111,18 @@ class ReadingMixin:
             counts.update(chunk.label_counts())
         return counts
 
+    def thumbnail(self, image_id: int) -> bytes | None:
+        """The stored thumbnail of an image (WebP), None where the image or its thumbnail is not stored."""
+        record = self.records([image_id])[0]
+        if record is None:  # removed: its thumbnail is never shown again, whatever a write left
+            return None
+        return self.call("reading", self.client.hget, self.thumbnails_key(image_id // self.chunk_size), image_id)
+
+    def thumbnail_ids(self) -> set[int]:
+        """The ids that have a stored thumbnail."""
+        keys = [self.thumbnails_key(chunk) for chunk in range(self._num_chunks())]
+        return {int(i) for fields in self.execute("reading", [("HKEYS", key) for key in keys]) for i in fields or []}
+
     def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of those of ``ids`` that are stored, ascending."""
         wanted = np.unique(np.asarray(ids, np.int64))

@@ -33,6 +33,7 @@ class WritePlan:
     updated: int = 0  # same name, new content, replacing allowed: keeps its id
     # Same name, other content, not replaced: (name, the stored image's source, the new one's)
     conflicts: list[tuple[str, str, str]] = field(default_factory=list)
+    thumbnails: list[bytes] | None = None  # of the records to write, in plan order, where made
     unchanged: int = 0  # already stored with the same content: skipped
     duplicates: int = 0  # repeated names within the input: skipped
 
@@ -219,10 +220,24 @@ class WritingMixin:
             ("APPEND", self.names_key(bucket), pairs(hashes[positions], ids[positions]))
             for bucket, positions in grouped_positions(buckets(hashes))]
         names_and_vectors += self._vector_commands(plan.ids, vectors, plan.fresh_from)
+        if plan.thumbnails is not None:
+            names_and_vectors += self._thumbnail_commands(plan.ids, plan.thumbnails)
         records: list[Command] = [
             ("APPEND", self.meta_key(chunk), encode_block(plan.ids[positions], plan.columns.rows(positions)))
             for chunk, positions in grouped_positions(plan.ids // self.chunk_size)]
         return [names_and_vectors, records + self._commit_commands(b"+" + plan.ids.astype("<i8").tobytes())]
+
+    def _thumbnail_commands(self, ids: np.ndarray, thumbnails: Sequence[bytes]) -> list[Command]:
+        """One HSET per chunk of (id, WebP bytes) pairs; before the records, like the vectors."""
+        return [("HSET", self.thumbnails_key(chunk),
+                 *[part for position in positions.tolist() for part in (int(ids[position]), thumbnails[position])])
+                for chunk, positions in grouped_positions(ids // self.chunk_size)]
+
+    def set_thumbnails(self, ids: Sequence[int], thumbnails: Sequence[bytes]) -> None:
+        """Store thumbnails of stored images (a backfill); needs :meth:`writing`."""
+        self._require_lock()
+        self.renew_lock()
+        self.execute("writing thumbnails to", self._thumbnail_commands(np.asarray(ids, np.int64), thumbnails))
 
     def settled(self, plan: WritePlan) -> None:
         """Forget ``plan`` as in flight: its write is done (or failed, and a re-run stores it)."""
@@ -289,6 +304,8 @@ class WritingMixin:
             return []
         removed_ids = np.array([i for i, _ in found], np.int64)
         rest = self._vector_commands(removed_ids, np.zeros((len(found), self.dim), np.float32))
+        rest += [("HDEL", self.thumbnails_key(chunk), *removed_ids[positions].tolist())
+                 for chunk, positions in grouped_positions(removed_ids // self.chunk_size)]
         rest += self._unindex_commands(removed_ids, [record.name for _, record in found])
         rest += self._commit_commands(b"-" + removed_ids.astype("<i8").tobytes())
         self._run_phases("removing images from", [records, rest])
