@@ -204,19 +204,25 @@ def _summary(databases: WarmDatabases, name: str) -> dict:
     return {"name": name, "images": store.count(), "model": store.model_spec.get("description", "")}
 
 
+def _prepared(preprocess, uploads: list[tuple[str, bytes]]) -> tuple[list[torch.Tensor], list[str]]:
+    """The model input and the sha256 of each upload, decoded in memory (nothing of an upload is
+    written to disk; a bad one raises its one-line ImageError)."""
+    return ([preprocess(decode_image(data, name)) for name, data in uploads],
+            [hashlib.sha256(data).hexdigest() for _, data in uploads])
+
+
 async def _search(warm, uploads: list[tuple[str, bytes]], vectors, k: int, exact: bool, started: float) -> dict:
     timings = {}
     if uploads:
-        tensors, names, digests = [], [], []
-        for name, data in uploads:
-            image = decode_image(data, name)  # in memory: nothing of an upload is written to disk
-            tensors.append(warm.extractor.preprocess(image))
-            names.append(name)
-            digests.append(hashlib.sha256(data).hexdigest())
-        decoded = time.perf_counter()
-        timings["decode"] = decoded - started
-        found = await asyncio.wrap_future(warm.batcher.submit(torch.stack(tensors)))
+        with warm.batcher.announced():
+            # Decoded in a thread: the event loop goes on reading other requests meanwhile.
+            tensors, digests = await asyncio.to_thread(_prepared, warm.extractor.preprocess, uploads)
+            decoded = time.perf_counter()
+            timings["decode"] = decoded - started
+            pending = warm.batcher.submit(torch.stack(tensors))
+        found = await asyncio.wrap_future(pending)
         timings["model"] = time.perf_counter() - decoded
+        names = [name for name, _ in uploads]
     else:
         found = np.asarray(vectors, dtype=np.float32)
         if found.ndim != 2 or found.shape[1] != warm.store.dim or not np.isfinite(found).all():

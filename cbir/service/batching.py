@@ -1,9 +1,10 @@
 """Dynamic batching: concurrent searches share the model's forward passes.
 
-Each request hands its preprocessed images to the :class:`Batcher` of its database's extractor;
-one thread takes what is waiting, waits at most ``max_wait`` for more (as Triton's dynamic
+Each request announces itself when it starts decoding, then hands its preprocessed images to the
+:class:`Batcher` of its database's extractor; one thread takes what is waiting and, while other
+announced requests are still decoding, waits at most ``max_wait`` for them (as Triton's dynamic
 batcher and Ray Serve's ``@serve.batch`` do), runs one forward over all of it and answers each
-request with its rows. A request alone pays the wait once; many requests at once fill batches.
+request with its rows. A request alone never waits; many requests at once fill batches.
 """
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
 
 MAX_BATCH = 32  # images per forward
-MAX_WAIT_SECONDS = 0.004  # how long the first request waits for others to join its batch
+MAX_WAIT_SECONDS = 0.010  # how long a batch waits, at most, for announced requests to join it
 
 
 class Batcher:
@@ -27,8 +30,22 @@ class Batcher:
         self.max_batch, self.max_wait = max_batch, max_wait
         self.sizes: list[int] = []  # images per forward so far (the metrics read and clear it)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._announced = 0  # requests decoding, whose images will come
+        self._count_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="cbir-batcher", daemon=True)
         self._thread.start()
+
+    @contextmanager
+    def announced(self) -> Iterator[None]:
+        """Around a request's decoding and its :meth:`submit` (not the wait for its vectors): a batch
+        waits for it while it decodes."""
+        with self._count_lock:
+            self._announced += 1
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                self._announced -= 1
 
     def submit(self, images: torch.Tensor) -> Future:
         """A future of the vectors of ``images`` (float32, one row each)."""
@@ -45,10 +62,12 @@ class Batcher:
             jobs, count = [job], len(job[0])
             deadline = time.monotonic() + self.max_wait
             while count < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                if self._queue.empty() and not self._announced:
+                    break  # nothing else is on its way
                 try:
-                    job = self._queue.get(timeout=left)
+                    job = self._queue.get(timeout=min(left, 0.0005))
                 except queue.Empty:
-                    break
+                    continue
                 if job is None:
                     self._queue.put(None)  # stop after this batch
                     break
