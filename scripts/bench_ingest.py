@@ -46,7 +46,7 @@ def empty_store(client, name: str) -> VectorStore:
 
 
 def forward_vs_end_to_end(client, images: Path, architecture: str, batch_size: int, workers: int | None,
-                          repeats: int, device: str) -> dict:
+                          repeats: int, device: str, thumbnails: bool = True) -> dict:
     """End-to-end `add` ``repeats`` times, each between two pure forward runs whose mean is that
     add's baseline (this machine's speed drifts within one run); the CPU cost per image of
     decoding and of the model, whose ratio bounds what any schedule can reach when the model
@@ -78,7 +78,8 @@ def forward_vs_end_to_end(client, images: Path, architecture: str, batch_size: i
     for _ in range(repeats):
         store = empty_store(client, "bench-e2e")
         register_model(store, extractor)
-        report = index_images(store, items, extractor, batch_size=batch_size, workers=workers, progress=False)
+        report = index_images(store, items, extractor, batch_size=batch_size, workers=workers, progress=False,
+                              thumbnails=thumbnails)
         store.drop()
         adds.append(report.written / report.seconds)
         forwards.append(forward())
@@ -208,13 +209,14 @@ def main() -> None:
                         help="store ingests, each followed by the baseline; medians are printed")
     parser.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
     parser.add_argument("--skip-model", action="store_true", help="only the Redis part")
+    parser.add_argument("--no-thumbnails", action="store_true", help="adds without thumbnails (add --no-thumbnails)")
     args = parser.parse_args()
     with scratch(args.redis_url) as client:
         print(f"Redis: {describe(client)}, server {client.info('server')['redis_version']}; "
               f"torch threads {torch.get_num_threads()}")
         if not args.skip_model:
             e2e = forward_vs_end_to_end(client, args.images, args.extractor, args.batch_size, args.workers,
-                                        args.repeats, args.device)
+                                        args.repeats, args.device, thumbnails=not args.no_thumbnails)
             workers = default_workers() if args.workers is None else args.workers
             decoders = "processes" if e2e["beside"] and workers else "threads"
             model = e2e["model"]

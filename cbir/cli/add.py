@@ -61,7 +61,7 @@ def register(commands) -> None:
                      help="replace stored images whose name comes again with other content (without it, such a "
                           "name is a conflict: listed, kept as stored, exit status 1)")
     add.add_argument("--no-thumbnails", action="store_true",
-                     help="store no thumbnail (a 128 px WebP of each image, a few KB, that the service's pages show)")
+                     help="store no thumbnail (a 128 px JPEG of each image, a few KB, that the service's pages show)")
     add.add_argument("--names-by-project", action="store_true",
                      help="name each image <project>/<name>, so that sources sharing file names (two hospitals' "
                           "exports) are stored side by side; the project is --project, else the folder's name")

@@ -17,7 +17,7 @@ def run(args) -> int:
 
 def register(commands) -> None:
     thumbnails = commands.add_parser("thumbnails", help="make the thumbnails a database built before them lacks",
-                                     description="A 128 px WebP picture of each stored image without one, made from "
+                                     description="A 128 px JPEG picture of each stored image without one, made from "
                                                  "its source file as recorded at add time (a source gone, or "
                                                  "changed since, is listed and skipped).")
     store_arguments(thumbnails)

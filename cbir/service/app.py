@@ -121,7 +121,7 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     @app.get("/api/v1/databases/{db}/images/{image_id}/thumbnail", response_class=Response,
              responses={200: {"content": {MEDIA_TYPE: {}}}})
     def image_thumbnail(db: str, image_id: int) -> Response:
-        """A small picture (WebP, at most 128 px) of a stored image, for pages showing neighbours."""
+        """A small picture (JPEG, at most 128 px) of a stored image, for pages showing neighbours."""
         picture = _store(databases, db).thumbnail(image_id)
         if picture is None:
             raise ClientError(404, f"no thumbnail of image {image_id} in '{db}' (a removed image, or a database "

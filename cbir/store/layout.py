@@ -11,7 +11,7 @@ Key layout, with ``P = "cbir:<db>:"`` and ``C`` the database's chunk size::
                          id wins (an update appends)
     P names:<b>  string  the name index: packed (64-bit name hash, u32 id) pairs of the names
                          whose hash falls in bucket b, appended per write (see cbir.store.names)
-    P thumbs:<c> hash    id -> a thumbnail of the image (WebP, at most 128 px), written with its
+    P thumbs:<c> hash    id -> a thumbnail of the image (JPEG, at most 128 px), written with its
                          vector, deleted with it
     P keys       set     further keys of this database (e.g. a trained index), for --rewrite
     P journal    list    once an index is trained (info field ``journal``): one entry per

@@ -55,6 +55,7 @@ class LockingMixin:
                 f"(--wait SECONDS), or delete the key {key} if that process is gone (its lock expires "
                 f"{LOCK_TTL_SECONDS} s after its last write)")
         self._lock_token = token
+        self._lock_renewed = time.monotonic()
         self._names = None  # names added since an earlier lock are not in it
         self.refresh()  # another process may have changed the database (e.g. started its journal)
         server_gone = False
@@ -89,15 +90,22 @@ class LockingMixin:
                 return None
         return None
 
-    def renew_lock(self) -> None:
+    def renew_lock(self, always: bool = False) -> None:
         """Extend this writer's lock by :data:`LOCK_TTL_SECONDS`, or stop before writing anything
         more if it is no longer this writer's: the process was paused or cut off past the time-out
-        and another writer took the lock, or a server restarted without its data."""
+        and another writer took the lock, or a server restarted without its data.
+
+        Asked of Redis once half the time-out has passed since the last renewal (or ``always``):
+        until then the lock cannot have expired, as the monotonic clock counts a pause too."""
         if not self._lock_token:
             return
+        if not always and time.monotonic() - self._lock_renewed < LOCK_TTL_SECONDS / 2:
+            return
         key = self.prefix + "lock"
+        asked = time.monotonic()
         if self.call("writing to", self.client.eval, RENEW_IF_EQUAL, 1, key, self._lock_token,
                      LOCK_TTL_SECONDS):
+            self._lock_renewed = asked
             return
         holder = as_text(self.call("checking the writer lock of", self.client.get, key) or b"")
         now = f"{holder} holds it now" if holder else "no process holds it now"
@@ -107,5 +115,6 @@ class LockingMixin:
             f"written, what was stored is kept: re-run to continue")
 
     def check_lock_kept(self) -> None:
-        """After a write's connection was made again: the writer lock must still be this run's."""
-        self.renew_lock()
+        """After a write's connection was made again: the writer lock must still be this run's
+        (a server that restarted without its data lost it however recently it was renewed)."""
+        self.renew_lock(always=True)

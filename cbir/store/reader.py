@@ -112,7 +112,7 @@ class ReadingMixin:
         return counts
 
     def thumbnail(self, image_id: int) -> bytes | None:
-        """The stored thumbnail of an image (WebP), None where the image or its thumbnail is not stored."""
+        """The stored thumbnail of an image (JPEG), None where the image or its thumbnail is not stored."""
         record = self.records([image_id])[0]
         if record is None:  # removed: its thumbnail is never shown again, whatever a write left
             return None

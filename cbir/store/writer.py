@@ -228,7 +228,7 @@ class WritingMixin:
         return [names_and_vectors, records + self._commit_commands(b"+" + plan.ids.astype("<i8").tobytes())]
 
     def _thumbnail_commands(self, ids: np.ndarray, thumbnails: Sequence[bytes]) -> list[Command]:
-        """One HSET per chunk of (id, WebP bytes) pairs; before the records, like the vectors."""
+        """One HSET per chunk of (id, JPEG bytes) pairs; before the records, like the vectors."""
         return [("HSET", self.thumbnails_key(chunk),
                  *[part for position in positions.tolist() for part in (int(ids[position]), thumbnails[position])])
                 for chunk, positions in grouped_positions(ids // self.chunk_size)]
