@@ -334,3 +334,22 @@ def test_cli_trains_and_reports(cli_env, db_name, mednist_embeddings, extractor,
         store.drop()
         VectorStore(store.client, db_name + "-old").drop()
         _loaded.clear()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_a_search_among_some_ids_answers_k_of_them(kind):
+    """A filter inside FAISS's search: k neighbours from the allowed ids, wherever k are held,
+    even where the unfiltered k nearest hold none of them."""
+    from cbir.search.index import SearchIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2000, 32)).astype(np.float32)
+    ids = np.arange(2000) * 3
+    index = SearchIndex.exact(ids, vectors) if kind == "flat" else SearchIndex.build(kind, ids, vectors)
+    among = ids[1500:1540]  # 40 ids, far from most queries' nearest
+    index.remove(among[:5])  # and a removed one is never returned, filter or not
+    scores, found = index.search(vectors[:3], 20, among=among)
+    assert (found >= 0).all() and np.isin(found, among[5:]).all()
+    exact = SearchIndex.exact(among[5:], vectors[1505:1540]).search(vectors[:3], 20)[1]
+    recall = np.mean([len(set(row) & set(truth)) / 20 for row, truth in zip(found, exact)])
+    assert recall >= (1.0 if kind == "flat" else 0.75), recall

@@ -173,3 +173,19 @@ def test_neighbours_come_with_their_ids_and_thumbnails(service, indexed):
     assert shown.format == "JPEG" and max(shown.size) <= 128
     missing = service.get(f"/api/v1/databases/{indexed.name}/images/999999/thumbnail")
     assert missing.status_code == 404 and "no thumbnail of image 999999" in missing.json()["error"]
+
+
+def test_filters_search_among_the_images_of_a_label_and_still_answer_k(service, indexed):
+    """Only malignant images (21 of 78): k answers among them, not the k nearest filtered down."""
+    search = f"/api/v1/databases/{indexed.name}/search"
+    answer = service.post(search, files=[("image", ("q.png", png(5)))], data={"k": "10", "label": "malignant"})
+    found = answer.json()["results"][0]["results"]
+    assert len(found) == 10 and {n["label"] for n in found} == {"malignant"}
+    everything = service.post(search, files=[("image", ("q.png", png(5)))], data={"k": "10"}).json()
+    assert [n["label"] for n in everything["results"][0]["results"]].count("malignant") < 10
+    ids, vectors = indexed.load_vectors()
+    by_json = service.post(search, json={"vectors": vectors[:1].tolist(), "k": 30, "label": ["malignant"],
+                                         "project": "breastmnist"}).json()["results"][0]["results"]
+    assert len(by_json) == 21 and {n["label"] for n in by_json} == {"malignant"}  # all there are
+    nothing = service.post(search, json={"vectors": vectors[:1].tolist(), "project": "elsewhere"}).json()
+    assert nothing["results"][0]["results"] == []

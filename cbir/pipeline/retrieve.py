@@ -110,9 +110,11 @@ class Retriever:
         self.timings[step] = self.timings.get(step, 0.0) + now - started
         return now
 
-    def neighbours(self, vectors: np.ndarray, k: int = DEFAULT_NEIGHBOURS) -> list[list[Neighbour]]:
+    def neighbours(self, vectors: np.ndarray, k: int = DEFAULT_NEIGHBOURS,
+                   among: np.ndarray | None = None) -> list[list[Neighbour]]:
+        """The ``k`` nearest stored images of each vector (among the store ids ``among`` only, where given)."""
         started = time.perf_counter()
-        scores, ids = self.index.search(vectors, k)
+        scores, ids = self.index.search(vectors, k, among)
         started = self._timed("search", started)
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         records = dict(zip(wanted, self.store.records(wanted)))
@@ -149,11 +151,13 @@ class Retriever:
                             [item.location for item in asked], k), decoded.failures
 
     def answers(self, vectors: np.ndarray, names: Sequence[str], sha256: Sequence[str],
-                labels: Sequence[str | None], locations: Sequence[str], k: int = DEFAULT_NEIGHBOURS) -> list[Retrieval]:
+                labels: Sequence[str | None], locations: Sequence[str], k: int = DEFAULT_NEIGHBOURS,
+                among: np.ndarray | None = None) -> list[Retrieval]:
         """The retrieval of each query vector (embedded by the caller), with its kNN vote; a stored
         copy of the query (the same sha256) is listed but does not vote."""
         results = []
-        for name, sha, label, location, row in zip(names, sha256, labels, locations, self.neighbours(vectors, k)):
+        for name, sha, label, location, row in zip(names, sha256, labels, locations,
+                                                   self.neighbours(vectors, k, among)):
             voters = [n for n in row if n.sha256 != sha]
             vote, share = majority_vote([n.label for n in voters], [n.score for n in voters])
             results.append(Retrieval(query=name, query_label=label, neighbours=row, vote=vote, vote_share=share,

@@ -204,29 +204,37 @@ class SearchIndex:
         elif self.kind in ("ivf", "ivfpq"):
             self.params["nprobe"] = int(min(breadth, self.params["nlist"]))
 
-    def _search_parameters(self, k: int, breadth: int, kind: str | None = None):
+    def _search_parameters(self, k: int, breadth: int, kind: str | None = None, mask: np.ndarray | None = None):
         selector = None
         kind = kind or self.kind
-        if self.live is not None:
-            self._bitmap = np.packbits(self.live, bitorder="little")  # kept alive during the search
-            selector = faiss.IDSelectorBitmap(len(self.live), faiss.swig_ptr(self._bitmap))
+        mask = self.live if mask is None else mask
+        if mask is not None:
+            self._bitmap = np.packbits(mask, bitorder="little")  # kept alive during the search
+            selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(self._bitmap))
         if kind == "hnsw":
             return faiss.SearchParametersHNSW(sel=selector, efSearch=max(breadth, k))
         if kind in ("ivf", "ivfpq"):
             return faiss.SearchParametersIVF(sel=selector, nprobe=breadth)
         return faiss.SearchParameters(sel=selector) if selector is not None else None
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, store ids), each (n, k) best first; missing neighbours have id -1.
 
-        An IVF-PQ index with ``refine_vectors`` takes ``refine`` times ``k`` candidates and keeps
-        the ``k`` most similar by their exact vectors.
+        ``among``: store ids to search among only (a filter inside FAISS's search, an
+        ``IDSelector``: k results wherever k of them are held, never a post-filter that returns
+        fewer). An IVF-PQ index with ``refine_vectors`` takes ``refine`` times ``k`` candidates and
+        keeps the ``k`` most similar by their exact vectors.
         """
         queries = _unit_rows(queries)
+        mask = None
+        if among is not None:
+            mask = np.isin(self.ids, among)
+            if self.live is not None:
+                mask &= self.live
         factor = self.params.get("refine", 1) if self.refine_vectors is not None else 1
         if factor == 1:
-            return self._candidates(queries, k)
-        scores, ids = self._candidates(queries, k * factor)
+            return self._candidates(queries, k, mask)
+        scores, ids = self._candidates(queries, k * factor, mask)
         found = ids >= 0
         unique, where = np.unique(ids[found], return_inverse=True)
         vectors = self.refine_vectors(unique)[where]
@@ -235,7 +243,7 @@ class SearchIndex:
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1)
 
-    def _candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _candidates(self, queries: np.ndarray, k: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`search` as the index itself ranks (IVF-PQ by its codes' estimates).
 
         An IVF search returns only what its ``nprobe`` lists hold: a row short of ``k`` (more
@@ -248,17 +256,18 @@ class SearchIndex:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         k = max(1, min(k, self.size))  # FAISS needs k >= 1 even where the index is empty
-        breadth, available = self.breadth, min(k, self.size)
-        scores, positions = _numpy_search(self.index)(queries, k, params=self._search_parameters(k, breadth))
+        breadth = self.breadth
+        available = min(k, self.size if mask is None else int(mask.sum()))
+        scores, positions = _numpy_search(self.index)(queries, k, params=self._search_parameters(k, breadth, mask=mask))
         short = (positions >= 0).sum(axis=1) < available
         while short.any() and self.kind in ("ivf", "ivfpq") and breadth < self.params["nlist"]:
             breadth = min(2 * breadth, self.params["nlist"])
             scores[short], positions[short] = _numpy_search(self.index)(
-                queries[short], k, params=self._search_parameters(k, breadth))
+                queries[short], k, params=self._search_parameters(k, breadth, mask=mask))
             short[short] = (positions[short] >= 0).sum(axis=1) < available
         if short.any() and self.kind == "hnsw":
             scores[short], positions[short] = _numpy_search(faiss.downcast_index(self.index.storage))(
-                queries[short], k, params=self._search_parameters(k, breadth, kind="flat"))
+                queries[short], k, params=self._search_parameters(k, breadth, kind="flat", mask=mask))
         ids = np.full(positions.shape, -1, np.int64)
         found = positions >= 0
         ids[found] = self.ids[positions[found]]

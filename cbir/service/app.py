@@ -132,7 +132,8 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     async def search(db: str, request: Request) -> dict:
         """The k nearest stored images of each uploaded image (multipart, field ``image``,
         repeatable: any format ``add`` reads, DICOM too) or of each vector (JSON ``{"vectors": [...]}``),
-        with their kNN vote and where the time went."""
+        with their kNN vote and where the time went. ``label`` and ``project`` (repeatable) search
+        among the images of those labels and projects only: k answers wherever k of them are stored."""
         started = time.perf_counter()
         length = int(request.headers.get("content-length") or 0)
         if length > max_upload_bytes:
@@ -156,8 +157,9 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
             raise ClientError(415, f"send images as multipart/form-data or vectors as JSON, not {kind or 'nothing'}")
         k = _whole(options.get("k", DEFAULT_NEIGHBOURS), "k", 1, MAX_NEIGHBOURS)
         exact = str(options.get("exact", "false")).lower() in ("1", "true", "yes")
+        filters = {name: _names(options, name) for name in ("label", "project")}
         warm = databases.get(db)
-        return await _search(warm, uploads, vectors, k, exact, started)
+        return await _search(warm, uploads, vectors, k, exact, started, filters)
 
     return app
 
@@ -172,10 +174,22 @@ def from_environment() -> FastAPI:
 SEARCH_BODY = {"requestBody": {"content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "k": {"type": "integer", "default": DEFAULT_NEIGHBOURS}, "exact": {"type": "boolean"}}}},
+        "k": {"type": "integer", "default": DEFAULT_NEIGHBOURS}, "exact": {"type": "boolean"},
+        "label": {"type": "array", "items": {"type": "string"}},
+        "project": {"type": "array", "items": {"type": "string"}}}}},
     "application/json": {"schema": {"type": "object", "properties": {
         "vectors": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
-        "k": {"type": "integer", "default": DEFAULT_NEIGHBOURS}, "exact": {"type": "boolean"}}}}}}}
+        "k": {"type": "integer", "default": DEFAULT_NEIGHBOURS}, "exact": {"type": "boolean"},
+        "label": {"type": "array", "items": {"type": "string"}},
+        "project": {"type": "array", "items": {"type": "string"}}}}}}}}
+
+
+def _names(options, name: str) -> list[str] | None:
+    """A filter's values: a repeatable form field, or a JSON string or list."""
+    values = options.getlist(name) if hasattr(options, "getlist") else options.get(name)
+    if values is None or values == []:
+        return None
+    return [values] if isinstance(values, str) else [str(value) for value in values]
 
 
 def _whole(value, name: str, low: int, high: int) -> int:
@@ -211,7 +225,8 @@ def _prepared(preprocess, uploads: list[tuple[str, bytes]]) -> tuple[list[torch.
             [hashlib.sha256(data).hexdigest() for _, data in uploads])
 
 
-async def _search(warm, uploads: list[tuple[str, bytes]], vectors, k: int, exact: bool, started: float) -> dict:
+async def _search(warm, uploads: list[tuple[str, bytes]], vectors, k: int, exact: bool, started: float,
+                  filters: dict[str, list[str] | None]) -> dict:
     timings = {}
     if uploads:
         with warm.batcher.announced():
@@ -230,7 +245,8 @@ async def _search(warm, uploads: list[tuple[str, bytes]], vectors, k: int, exact
                                    f"{tuple(found.shape)}")
         found /= np.maximum(np.linalg.norm(found, axis=1, keepdims=True), 1e-12)
         names, digests = [f"vector {i}" for i in range(len(found))], [""] * len(found)
-    retrievals, inside = await asyncio.to_thread(warm.answer, found, names, digests, k, exact)
+    retrievals, inside = await asyncio.to_thread(warm.answer, found, names, digests, k, exact, filters["label"],
+                                                 filters["project"])
     timings.update(search=inside.get("search", 0.0), records=inside.get("records", 0.0))
     timings["total"] = time.perf_counter() - started
     return {"results": [retrieval.to_json() for retrieval in retrievals],

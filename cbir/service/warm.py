@@ -30,6 +30,9 @@ class WarmDatabase:
     # data version moves (an add or a removal by any process).
     exact: SearchIndex | None = None
     exact_version: int = -1
+    # Store ids by label and by project, for filtered searches: read again when the data version moves.
+    groups: tuple[dict[str, list[int]], dict[str, list[int]]] = ({}, {})
+    groups_version: int = -1
 
     @property
     def extractor(self):
@@ -43,13 +46,36 @@ class WarmDatabase:
             self.exact, self.exact_version = SearchIndex.from_store(self.store), version
         return self.exact
 
-    def answer(self, vectors: np.ndarray, names: list[str], sha256: list[str], k: int,
-               exact: bool = False) -> tuple[list[Retrieval], dict[str, float]]:
-        """The retrievals of query vectors and the seconds spent on the index, search and records.
-        One search at a time per database: bringing an index up to date changes it."""
+    def _among(self, labels: list[str] | None, projects: list[str] | None) -> np.ndarray | None:
+        """The store ids whose label is one of ``labels`` and whose project is one of ``projects``
+        (either left out: any); None without a filter."""
+        if not labels and not projects:
+            return None
+        version = self.store.version()
+        if self.groups_version != version:
+            by_label: dict[str, list[int]] = {}
+            by_project: dict[str, list[int]] = {}
+            for image_id, record in self.store.iter_records():
+                by_label.setdefault(record.label, []).append(image_id)
+                by_project.setdefault(record.project, []).append(image_id)
+            self.groups, self.groups_version = (by_label, by_project), version
+        chosen = None
+        for wanted, groups in ((labels, self.groups[0]), (projects, self.groups[1])):
+            if wanted:
+                ids = np.array(sorted({i for name in wanted for i in groups.get(name, ())}), np.int64)
+                chosen = ids if chosen is None else np.intersect1d(chosen, ids)
+        return chosen
+
+    def answer(self, vectors: np.ndarray, names: list[str], sha256: list[str], k: int, exact: bool = False,
+               labels: list[str] | None = None,
+               projects: list[str] | None = None) -> tuple[list[Retrieval], dict[str, float]]:
+        """The retrievals of query vectors (among the images of ``labels`` and ``projects`` only,
+        where given) and the seconds spent on the index, search and records. One search at a time
+        per database: bringing an index up to date changes it."""
         with self.lock:
             retriever = Retriever(self.store, self.extractor, exact=exact, index=self._index(exact))
-            found = retriever.answers(vectors, names, sha256, [None] * len(names), [""] * len(names), k)
+            found = retriever.answers(vectors, names, sha256, [None] * len(names), [""] * len(names), k,
+                                      self._among(labels, projects))
         return found, retriever.timings
 
 
