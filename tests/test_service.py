@@ -112,7 +112,7 @@ def test_redis_gone_is_503(redis_server_binary, tmp_path):
         assert client.get("/healthz").status_code == 200
         _stop([server])
         answer = client.get("/api/v1/databases")
-    assert answer.status_code == 503 and answer.json()["error"].startswith("Redis failed while listing the databases")
+    assert answer.status_code == 503 and answer.json()["error"].startswith("Redis failed (")
 
 
 def test_a_change_made_by_the_cli_is_seen_by_the_running_service(service, indexed, standalone_url, tmp_path):
@@ -190,3 +190,58 @@ def test_filters_search_among_the_images_of_a_label_and_still_answer_k(service, 
     assert len(by_json) == stored and {n["label"] for n in by_json} == {"malignant"}  # all there are
     nothing = service.post(search, json={"vectors": vectors[:1].tolist(), "project": "elsewhere"}).json()
     assert nothing["results"][0]["results"] == []
+
+
+@pytest.fixture
+def guarded(standalone_url):
+    """Tokens of each role on the service's Redis (once one exists, every request needs one)."""
+    from cbir.service import tokens
+    from cbir.store.redis.connect import connect
+
+    client = connect(standalone_url)
+    made = {role: tokens.create(client, role, f"test-{role}") for role in tokens.ROLES}
+    yield made
+    client.delete(tokens.TOKENS_KEY)
+
+
+def test_tokens_decide_who_may_search_and_who_may_forget(service, indexed, guarded, standalone_url):
+    from cbir.service import tokens
+    from cbir.store.redis.connect import connect
+
+    search, image = f"/api/v1/databases/{indexed.name}/search", f"/api/v1/databases/{indexed.name}/images/60"
+    query = [("image", ("q.png", png(60)))]
+    as_role = {role: {"Authorization": f"Bearer {token}"} for role, token in guarded.items()}
+    nobody = service.post(search, files=query)
+    assert nobody.status_code == 401 and nobody.headers["www-authenticate"] == "Bearer"
+    assert service.post(search, files=query, headers={"Authorization": "Bearer cbir_guess"}).status_code == 401
+    assert service.post(search, files=query, headers=as_role["reader"]).json()["results"][0]["results"][0]["id"] == 60
+    refused = service.delete(image, headers=as_role["reader"])
+    assert refused.status_code == 403 and refused.json() == {
+        "error": "token 'test-reader' is a reader's: this needs editor rights"}
+    forgotten = service.delete(image, headers=as_role["editor"])
+    assert forgotten.status_code == 200 and forgotten.json()["forgotten"][0]["name"] == "val/60"
+    after = service.post(search, files=query, headers=as_role["reader"]).json()["results"][0]["results"]
+    assert 60 not in [n["id"] for n in after]  # never returned again
+    assert service.delete(image, headers=as_role["editor"]).status_code == 404
+    log = service.get(f"/api/v1/databases/{indexed.name}/audit", headers=as_role["admin"]).json()["entries"]
+    assert log[0]["who"] == "test-editor" and log[0]["what"].startswith("forgot image 60 (val/60")
+    assert tokens.revoke(connect(standalone_url), "test-reader")
+    assert service.post(search, files=query, headers=as_role["reader"]).status_code == 401  # revoked: at once
+    stored = connect(standalone_url).hgetall(tokens.TOKENS_KEY)
+    assert not any(token.encode() in key + value for token in guarded.values() for key, value in stored.items())
+
+
+def test_the_token_command_makes_lists_and_revokes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CBIR_REDIS_URL"}
+    env.update(PYTHONPATH=str(ROOT), CBIR_HOME=str(tmp_path / "home"))
+    made = subprocess.run([sys.executable, "-m", "cbir", "token", "create", "--role", "editor", "--name", "ward 3"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and made.stdout.splitlines()[0].startswith("cbir_")
+    listed = subprocess.run([sys.executable, "-m", "cbir", "token", "list"], env=env, capture_output=True, text=True)
+    assert listed.stdout.split() == ["ward", "3", "editor"]
+    gone = subprocess.run([sys.executable, "-m", "cbir", "token", "revoke", "--name", "ward 3"], env=env,
+                          capture_output=True, text=True)
+    assert gone.returncode == 0 and "revoked" in gone.stdout
+    again = subprocess.run([sys.executable, "-m", "cbir", "token", "revoke", "--name", "ward 3"], env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.strip() == "error: no token named 'ward 3' (cbir token list names them)"

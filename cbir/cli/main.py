@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from cbir import __version__, interrupts
-from cbir.cli import add, evaluate, info, pictures, remove, retrieve, serve, thumbnails, train, train_index
+from cbir.cli import add, evaluate, info, pictures, remove, retrieve, serve, thumbnails, token, train, train_index
 from cbir.cli.flags import EXIT_STATUSES, OUTPUT_CLOSED, Parser
 from cbir.errors import CbirError
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.register(commands)
     serve.register(commands)
     thumbnails.register(commands)
+    token.register(commands)
     for command_parser in (parser, *commands.choices.values()):
         command_parser.epilog = EXIT_STATUSES
     return parser

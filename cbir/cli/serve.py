@@ -21,20 +21,24 @@ def _loopback(host: str) -> bool:
 
 
 def run(args) -> int:
-    # Tokens and roles are not there yet: a service that anyone on the network could use to add and
-    # forget images must not listen beyond this machine.
-    if not _loopback(args.host):
-        raise CbirError(f"--host {args.host}: the service has no access tokens yet, so it listens on this machine only "
-                        "(127.0.0.1, ::1 or localhost)")
     import uvicorn
 
+    from cbir.service.tokens import any_tokens
     from cbir.store.redis.connect import connect, describe
+
+    client = connect(args.redis_url)
+    guarded = any_tokens(client)
+    # Without tokens anyone who reaches the service may search and forget: only this machine may.
+    if not guarded and not _loopback(args.host):
+        raise CbirError(f"--host {args.host}: without access tokens the service listens on this machine only "
+                        "(127.0.0.1, ::1 or localhost); make one with `cbir token create --role admin --name NAME`")
 
     if args.redis_url:
         os.environ[URL_ENV] = args.redis_url  # the workers' create_app reads it, as replicas would
     os.environ[UPLOAD_ENV] = str(args.max_upload_mb)
-    print(f"serving the databases on {describe(connect(args.redis_url))} at http://{args.host}:{args.port} "
-          f"(API under /api/v1, interactive docs at /docs); listening on this machine only", flush=True)
+    access = "every request needs a token" if guarded else "no tokens: open, listening on this machine only"
+    print(f"serving the databases on {describe(client)} at http://{args.host}:{args.port} "
+          f"(API under /api/v1, interactive docs at /docs); {access}", flush=True)
     uvicorn.run("cbir.service.app:from_environment", factory=True, host=args.host, port=args.port,
                 workers=args.workers or None, log_level="warning")
     return 0
@@ -45,8 +49,8 @@ def register(commands) -> None:
                                 description="An always-on service (FastAPI, uvicorn): search by image or vector "
                                             "in milliseconds, database descriptions, /healthz and /metrics. It "
                                             "keeps no state of its own: replicas over the same Redis answer alike.")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; loopback only "
-                                                           "until access tokens exist)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; another "
+                                                           "address only once access tokens exist: cbir token)")
     serve.add_argument("--port", type=COUNT, default=8000, help="default: 8000")
     serve.add_argument("--redis-url", default=None,
                        help=f"Redis URL (default: ${URL_ENV}, else the embedded Redis under $CBIR_HOME)")

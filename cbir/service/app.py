@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 
 import numpy as np
 import redis
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from cbir import __version__
-from cbir.errors import CbirError, ImageError, ModelMismatchError, StoreError
+from cbir.errors import CbirError, DatabaseBusyError, ImageError, ModelMismatchError, StoreError
 from cbir.images.decode import decode_image
 from cbir.images.thumbnails import MEDIA_TYPE
 from cbir.options import DEFAULT_NEIGHBOURS
 from cbir.search.persisted import index_info
+from cbir.service import tokens
 from cbir.service.metrics import Metrics
+from cbir.service.tokens import Holder
 from cbir.service.warm import UnknownDatabase, WarmDatabases
 from cbir.store.database import VectorStore, database_names
 from cbir.store.redis.connect import connect, describe
@@ -46,7 +49,7 @@ def status_of(exc: Exception) -> int:
         return exc.status
     if isinstance(exc, UnknownDatabase):
         return 404
-    if isinstance(exc, ModelMismatchError):
+    if isinstance(exc, (ModelMismatchError, DatabaseBusyError)):
         return 409
     if isinstance(exc, ImageError):
         text = str(exc)
@@ -76,7 +79,31 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     @app.exception_handler(CbirError)
     @app.exception_handler(redis.RedisError)
     async def one_line(request: Request, exc: Exception):
-        return JSONResponse({"error": str(exc).splitlines()[0]}, status_code=status_of(exc))
+        status = status_of(exc)
+        challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        message = str(exc).splitlines()[0]
+        if isinstance(exc, redis.RedisError):  # not through the store, which words it itself
+            message = f"Redis failed ({message.rstrip('.')})"
+        return JSONResponse({"error": message}, status_code=status, headers=challenge)
+
+    def access(role: str):
+        """A dependency: the holder of the request's token, who must have ``role``'s rights.
+        Without any token made, the service is open (and listens on this machine only)."""
+        def holder(authorization: str | None = Header(default=None)) -> Holder:
+            if not tokens.any_tokens(client):
+                return Holder(name="local", role="admin")
+            if not authorization or not authorization.startswith("Bearer "):
+                raise ClientError(401, "this service needs a token: send Authorization: Bearer <token> "
+                                       "(made by cbir token create)")
+            found = tokens.holder_of(client, authorization.removeprefix("Bearer ").strip())
+            if found is None:
+                raise ClientError(401, "unknown or revoked token")
+            if not found.may(role):
+                raise ClientError(403, f"token '{found.name}' is a {found.role}'s: this needs {role} rights")
+            return found
+        return holder
+
+    reader, editor = Depends(access("reader")), Depends(access("editor"))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # logged by uvicorn, never shown to a client
@@ -102,12 +129,12 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         return PlainTextResponse(metrics.text(), media_type=metrics.content_type)
 
     @app.get("/api/v1/databases")
-    def list_databases() -> dict:
+    def list_databases(holder: Holder = reader) -> dict:
         """Every database on this Redis, with its image count and model."""
         return {"databases": [_summary(databases, name) for name in database_names(client)]}
 
     @app.get("/api/v1/databases/{db}")
-    def database(db: str) -> dict:
+    def database(db: str, holder: Holder = reader) -> dict:
         """Images, classes with counts, model, trained index and data version of one database."""
         warm_store = _store(databases, db)
         info = warm_store.describe()
@@ -120,7 +147,7 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
 
     @app.get("/api/v1/databases/{db}/images/{image_id}/thumbnail", response_class=Response,
              responses={200: {"content": {MEDIA_TYPE: {}}}})
-    def image_thumbnail(db: str, image_id: int) -> Response:
+    def image_thumbnail(db: str, image_id: int, holder: Holder = reader) -> Response:
         """A small picture (JPEG, at most 128 px) of a stored image, for pages showing neighbours."""
         picture = _store(databases, db).thumbnail(image_id)
         if picture is None:
@@ -128,8 +155,26 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
                                    "built before thumbnails: `cbir thumbnails` makes them)")
         return Response(picture, media_type=MEDIA_TYPE, headers={"Cache-Control": "private, max-age=3600"})
 
+    @app.delete("/api/v1/databases/{db}/images/{image_id}")
+    def forget(db: str, image_id: int, holder: Holder = editor) -> dict:
+        """Forget a stored image (record, vector, thumbnail): no replica returns it again. Audited."""
+        store = _store(databases, db)
+        with store.writing():
+            removed = store.remove([image_id])
+        if not removed:
+            raise ClientError(404, f"no image {image_id} in '{db}'")
+        _audit(store, holder, f"forgot image {image_id} ({removed[0].name}, {removed[0].label})")
+        return {"forgotten": [{"id": image_id, "name": removed[0].name, "label": removed[0].label}]}
+
+    @app.get("/api/v1/databases/{db}/audit")
+    def audit(db: str, holder: Holder = editor) -> dict:
+        """The latest changes made through the service: who, when, what (newest first)."""
+        store = _store(databases, db)
+        entries = store.call("reading", store.client.lrange, store.key(AUDIT), 0, AUDIT_SHOWN - 1)
+        return {"entries": [json.loads(entry) for entry in entries]}
+
     @app.post("/api/v1/databases/{db}/search", openapi_extra=SEARCH_BODY)
-    async def search(db: str, request: Request) -> dict:
+    async def search(db: str, request: Request, holder: Holder = reader) -> dict:
         """The k nearest stored images of each uploaded image (multipart, field ``image``,
         repeatable: any format ``add`` reads, DICOM too) or of each vector (JSON ``{"vectors": [...]}``),
         with their kNN vote and where the time went. ``label`` and ``project`` (repeatable) search
@@ -182,6 +227,16 @@ SEARCH_BODY = {"requestBody": {"content": {
         "k": {"type": "integer", "default": DEFAULT_NEIGHBOURS}, "exact": {"type": "boolean"},
         "label": {"type": "array", "items": {"type": "string"}},
         "project": {"type": "array", "items": {"type": "string"}}}}}}}}
+
+
+AUDIT = "audit"  # cbir:<db>:audit, a list of JSON entries, newest first
+AUDIT_KEPT, AUDIT_SHOWN = 10_000, 100
+
+
+def _audit(store: VectorStore, holder: Holder, what: str) -> None:
+    entry = json.dumps({"who": holder.name, "role": holder.role, "when": time.time(), "what": what})
+    key = store.register_key(AUDIT)  # so that dropping the database drops its log
+    store.execute("writing the audit log of", [("LPUSH", key, entry), ("LTRIM", key, 0, AUDIT_KEPT - 1)])
 
 
 def _names(options, name: str) -> list[str] | None:
