@@ -21,10 +21,10 @@ def decode_image(data: bytes, where: str, keep_grey: bool = False) -> Image.Imag
     """Decode ``data`` into an upright 8-bit RGB image, or raise ImageError naming ``where``.
 
     With ``keep_grey``, an image found grey may come back as one band (mode L) instead, for a
-    caller that handles that (:class:`cbir.models.Preprocess`) and would otherwise find out again.
+    caller that handles that (:class:`cbir.models.preprocess.Preprocess`) and would otherwise find out again.
 
     Any format Pillow reads, and DICOM files (recognised by their content, not their name) as a
-    viewer displays them (:mod:`cbir.dicom`).
+    viewer displays them (:mod:`cbir.images.dicom.frames`).
 
     An image of more pixels than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``,
     89 million unless the application changes it) is refused before its pixels are decoded. No

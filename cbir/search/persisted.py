@@ -3,7 +3,7 @@
 ``train_index`` reads the database's vectors, builds and tunes an index, and saves it under
 the database. ``search_index`` gives every later search, in any process that reaches the same
 Redis, that index brought up to date: the store journals each change once an index exists
-(see :mod:`cbir.store`), and the changes since the build are replayed on load. An index that
+(see :mod:`cbir.store.database`), and the changes since the build are replayed on load. An index that
 cannot be brought up to date exactly falls back to exact search with a warning.
 
 Keys (``P = "cbir:<db>:"``)::

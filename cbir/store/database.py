@@ -158,7 +158,7 @@ class VectorStore(ReadingMixin, WritingMixin, JournalMixin, LockingMixin):
 
     def check_keeps_data(self) -> None:
         """Refuse to store anything on a server that would not keep it (see
-        :func:`~cbir.connection.unfit_for_writes`), before anything is written."""
+        :func:`~cbir.store.redis.connect.unfit_for_writes`), before anything is written."""
         reasons = self.call("reading", unfit_for_writes, self.client)
         if reasons:
             raise StoreError(f"database '{self.name}' is not written: {'; '.join(reasons)}")

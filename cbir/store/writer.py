@@ -52,7 +52,7 @@ class WritePlan:
 
 
 class WriteStream:
-    """Writes plans through a :class:`~cbir.commands.CommandStream`, up to ``depth`` in flight:
+    """Writes plans through a :class:`~cbir.store.redis.commands.CommandStream`, up to ``depth`` in flight:
     this client encodes the next batch while Redis stores the last (``depth=0`` waits for each)."""
 
     def __init__(self, store: VectorStore, depth: int = 2):

@@ -1,6 +1,6 @@
 """Pictures of a database and of a dataset: t-SNE of stored vectors, class counts, sizes, intensities.
 
-Charts go through :mod:`cbir.plots` (one style); grids of images through :mod:`cbir.viz`.
+Charts go through :mod:`cbir.viz.plots` (one style); grids of images through :mod:`cbir.viz.pictures`.
 """
 from __future__ import annotations
 

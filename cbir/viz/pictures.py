@@ -1,6 +1,6 @@
 """Pictures made of images: retrieval rows (PNG and HTML) and per-class sample grids.
 
-Charts without dataset images are in :mod:`cbir.plots`.
+Charts without dataset images are in :mod:`cbir.viz.plots`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Charts (no dataset images): one style for confusion matrices, curves and bar charts.
 
 Every figure goes through :func:`figure` and :func:`save`, so sizes, fonts and file handling
-are the same everywhere; image grids live in :mod:`cbir.viz`.
+are the same everywhere; image grids live in :mod:`cbir.viz.pictures`.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ width, a VOI LUT). Retrieval should compare what a reader of the image sees, so 
 pipeline of DICOM PS3.4 is applied: modality LUT (rescale), then the VOI window or LUT, then
 MONOCHROME1 inverted; without a window the used range is stretched, as for 16-bit PNGs. A
 multi-frame object (a cine loop, a stack) is represented by its middle frame, and only that
-frame is decoded (of a video, the frames before it too: :mod:`cbir.dicom_video`). The header's
+frame is decoded (of a video, the frames before it too: :mod:`cbir.images.dicom.video`). The header's
 patient data is read by pydicom and never stored.
 """
 from __future__ import annotations
