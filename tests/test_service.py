@@ -245,3 +245,25 @@ def test_the_token_command_makes_lists_and_revokes(tmp_path):
     again = subprocess.run([sys.executable, "-m", "cbir", "token", "revoke", "--name", "ward 3"], env=env,
                            capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.strip() == "error: no token named 'ward 3' (cbir token list names them)"
+
+
+def test_an_editor_adds_uploaded_images_and_a_reader_may_not(service, indexed, guarded):
+    images = f"/api/v1/databases/{indexed.name}/images"
+    as_role = {role: {"Authorization": f"Bearer {token}"} for role, token in guarded.items()}
+    upload = [("image", ("case 901.png", png(70))), ("image", ("notes.txt", b"a clinician's note"))]
+    assert service.post(images, files=upload, data={"label": "malignant"}, headers=as_role["reader"]).status_code == 403
+    assert "label: every image added needs one" in service.post(images, files=upload,
+                                                                 headers=as_role["editor"]).json()["error"]
+    added = service.post(images, files=upload, data={"label": "malignant", "project": "ward 3"},
+                         headers=as_role["editor"])
+    assert added.status_code == 200, added.text
+    assert added.json()["new"] == 1 and added.json()["failures"] == [
+        "notes.txt (uploaded by test-editor): not an image file"]
+    found = service.post(f"/api/v1/databases/{indexed.name}/search", files=[("image", ("q.png", png(70)))],
+                         data={"k": "2", "project": "ward 3"}, headers=as_role["reader"]).json()["results"][0]
+    assert [(n["name"], n["label"]) for n in found["results"]] == [("case 901.png", "malignant")]
+    log = service.get(f"/api/v1/databases/{indexed.name}/audit", headers=as_role["editor"]).json()["entries"]
+    assert log[0]["who"] == "test-editor" and log[0]["what"].startswith("added 1 and replaced 0 image(s) labelled malignant")
+    other = service.post(images, files=[("image", ("case 901.png", png(71)))], data={"label": "malignant"},
+                         headers=as_role["editor"]).json()
+    assert other["new"] == 0 and other["conflicts"][0].startswith("case 901.png: stored from case 901.png (uploaded")

@@ -32,7 +32,7 @@ def register(commands) -> None:
 
     token = commands.add_parser("token", help="access tokens of the service: create, list, revoke",
                                 description="Tokens with roles for `cbir serve`: reader (search, thumbnails), "
-                                            "editor (also forget images), admin (also tokens). Kept hashed in "
+                                            "editor (also add and forget images), admin (also tokens). Kept hashed in "
                                             "Redis; once one exists, every request needs one.")
     token.add_argument("action", choices=("create", "list", "revoke"))
     token.add_argument("--name", default=None, help="who holds the token (create, revoke)")

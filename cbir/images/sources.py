@@ -14,7 +14,7 @@ import urllib.request
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -52,13 +52,15 @@ def printable(text: str) -> str:
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image of a source. ``location`` is a file path, or ``path.npz#split/index``; the name,
-    label and project are made :func:`printable`."""
+    """One image of a source. ``location`` is a file path, or ``path.npz#split/index``, or, for
+    bytes received (an upload to the service, never written to disk), what names them in
+    messages; the name, label and project are made :func:`printable`."""
 
     name: str
     label: str
     project: str
     location: str
+    data: bytes | None = field(default=None, repr=False, compare=False)  # the file's bytes, where in memory
 
     def __post_init__(self) -> None:
         for field_name in ("name", "label", "project"):
@@ -76,6 +78,8 @@ class ImageItem:
         return self._content()[1]
 
     def _content(self) -> tuple[bytes | np.ndarray, str]:
+        if self.data is not None:
+            return self.data, hashlib.sha256(self.data).hexdigest()
         path, _, inner = self.location.partition("#")
         if inner:
             split, index = inner.split("/")

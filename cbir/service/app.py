@@ -22,8 +22,10 @@ from starlette.exceptions import HTTPException
 from cbir import __version__
 from cbir.errors import CbirError, DatabaseBusyError, ImageError, ModelMismatchError, StoreError
 from cbir.images.decode import decode_image
+from cbir.images.sources import ImageItem
 from cbir.images.thumbnails import MEDIA_TYPE
 from cbir.options import DEFAULT_NEIGHBOURS
+from cbir.pipeline.ingest import index_images
 from cbir.search.persisted import index_info
 from cbir.service import tokens
 from cbir.service.metrics import Metrics
@@ -155,6 +157,33 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
                                    "built before thumbnails: `cbir thumbnails` makes them)")
         return Response(picture, media_type=MEDIA_TYPE, headers={"Cache-Control": "private, max-age=3600"})
 
+    @app.post("/api/v1/databases/{db}/images", openapi_extra=ADD_BODY)
+    async def add_images(db: str, request: Request, holder: Holder = editor) -> dict:
+        """Add uploaded images (multipart, field ``image``, repeatable) with a ``label`` (and a
+        ``project``) to a database, with its own model; a stored name with other content is a
+        conflict, not replaced. Audited."""
+        length = int(request.headers.get("content-length") or 0)
+        if length > max_upload_bytes:
+            raise ClientError(413, f"the request is {length / 2**20:.1f} MB, over the limit of "
+                                   f"{max_upload_bytes / 2**20:g} MB")
+        form = await request.form(max_part_size=max_upload_bytes)
+        label, project = str(form.get("label") or ""), str(form.get("project") or "")
+        if not label:
+            raise ClientError(400, "label: every image added needs one (the form field 'label')")
+        items = [ImageItem(name=part.filename or "upload", label=label, project=project, data=await part.read(),
+                           location=f"{part.filename or 'upload'} (uploaded by {holder.name})")
+                 for part in form.getlist("image") if hasattr(part, "read")]
+        if not items:
+            raise ClientError(400, "no image: send one or more files in the multipart field 'image'")
+        warm = databases.get(db)
+        store = VectorStore(client, db, lock_wait=ADD_LOCK_WAIT)
+        report = await asyncio.to_thread(index_images, store, items, warm.extractor, workers=0, progress=False)
+        if report.written:
+            _audit(store, holder, f"added {report.new} and replaced {report.updated} image(s) labelled {label}: "
+                                  + ", ".join(item.name for item in items[:20]))
+        return {"new": report.new, "unchanged": report.unchanged, "conflicts": report.conflicts,
+                "failures": report.failures}
+
     @app.delete("/api/v1/databases/{db}/images/{image_id}")
     def forget(db: str, image_id: int, holder: Holder = editor) -> dict:
         """Forget a stored image (record, vector, thumbnail): no replica returns it again. Audited."""
@@ -229,6 +258,10 @@ SEARCH_BODY = {"requestBody": {"content": {
         "project": {"type": "array", "items": {"type": "string"}}}}}}}}
 
 
+ADD_LOCK_WAIT = 30.0  # seconds an upload waits for another writer of the database
+ADD_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
+    "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+    "label": {"type": "string"}, "project": {"type": "string"}}, "required": ["image", "label"]}}}}}
 AUDIT = "audit"  # cbir:<db>:audit, a list of JSON entries, newest first
 AUDIT_KEPT, AUDIT_SHOWN = 10_000, 100
 

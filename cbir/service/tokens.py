@@ -1,6 +1,6 @@
 """Access tokens of the service, with roles, kept hashed in Redis (so every replica knows them).
 
-``reader``: search, thumbnails, descriptions. ``editor``: also forget images. ``admin``: also
+``reader``: search, thumbnails, descriptions. ``editor``: also add and forget images. ``admin``: also
 tokens. A token is shown once, when made; Redis keeps its sha256 only, so a copy of Redis gives
 no one a token. Without any token the service is open, and listens on this machine only.
 """
