@@ -162,10 +162,7 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         """Add uploaded images (multipart, field ``image``, repeatable) with a ``label`` (and a
         ``project``) to a database, with its own model; a stored name with other content is a
         conflict, not replaced. Audited."""
-        length = int(request.headers.get("content-length") or 0)
-        if length > max_upload_bytes:
-            raise ClientError(413, f"the request is {length / 2**20:.1f} MB, over the limit of "
-                                   f"{max_upload_bytes / 2**20:g} MB")
+        _check_size(request, max_upload_bytes)
         form = await request.form(max_part_size=max_upload_bytes)
         label, project = str(form.get("label") or ""), str(form.get("project") or "")
         if not label:
@@ -209,10 +206,7 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         with their kNN vote and where the time went. ``label`` and ``project`` (repeatable) search
         among the images of those labels and projects only: k answers wherever k of them are stored."""
         started = time.perf_counter()
-        length = int(request.headers.get("content-length") or 0)
-        if length > max_upload_bytes:
-            raise ClientError(413, f"the request is {length / 2**20:.1f} MB, over the limit of "
-                                   f"{max_upload_bytes / 2**20:g} MB")
+        _check_size(request, max_upload_bytes)
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
             form = await request.form(max_part_size=max_upload_bytes)
@@ -270,6 +264,12 @@ def _audit(store: VectorStore, holder: Holder, what: str) -> None:
     entry = json.dumps({"who": holder.name, "role": holder.role, "when": time.time(), "what": what})
     key = store.register_key(AUDIT)  # so that dropping the database drops its log
     store.execute("writing the audit log of", [("LPUSH", key, entry), ("LTRIM", key, 0, AUDIT_KEPT - 1)])
+
+
+def _check_size(request: Request, limit: int) -> None:
+    length = int(request.headers.get("content-length") or 0)
+    if length > limit:
+        raise ClientError(413, f"the request is {length / 2**20:.1f} MB, over the limit of {limit / 2**20:g} MB")
 
 
 def _names(options, name: str) -> list[str] | None:
