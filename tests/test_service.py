@@ -231,6 +231,14 @@ def test_tokens_decide_who_may_search_and_who_may_forget(service, indexed, guard
     assert not any(token.encode() in key + value for token in guarded.values() for key, value in stored.items())
 
 
+def test_a_service_reachable_from_other_machines_is_never_open(standalone_url, indexed):
+    """Bound beyond loopback (`cbir serve --host` another address), it requires a token even once
+    every token has been revoked, where a local service would fall back to being open."""
+    with TestClient(create_app(standalone_url, require_tokens=True)) as client:
+        answer = client.get(f"/api/v1/databases/{indexed.name}")
+    assert answer.status_code == 401 and "needs a token" in answer.json()["error"]
+
+
 def test_the_token_command_makes_lists_and_revokes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CBIR_REDIS_URL"}
     env.update(PYTHONPATH=str(ROOT), CBIR_HOME=str(tmp_path / "home"))

@@ -36,6 +36,8 @@ def run(args) -> int:
     if args.redis_url:
         os.environ[URL_ENV] = args.redis_url  # the workers' create_app reads it, as replicas would
     os.environ[UPLOAD_ENV] = str(args.max_upload_mb)
+    # Reachable from other machines: never open, even should every token be revoked later.
+    os.environ["CBIR_REQUIRE_TOKENS"] = "0" if _loopback(args.host) else "1"
     access = "every request needs a token" if guarded else "no tokens: open, listening on this machine only"
     print(f"serving the databases on {describe(client)} at http://{args.host}:{args.port} "
           f"(API under /api/v1, interactive docs at /docs); {access}", flush=True)

@@ -61,8 +61,11 @@ def status_of(exc: Exception) -> int:
     return 400
 
 
-def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    """The service over the Redis at ``redis_url`` (default: ``$CBIR_REDIS_URL``, else the embedded one)."""
+def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               require_tokens: bool = False) -> FastAPI:
+    """The service over the Redis at ``redis_url`` (default: ``$CBIR_REDIS_URL``, else the embedded one).
+    ``require_tokens``: never open, even once every token is revoked (a service reachable from other
+    machines)."""
     client = connect(redis_url)
     databases = WarmDatabases(client)
     metrics = Metrics(databases.batch_sizes)
@@ -92,7 +95,7 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         """A dependency: the holder of the request's token, who must have ``role``'s rights.
         Without any token made, the service is open (and listens on this machine only)."""
         def holder(authorization: str | None = Header(default=None)) -> Holder:
-            if not tokens.any_tokens(client):
+            if not require_tokens and not tokens.any_tokens(client):
                 return Holder(name="local", role="admin")
             if not authorization or not authorization.startswith("Bearer "):
                 raise ClientError(401, "this service needs a token: send Authorization: Bearer <token> "
@@ -236,7 +239,8 @@ def from_environment() -> FastAPI:
     """The app of ``cbir serve``'s workers: its settings from the environment, as every replica reads them."""
     import os
 
-    return create_app(max_upload_bytes=int(os.environ.get("CBIR_MAX_UPLOAD_MB", MAX_UPLOAD_BYTES // 2**20)) * 2**20)
+    return create_app(max_upload_bytes=int(os.environ.get("CBIR_MAX_UPLOAD_MB", MAX_UPLOAD_BYTES // 2**20)) * 2**20,
+                      require_tokens=os.environ.get("CBIR_REQUIRE_TOKENS") == "1")
 
 
 SEARCH_BODY = {"requestBody": {"content": {
