@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from cbir.errors import CbirError
 from cbir.images.sources import ImageItem, content_digests, every_item, load_items, query_items
-from cbir.options import DEFAULT_NEIGHBOURS
+from cbir.options import DEFAULT_EXTRACTOR, DEFAULT_NEIGHBOURS
 from cbir.store.database import DatabaseInfo, VectorStore, database_names
 from cbir.store.layout import ImageRecord
 from cbir.store.redis.connect import connect
@@ -40,9 +40,6 @@ __all__ = ["open_database", "list_databases", "Databases", "where", "load_items"
            "start_over", "add", "backfill_thumbnails", "Backfill", "make_durable", "retriever", "search", "remove", "Removal", "describe",
            "Description", "train_index", "delete_index", "evaluate", "train", "tsne", "dataset_pictures",
            "DEFAULT_EXTRACTOR"]
-
-DEFAULT_EXTRACTOR = "efficientnet_lite0"  # ImageNet weights ship in a package: works offline
-
 
 def open_database(name: str = "db", redis_url: str | None = None, lock_wait: float = 0.0) -> VectorStore:
     """The database ``name`` on the Redis at ``redis_url`` (default: ``$CBIR_REDIS_URL``, else the

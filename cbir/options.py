@@ -15,6 +15,7 @@ VOTES = ("majority", "distance", "softmax")
 LOSSES = ("margin", "proxy_nca", "proxy_anchor", "softtriple", "normsoftmax", "arcface", "triplet",
           "contrastive", "ntxent", "cross_entropy")
 SCHEDULERS = ("cosine", "step", "exponential", "none")
+DEFAULT_EXTRACTOR = "efficientnet_lite0"  # ImageNet weights ship in a package: works offline
 DEFAULT_NEIGHBOURS = 10  # returned per query unless --nrt-neigh says otherwise
 # Queries drawn in one retrieval picture: a folder of 780 queries would draw for minutes into a
 # picture 171,600 pixels high.

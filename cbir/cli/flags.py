@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from cbir.images.sources import NPZ_SPLITS
+from cbir.options import DEFAULT_EXTRACTOR
 from cbir.store.redis.connect import URL_ENV
 
-DEFAULT_EXTRACTOR = "efficientnet_lite0"
 DEFAULT_DATABASE = "db"  # as in the thesis: `retrieve_images.py --path query.png` needs no --db-name
 
 

@@ -19,14 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
-from cbir import __version__
+from cbir import __version__, api
 from cbir.errors import CbirError, DatabaseBusyError, ImageError, ModelMismatchError, StoreError
 from cbir.images.decode import decode_image
 from cbir.images.sources import ImageItem
 from cbir.images.thumbnails import MEDIA_TYPE
 from cbir.options import DEFAULT_NEIGHBOURS
 from cbir.pipeline.ingest import index_images
-from cbir.search.persisted import index_info
 from cbir.service import tokens
 from cbir.service.metrics import Metrics
 from cbir.service.tokens import Holder
@@ -141,12 +140,11 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     @app.get("/api/v1/databases/{db}")
     def database(db: str, holder: Holder = reader) -> dict:
         """Images, classes with counts, model, trained index and data version of one database."""
-        warm_store = _store(databases, db)
-        info = warm_store.describe()
-        trained = index_info(warm_store)
+        described = api.describe(databases.store(db))
+        info, trained = described.info, described.index
         return {"name": info.name, "images": info.count, "dim": info.dim, "version": info.version,
                 "model": info.model_spec.get("description", ""), "fingerprint": info.model,
-                "classes": dict(sorted(warm_store.label_counts().items())),
+                "classes": dict(sorted(described.labels.items())),
                 "index": {"kind": trained["kind"], "version": int(trained["version"]),
                           "recall10": float(trained["recall10"] or 1)} if trained else {"kind": "exact"}}
 
@@ -154,7 +152,7 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
              responses={200: {"content": {MEDIA_TYPE: {}}}})
     def image_thumbnail(db: str, image_id: int, holder: Holder = reader) -> Response:
         """A small picture (JPEG, at most 128 px) of a stored image, for pages showing neighbours."""
-        picture = _store(databases, db).thumbnail(image_id)
+        picture = databases.store(db).thumbnail(image_id)
         if picture is None:
             raise ClientError(404, f"no thumbnail of image {image_id} in '{db}' (a removed image, or a database "
                                    "built before thumbnails: `cbir thumbnails` makes them)")
@@ -170,13 +168,10 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         label, project = str(form.get("label") or ""), str(form.get("project") or "")
         if not label:
             raise ClientError(400, "label: every image added needs one (the form field 'label')")
-        items = [ImageItem(name=part.filename or "upload", label=label, project=project, data=await part.read(),
-                           location=f"{part.filename or 'upload'} (uploaded by {holder.name})")
-                 for part in form.getlist("image") if hasattr(part, "read")]
-        if not items:
-            raise ClientError(400, "no image: send one or more files in the multipart field 'image'")
+        items = [ImageItem(name=name, label=label, project=project, data=data,
+                           location=f"{name} (uploaded by {holder.name})") for name, data in await _uploads(form)]
         warm = databases.get(db)
-        store = VectorStore(client, db, lock_wait=ADD_LOCK_WAIT)
+        store = databases.store(db, lock_wait=ADD_LOCK_WAIT)
         report = await asyncio.to_thread(index_images, store, items, warm.extractor, workers=0, progress=False)
         if report.written:
             _audit(store, holder, f"added {report.new} and replaced {report.updated} image(s) labelled {label}: "
@@ -187,7 +182,7 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     @app.delete("/api/v1/databases/{db}/images/{image_id}")
     def forget(db: str, image_id: int, holder: Holder = editor) -> dict:
         """Forget a stored image (record, vector, thumbnail): no replica returns it again. Audited."""
-        store = _store(databases, db)
+        store = databases.store(db)
         with store.writing():
             removed = store.remove([image_id])
         if not removed:
@@ -198,7 +193,7 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     @app.get("/api/v1/databases/{db}/audit")
     def audit(db: str, holder: Holder = editor) -> dict:
         """The latest changes made through the service: who, when, what (newest first)."""
-        store = _store(databases, db)
+        store = databases.store(db)
         entries = store.call("reading", store.client.lrange, store.key(AUDIT), 0, AUDIT_SHOWN - 1)
         return {"entries": [json.loads(entry) for entry in entries]}
 
@@ -213,12 +208,7 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
             form = await request.form(max_part_size=max_upload_bytes)
-            options = form
-            uploads = [(part.filename or "upload", await part.read()) for part in form.getlist("image")
-                       if hasattr(part, "read")]
-            if not uploads:
-                raise ClientError(400, "no image: send one or more files in the multipart field 'image'")
-            vectors = None
+            options, uploads, vectors = form, await _uploads(form), None
         elif kind.startswith("application/json"):
             options = await request.json()
             uploads, vectors = [], options.get("vectors") if isinstance(options, dict) else None
@@ -270,6 +260,14 @@ def _audit(store: VectorStore, holder: Holder, what: str) -> None:
     store.execute("writing the audit log of", [("LPUSH", key, entry), ("LTRIM", key, 0, AUDIT_KEPT - 1)])
 
 
+async def _uploads(form) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of each file in the multipart field ``image``; at least one."""
+    uploads = [(part.filename or "upload", await part.read()) for part in form.getlist("image") if hasattr(part, "read")]
+    if not uploads:
+        raise ClientError(400, "no image: send one or more files in the multipart field 'image'")
+    return uploads
+
+
 def _check_size(request: Request, limit: int) -> None:
     length = int(request.headers.get("content-length") or 0)
     if length > limit:
@@ -294,17 +292,9 @@ def _whole(value, name: str, low: int, high: int) -> int:
     return number
 
 
-def _store(databases: WarmDatabases, name: str) -> VectorStore:
-    store = VectorStore(databases.client, name)
-    if not store.exists:
-        raise UnknownDatabase(f"no database '{name}' on this Redis")
-    store.require()
-    return store
-
-
 def _summary(databases: WarmDatabases, name: str) -> dict:
     try:
-        store = _store(databases, name)
+        store = databases.store(name)
     except StoreError as exc:  # an older schema's layout, say: named, not read
         return {"name": name, "error": str(exc)}
     return {"name": name, "images": store.count(), "model": store.model_spec.get("description", "")}

@@ -88,11 +88,16 @@ class WarmDatabases:
         self._warm: dict[str, WarmDatabase] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> WarmDatabase:
-        store = VectorStore(self.client, name)  # reads the database's info afresh
+    def store(self, name: str, lock_wait: float = 0.0) -> VectorStore:
+        """The database ``name``, its info read afresh; UnknownDatabase where there is none."""
+        store = VectorStore(self.client, name, lock_wait=lock_wait)
         if not store.exists:
             raise UnknownDatabase(f"no database '{name}' on this Redis")
         store.require()
+        return store
+
+    def get(self, name: str) -> WarmDatabase:
+        store = self.store(name)
         with self._lock:
             warm = self._warm.get(name)
             if warm is None or warm.fingerprint != store.model:
