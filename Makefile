@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup redis-server demo test bench fault-table serve
+.PHONY: setup debian-packages demo test bench fault-table serve
 
 # A fresh Debian or Ubuntu Python lacks venv's ensurepip until python3-venv is installed.
 $(PY):
@@ -21,13 +21,15 @@ $(VENV)/.installed: $(PY) requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-setup: redis-server $(VENV)/.installed
+setup: debian-packages $(VENV)/.installed
 
-# Debian's redis-server: the standalone and cluster deployments of the integration tests; openssl
-# makes the certificate of their TLS twins.
-redis-server:
-	@if [ ! -x /usr/bin/redis-server ] || [ ! -x /usr/bin/redis-cli ] || [ ! -x /usr/bin/openssl ]; then \
-		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server openssl >/dev/null; \
+# Debian's packages: redis-server for the standalone and cluster deployments of the integration
+# tests, openssl for the certificate of their TLS twins, chromium for the web page's browser tests
+# (Playwright drives it: its own browser download needs internet).
+debian-packages:
+	@if [ ! -x /usr/bin/redis-server ] || [ ! -x /usr/bin/redis-cli ] || [ ! -x /usr/bin/openssl ] || [ ! -x /usr/bin/chromium ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends redis-server openssl chromium fonts-liberation >/dev/null; \
 	fi
 
 demo: setup

@@ -221,26 +221,31 @@ class Removal:
 
 
 def remove(store: VectorStore, names: Iterable[str] = (), labels: Iterable[str] = (), path: str | None = None,
-           split: str = "train", durable: bool = False) -> Removal:
-    """Delete images by name, by label, or by the content of the files under ``path``; what
-    matched nothing is said, not an error (a removal run again finds nothing, and succeeds)."""
-    names, labels = list(names), list(labels)
+           split: str = "train", durable: bool = False, ids: Iterable[int] = (),
+           digests: Iterable[str] = ()) -> Removal:
+    """Delete images by name, by label, by id, or by content: that of the files under ``path`` or
+    the sha256 ``digests`` given. What matched nothing is said, not an error (a removal run again
+    finds nothing, and succeeds)."""
+    names, labels, ids = list(names), list(labels), [int(i) for i in ids]
     store.require()
-    if not names and not labels and not path:
-        raise CbirError("nothing to remove: give --name, --label and/or --path")
-    digests, failures = content_digests(every_item(path, split=split)) if path else ({}, [])
+    found, failures = content_digests(every_item(path, split=split)) if path else ({}, [])
+    for digest in digests:
+        found.setdefault(digest.lower(), []).append(f"sha256:{digest.lower()}")
+    if not (names or labels or ids or found or path):
+        raise CbirError("nothing to remove: name the images, their labels or their content")
     if durable:
         make_durable(store)
     with store.writing():
-        removed = store.remove_names(names) if names else []
-        removed += store.remove_matching(labels, digests) if labels or digests else []
+        removed = store.remove(ids) if ids else []
+        removed += store.remove_names(names) if names else []
+        removed += store.remove_matching(labels, found) if labels or found else []
     removed_digests = {record.sha256 for record in removed}
     return Removal(removed=removed, failures=failures,
                    missing_names=sorted(set(names) - {record.name for record in removed}),
                    missing_labels=sorted(set(labels) - {record.label for record in removed}),
-                   unmatched=[name for digest, found in digests.items() if digest not in removed_digests
-                              for name in found],
-                   given=sum(map(len, digests.values())))
+                   unmatched=[name for digest, named in found.items() if digest not in removed_digests
+                              for name in named],
+                   given=sum(map(len, found.values())))
 
 
 def train_index(store: VectorStore, kind: str = "ivf", durable: bool = False, **options) -> TrainReport:
@@ -299,11 +304,18 @@ def train(config: TrainConfig, progress: bool = True):
 
 def tsne(store: VectorStore, path, perplexity: float = 30.0, max_points: int = 5000, by_project: bool = False,
          seed: int = 0):
-    """A 2-D t-SNE picture of the stored vectors at ``path``, coloured by class (and by project)."""
+    """A 2-D t-SNE picture of the stored vectors at ``path``, coloured by class (and by project);
+    a PNG, SVG or JPEG one is also kept with the database, where the service's page shows it."""
     from cbir.viz.overview import save_tsne
 
     store.require()
-    return save_tsne(store, path, perplexity=perplexity, max_points=max_points, by_project=by_project, seed=seed)
+    picture = save_tsne(store, path, perplexity=perplexity, max_points=max_points, by_project=by_project, seed=seed)
+    if picture.path.suffix.lower() in SHOWN_PICTURES:  # kept in Redis too, for the service's page
+        store.set_picture(f"tsne{picture.path.suffix.lower()}", picture.path.read_bytes())
+    return picture
+
+
+SHOWN_PICTURES = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
 def dataset_pictures(items: Sequence[ImageItem], directory, name: str, per_class: int = 6, seed: int = 0,

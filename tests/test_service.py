@@ -224,7 +224,7 @@ def test_tokens_decide_who_may_search_and_who_may_forget(service, indexed, guard
     assert 60 not in [n["id"] for n in after]  # never returned again
     assert service.delete(image, headers=as_role["editor"]).status_code == 404
     log = service.get(f"/api/v1/databases/{indexed.name}/audit", headers=as_role["admin"]).json()["entries"]
-    assert log[0]["who"] == "test-editor" and log[0]["what"].startswith("forgot image 60 (val/60")
+    assert log[0]["who"] == "test-editor" and log[0]["what"] == "forgot 1 image(s): val/60 (normal, benign)"
     assert tokens.revoke(connect(standalone_url), "test-reader")
     assert service.post(search, files=query, headers=as_role["reader"]).status_code == 401  # revoked: at once
     stored = connect(standalone_url).hgetall(tokens.TOKENS_KEY)
@@ -260,8 +260,9 @@ def test_an_editor_adds_uploaded_images_and_a_reader_may_not(service, indexed, g
     as_role = {role: {"Authorization": f"Bearer {token}"} for role, token in guarded.items()}
     upload = [("image", ("case 901.png", png(70))), ("image", ("notes.txt", b"a clinician's note"))]
     assert service.post(images, files=upload, data={"label": "malignant"}, headers=as_role["reader"]).status_code == 403
-    assert "label: every image added needs one" in service.post(images, files=upload,
-                                                                 headers=as_role["editor"]).json()["error"]
+    unlabelled = service.post(images, files=upload, headers=as_role["editor"])
+    assert unlabelled.status_code == 400 and unlabelled.json()["error"] == (
+        "case 901.png: no label (send the form field 'label', or a zip of class folders)")
     added = service.post(images, files=upload, data={"label": "malignant", "project": "ward 3"},
                          headers=as_role["editor"])
     assert added.status_code == 200, added.text
@@ -271,7 +272,94 @@ def test_an_editor_adds_uploaded_images_and_a_reader_may_not(service, indexed, g
                          data={"k": "2", "project": "ward 3"}, headers=as_role["reader"]).json()["results"][0]
     assert [(n["name"], n["label"]) for n in found["results"]] == [("case 901.png", "malignant")]
     log = service.get(f"/api/v1/databases/{indexed.name}/audit", headers=as_role["editor"]).json()["entries"]
-    assert log[0]["who"] == "test-editor" and log[0]["what"].startswith("added 1 and replaced 0 image(s) labelled malignant")
+    assert log[0]["who"] == "test-editor" and log[0]["what"] == "added 1 of 2 upload(s) labelled malignant: case 901.png, notes.txt"
     other = service.post(images, files=[("image", ("case 901.png", png(71)))], data={"label": "malignant"},
                          headers=as_role["editor"]).json()
     assert other["new"] == 0 and other["conflicts"][0].startswith("case 901.png: stored from case 901.png (uploaded")
+
+
+@pytest.fixture
+def small(standalone_url):
+    """A database of 12 BreastMNIST validation images, for tests that add and forget."""
+    store = api.open_database("service-manage", standalone_url)
+    api.start_over(store)
+    items = api.load_items(BREASTMNIST, split="val")[:12]
+    api.add(store, items, api.model_for_add(store, input_size=TEST_INPUT_SIZE), workers=0, progress=False)
+    yield store
+    VectorStore(store.client, store.name).drop()
+
+
+def zipped(files: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_a_zip_of_class_folders_is_added_with_its_folders_as_labels(service, small):
+    images = f"/api/v1/databases/{small.name}/images"
+    upload = zipped({"cases/malignant/a.png": png(40), "cases/benign/b.png": png(41), "cases/.DS_Store": b"junk",
+                     "__MACOSX/cases/malignant/._a.png": b"fork", "cases/benign/": b""})
+    added = service.post(images, files=[("image", ("cases.bin", upload))]).json()
+    assert added["new"] == 2 and added["failures"] == []
+    found = service.post(f"/api/v1/databases/{small.name}/search", files=[("image", ("q.png", png(40)))],
+                         data={"k": "1"}).json()["results"][0]["results"][0]
+    assert (found["name"], found["label"]) == ("cases/malignant/a.png", "malignant")
+    labelled = service.post(images, files=[("image", ("more.zip", zipped({"c.png": png(42)})))],
+                            data={"label": "benign"}).json()
+    assert labelled["new"] == 1
+    loose = service.post(images, files=[("image", ("more.zip", zipped({"d.png": png(43)})))])
+    assert loose.status_code == 400 and loose.json()["error"] == (
+        "d.png: no label (send the form field 'label', or a zip of class folders)")
+
+
+@pytest.mark.parametrize("upload,status,message", [
+    (b"PK\x03\x04 not really a zip", 400, "broken.zip: not a readable zip ("),
+    (zipped({"x/zeros.png": b"\0" * (9 * 2**20)}), 413, "broken.zip: unpacks to 9.0 MB, over the limit of 8 MB"),
+], ids=["corrupt", "bomb"])
+def test_a_bad_zip_is_refused_whole_with_its_reason(service, small, upload, status, message):
+    before = small.count()
+    answer = service.post(f"/api/v1/databases/{small.name}/images", files=[("image", ("broken.zip", upload))])
+    assert answer.status_code == status and answer.json()["error"].startswith(message)
+    assert small.count() == before
+
+
+def test_images_are_forgotten_by_name_by_label_and_by_content(service, small):
+    import hashlib
+
+    images = f"/api/v1/databases/{small.name}/images"
+    service.post(images, files=[("image", ("x.png", png(50))), ("image", ("y.png", png(51)))], data={"label": "doubt"})
+    by_name = service.delete(images, params={"name": ["val/00", "no-such-image"]}).json()
+    assert [n["name"] for n in by_name["forgotten"]] == ["val/00"] and by_name["missing"]["names"] == ["no-such-image"]
+    by_content = service.delete(images, params={"sha256": hashlib.sha256(png(51)).hexdigest()}).json()
+    assert [n["name"] for n in by_content["forgotten"]] == ["y.png"]
+    by_label = service.delete(images, params={"label": "doubt"}).json()
+    assert [n["name"] for n in by_label["forgotten"]] == ["x.png"]
+    names = {record.name for _, record in small.iter_records()}
+    assert names.isdisjoint({"val/00", "x.png", "y.png"}) and len(names) == 11
+    assert service.delete(images).status_code == 400
+    assert "is not 64 hexadecimal digits" in service.delete(images, params={"sha256": "abc"}).json()["error"]
+    log = service.get(f"/api/v1/databases/{small.name}/audit").json()["entries"]
+    assert [entry["what"] for entry in log[:3]] == ["forgot 1 image(s): x.png (doubt)", "forgot 1 image(s): y.png (doubt)",
+                                                    "forgot 1 image(s): val/00 (malignant)"]
+
+
+def test_the_page_its_token_holder_the_query_preview_and_the_tsne_picture(service, small, tmp_path):
+    page = service.get("/")
+    assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+    assert "<script src=\"/static/app.js\"" in page.text and "http" not in page.text.replace("http-equiv", "")
+    assert service.get("/static/app.js").status_code == 200
+    assert service.get("/api/v1/whoami").json() == {"name": "local", "role": "admin"}
+    answer = service.post(f"/api/v1/databases/{small.name}/search", files=[("image", ("q.png", png(3)))],
+                          data={"k": "1", "preview": "true"}).json()["results"][0]
+    assert answer["query_thumbnail"].startswith("data:image/jpeg;base64,")
+    assert service.get(f"/api/v1/databases/{small.name}").json()["tsne"] is False
+    assert service.get(f"/api/v1/databases/{small.name}/tsne").status_code == 404
+    api.tsne(small, tmp_path / "map.png", perplexity=3)
+    picture = service.get(f"/api/v1/databases/{small.name}/tsne")
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    assert picture.content == (tmp_path / "map.png").read_bytes()
+    assert service.get(f"/api/v1/databases/{small.name}").json()["tsne"] is True

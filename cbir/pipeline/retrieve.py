@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -44,6 +44,7 @@ class Retrieval:
     vote_share: float = 0.0
     voters: int = 0
     location: str = ""
+    votes: dict[str, int] = field(default_factory=dict)  # label -> neighbours voting for it
 
     def vote_summary(self) -> str:
         """The vote and its support, naming the stored copies of the query that did not vote."""
@@ -65,6 +66,8 @@ class Retrieval:
             "vote": self.vote,
             "vote_share": self.vote_share,
             "voters": self.voters,
+            "votes": self.votes,
+            "vote_summary": self.vote_summary(),
         }
 
 
@@ -161,5 +164,6 @@ class Retriever:
             voters = [n for n in row if n.sha256 != sha]
             vote, share = majority_vote([n.label for n in voters], [n.score for n in voters])
             results.append(Retrieval(query=name, query_label=label, neighbours=row, vote=vote, vote_share=share,
-                                     voters=len(voters), location=location))
+                                     voters=len(voters), location=location,
+                                     votes=dict(Counter(n.label for n in voters).most_common())))
         return results

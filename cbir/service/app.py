@@ -7,42 +7,30 @@ in Redis, so replicas of ``cbir serve`` over the same Redis answer alike. Errors
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
 
-import numpy as np
 import redis
-import torch
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from cbir import __version__, api
+from cbir.api import SHOWN_PICTURES
 from cbir.errors import CbirError, DatabaseBusyError, ImageError, ModelMismatchError, StoreError
-from cbir.images.decode import decode_image
 from cbir.images.sources import ImageItem
 from cbir.images.thumbnails import MEDIA_TYPE
-from cbir.options import DEFAULT_NEIGHBOURS
 from cbir.pipeline.ingest import index_images
-from cbir.service import tokens
+from cbir.service import audit, page, tokens
 from cbir.service.metrics import Metrics
+from cbir.service.searching import SEARCH_BODY, answer, read_search
 from cbir.service.tokens import Holder
+from cbir.service.uploads import ClientError, check_size, uploads
 from cbir.service.warm import UnknownDatabase, WarmDatabases
 from cbir.store.database import VectorStore, database_names
 from cbir.store.redis.connect import connect, describe
 
 MAX_UPLOAD_BYTES = 50 * 2**20
-MAX_NEIGHBOURS = 1000
-
-
-class ClientError(CbirError):
-    """A request the service cannot answer, with its HTTP status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def status_of(exc: Exception) -> int:
@@ -132,6 +120,11 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.text(), media_type=metrics.content_type)
 
+    @app.get("/api/v1/whoami")
+    def whoami(holder: Holder = reader) -> dict:
+        """The name and role of the request's token (``local``, an admin, on a service without tokens)."""
+        return {"name": holder.name, "role": holder.role}
+
     @app.get("/api/v1/databases")
     def list_databases(holder: Holder = reader) -> dict:
         """Every database on this Redis, with its image count and model."""
@@ -140,11 +133,13 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     @app.get("/api/v1/databases/{db}")
     def database(db: str, holder: Holder = reader) -> dict:
         """Images, classes with counts, model, trained index and data version of one database."""
-        described = api.describe(databases.store(db))
+        store = databases.store(db)
+        described = api.describe(store)
         info, trained = described.info, described.index
         return {"name": info.name, "images": info.count, "dim": info.dim, "version": info.version,
                 "model": info.model_spec.get("description", ""), "fingerprint": info.model,
                 "classes": dict(sorted(described.labels.items())),
+                "tsne": any(name.startswith("tsne.") for name in store.picture_names()),
                 "index": {"kind": trained["kind"], "version": int(trained["version"]),
                           "recall10": float(trained["recall10"] or 1)} if trained else {"kind": "exact"}}
 
@@ -158,70 +153,78 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
                                    "built before thumbnails: `cbir thumbnails` makes them)")
         return Response(picture, media_type=MEDIA_TYPE, headers={"Cache-Control": "private, max-age=3600"})
 
+    @app.get("/api/v1/databases/{db}/tsne", response_class=Response,
+             responses={200: {"content": {media: {} for media in set(SHOWN_PICTURES.values())}}})
+    def tsne_picture(db: str, holder: Holder = reader) -> Response:
+        """The latest t-SNE picture made of the database (by `cbir tsne`)."""
+        store = databases.store(db)
+        for suffix, media in SHOWN_PICTURES.items():
+            if (picture := store.picture(f"tsne{suffix}")) is not None:
+                return Response(picture, media_type=media, headers={"Cache-Control": "no-cache"})
+        raise ClientError(404, f"no t-SNE picture of '{db}' yet: `cbir tsne --db-name {db}` makes one")
+
     @app.post("/api/v1/databases/{db}/images", openapi_extra=ADD_BODY)
     async def add_images(db: str, request: Request, holder: Holder = editor) -> dict:
-        """Add uploaded images (multipart, field ``image``, repeatable) with a ``label`` (and a
-        ``project``) to a database, with its own model; a stored name with other content is a
-        conflict, not replaced. Audited."""
-        _check_size(request, max_upload_bytes)
+        """Add uploaded images (multipart, field ``image``, repeatable; a zip gives its files) with a
+        ``label`` (and a ``project``) to a database, with its own model. Without a label, each file
+        of a zip takes the name of the folder holding it, as `add` reads class folders. A stored name
+        with other content is a conflict, never replaced. Audited."""
+        check_size(request, max_upload_bytes)
         form = await request.form(max_part_size=max_upload_bytes)
         label, project = str(form.get("label") or ""), str(form.get("project") or "")
-        if not label:
-            raise ClientError(400, "label: every image added needs one (the form field 'label')")
-        items = [ImageItem(name=name, label=label, project=project, data=data,
-                           location=f"{name} (uploaded by {holder.name})") for name, data in await _uploads(form)]
+        items = []
+        for upload in await uploads(form, unpacked_limit=ZIP_EXPANSION * max_upload_bytes):
+            if not (label or upload.folder):
+                raise ClientError(400, f"{upload.name}: no label (send the form field 'label', or a zip of class folders)")
+            items.append(ImageItem(name=upload.name, label=label or upload.folder, project=project, data=upload.data,
+                                   location=f"{upload.name} (uploaded by {holder.name})"))
         warm = databases.get(db)
         store = databases.store(db, lock_wait=ADD_LOCK_WAIT)
         report = await asyncio.to_thread(index_images, store, items, warm.extractor, workers=0, progress=False)
         if report.written:
-            _audit(store, holder, f"added {report.new} and replaced {report.updated} image(s) labelled {label}: "
-                                  + ", ".join(item.name for item in items[:20]))
+            labels = sorted({item.label for item in items})
+            audit.record(store, holder, f"added {report.new} of {len(items)} upload(s) labelled "
+                                        f"{audit.listed(labels)}: " + audit.listed([item.name for item in items]))
         return {"new": report.new, "unchanged": report.unchanged, "conflicts": report.conflicts,
                 "failures": report.failures}
 
     @app.delete("/api/v1/databases/{db}/images/{image_id}")
-    def forget(db: str, image_id: int, holder: Holder = editor) -> dict:
+    def forget_image(db: str, image_id: int, holder: Holder = editor) -> dict:
         """Forget a stored image (record, vector, thumbnail): no replica returns it again. Audited."""
-        store = databases.store(db)
-        with store.writing():
-            removed = store.remove([image_id])
-        if not removed:
+        forgotten = _forget(databases.store(db), holder, ids=[image_id])
+        if not forgotten["forgotten"]:
             raise ClientError(404, f"no image {image_id} in '{db}'")
-        _audit(store, holder, f"forgot image {image_id} ({removed[0].name}, {removed[0].label})")
-        return {"forgotten": [{"id": image_id, "name": removed[0].name, "label": removed[0].label}]}
+        return forgotten
+
+    @app.delete("/api/v1/databases/{db}/images")
+    def forget_images(db: str, holder: Holder = editor, name: list[str] = Query(default=[]),
+                      label: list[str] = Query(default=[]), sha256: list[str] = Query(default=[])) -> dict:
+        """Forget every stored image with one of these names, of one of these labels, or whose
+        content has one of these sha256 digests (whatever its name). What matched nothing is
+        listed, not an error. Audited."""
+        if not (name or label or sha256):
+            raise ClientError(400, "nothing to forget: give name, label and/or sha256 (repeatable query parameters)")
+        if bad := [digest for digest in sha256 if not _is_sha256(digest)]:
+            raise ClientError(400, f"sha256: {bad[0]!r} is not 64 hexadecimal digits")
+        return _forget(databases.store(db), holder, names=name, labels=label, digests=sha256)
 
     @app.get("/api/v1/databases/{db}/audit")
-    def audit(db: str, holder: Holder = editor) -> dict:
+    def audit_log(db: str, holder: Holder = editor) -> dict:
         """The latest changes made through the service: who, when, what (newest first)."""
-        store = databases.store(db)
-        entries = store.call("reading", store.client.lrange, store.key(AUDIT), 0, AUDIT_SHOWN - 1)
-        return {"entries": [json.loads(entry) for entry in entries]}
+        return {"entries": audit.entries(databases.store(db))}
 
     @app.post("/api/v1/databases/{db}/search", openapi_extra=SEARCH_BODY)
     async def search(db: str, request: Request, holder: Holder = reader) -> dict:
         """The k nearest stored images of each uploaded image (multipart, field ``image``,
         repeatable: any format ``add`` reads, DICOM too) or of each vector (JSON ``{"vectors": [...]}``),
         with their kNN vote and where the time went. ``label`` and ``project`` (repeatable) search
-        among the images of those labels and projects only: k answers wherever k of them are stored."""
+        among the images of those labels and projects only: k answers wherever k of them are stored.
+        ``preview``: a thumbnail of each query image (a data URL), for pages that cannot show its format."""
         started = time.perf_counter()
-        _check_size(request, max_upload_bytes)
-        kind = request.headers.get("content-type", "")
-        if kind.startswith("multipart/form-data"):
-            form = await request.form(max_part_size=max_upload_bytes)
-            options, uploads, vectors = form, await _uploads(form), None
-        elif kind.startswith("application/json"):
-            options = await request.json()
-            uploads, vectors = [], options.get("vectors") if isinstance(options, dict) else None
-            if not vectors:
-                raise ClientError(400, "no vectors: send {\"vectors\": [[...], ...]} or images as multipart")
-        else:
-            raise ClientError(415, f"send images as multipart/form-data or vectors as JSON, not {kind or 'nothing'}")
-        k = _whole(options.get("k", DEFAULT_NEIGHBOURS), "k", 1, MAX_NEIGHBOURS)
-        exact = str(options.get("exact", "false")).lower() in ("1", "true", "yes")
-        filters = {name: _names(options, name) for name in ("label", "project")}
-        warm = databases.get(db)
-        return await _search(warm, uploads, vectors, k, exact, started, filters)
+        asked = await read_search(request, max_upload_bytes)
+        return await answer(databases.get(db), asked, started)
 
+    page.serve(app)
     return app
 
 
@@ -233,63 +236,25 @@ def from_environment() -> FastAPI:
                       require_tokens=os.environ.get("CBIR_REQUIRE_TOKENS") == "1")
 
 
-SEARCH_BODY = {"requestBody": {"content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "k": {"type": "integer", "default": DEFAULT_NEIGHBOURS}, "exact": {"type": "boolean"},
-        "label": {"type": "array", "items": {"type": "string"}},
-        "project": {"type": "array", "items": {"type": "string"}}}}},
-    "application/json": {"schema": {"type": "object", "properties": {
-        "vectors": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
-        "k": {"type": "integer", "default": DEFAULT_NEIGHBOURS}, "exact": {"type": "boolean"},
-        "label": {"type": "array", "items": {"type": "string"}},
-        "project": {"type": "array", "items": {"type": "string"}}}}}}}}
-
-
 ADD_LOCK_WAIT = 30.0  # seconds an upload waits for another writer of the database
+ZIP_EXPANSION = 4  # a zip uploaded to add may unpack to this many times the upload limit
 ADD_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
     "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-    "label": {"type": "string"}, "project": {"type": "string"}}, "required": ["image", "label"]}}}}}
-AUDIT = "audit"  # cbir:<db>:audit, a list of JSON entries, newest first
-AUDIT_KEPT, AUDIT_SHOWN = 10_000, 100
+    "label": {"type": "string"}, "project": {"type": "string"}}, "required": ["image"]}}}}}
 
 
-def _audit(store: VectorStore, holder: Holder, what: str) -> None:
-    entry = json.dumps({"who": holder.name, "role": holder.role, "when": time.time(), "what": what})
-    key = store.register_key(AUDIT)  # so that dropping the database drops its log
-    store.execute("writing the audit log of", [("LPUSH", key, entry), ("LTRIM", key, 0, AUDIT_KEPT - 1)])
+def _forget(store: VectorStore, holder: Holder, **which) -> dict:
+    removal = api.remove(store, **which)
+    if removal.removed:
+        audit.record(store, holder, f"forgot {len(removal.removed)} image(s): "
+                                    + audit.listed([f"{r.name} ({r.label})" for r in removal.removed]))
+    return {"forgotten": [{"name": r.name, "label": r.label, "project": r.project} for r in removal.removed],
+            "missing": {"names": removal.missing_names, "labels": removal.missing_labels,
+                        "sha256": [name.removeprefix("sha256:") for name in removal.unmatched]}}
 
 
-async def _uploads(form) -> list[tuple[str, bytes]]:
-    """(file name, bytes) of each file in the multipart field ``image``; at least one."""
-    uploads = [(part.filename or "upload", await part.read()) for part in form.getlist("image") if hasattr(part, "read")]
-    if not uploads:
-        raise ClientError(400, "no image: send one or more files in the multipart field 'image'")
-    return uploads
-
-
-def _check_size(request: Request, limit: int) -> None:
-    length = int(request.headers.get("content-length") or 0)
-    if length > limit:
-        raise ClientError(413, f"the request is {length / 2**20:.1f} MB, over the limit of {limit / 2**20:g} MB")
-
-
-def _names(options, name: str) -> list[str] | None:
-    """A filter's values: a repeatable form field, or a JSON string or list."""
-    values = options.getlist(name) if hasattr(options, "getlist") else options.get(name)
-    if values is None or values == []:
-        return None
-    return [values] if isinstance(values, str) else [str(value) for value in values]
-
-
-def _whole(value, name: str, low: int, high: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ClientError(400, f"{name}: {value!r} is not a whole number") from None
-    if not low <= number <= high:
-        raise ClientError(400, f"{name}: must be from {low} to {high}, got {number}")
-    return number
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def _summary(databases: WarmDatabases, name: str) -> dict:
@@ -298,38 +263,3 @@ def _summary(databases: WarmDatabases, name: str) -> dict:
     except StoreError as exc:  # an older schema's layout, say: named, not read
         return {"name": name, "error": str(exc)}
     return {"name": name, "images": store.count(), "model": store.model_spec.get("description", "")}
-
-
-def _prepared(preprocess, uploads: list[tuple[str, bytes]]) -> tuple[list[torch.Tensor], list[str]]:
-    """The model input and the sha256 of each upload, decoded in memory (nothing of an upload is
-    written to disk; a bad one raises its one-line ImageError)."""
-    return ([preprocess(decode_image(data, name)) for name, data in uploads],
-            [hashlib.sha256(data).hexdigest() for _, data in uploads])
-
-
-async def _search(warm, uploads: list[tuple[str, bytes]], vectors, k: int, exact: bool, started: float,
-                  filters: dict[str, list[str] | None]) -> dict:
-    timings = {}
-    if uploads:
-        with warm.batcher.announced():
-            # Decoded in a thread: the event loop goes on reading other requests meanwhile.
-            tensors, digests = await asyncio.to_thread(_prepared, warm.extractor.preprocess, uploads)
-            decoded = time.perf_counter()
-            timings["decode"] = decoded - started
-            pending = warm.batcher.submit(torch.stack(tensors))
-        found = await asyncio.wrap_future(pending)
-        timings["model"] = time.perf_counter() - decoded
-        names = [name for name, _ in uploads]
-    else:
-        found = np.asarray(vectors, dtype=np.float32)
-        if found.ndim != 2 or found.shape[1] != warm.store.dim or not np.isfinite(found).all():
-            raise ClientError(400, f"vectors: expected rows of {warm.store.dim} finite numbers, got shape "
-                                   f"{tuple(found.shape)}")
-        found /= np.maximum(np.linalg.norm(found, axis=1, keepdims=True), 1e-12)
-        names, digests = [f"vector {i}" for i in range(len(found))], [""] * len(found)
-    retrievals, inside = await asyncio.to_thread(warm.answer, found, names, digests, k, exact, filters["label"],
-                                                 filters["project"])
-    timings.update(search=inside.get("search", 0.0), records=inside.get("records", 0.0))
-    timings["total"] = time.perf_counter() - started
-    return {"results": [retrieval.to_json() for retrieval in retrievals],
-            "timings_ms": {step: round(seconds * 1000, 2) for step, seconds in timings.items()}}

@@ -235,3 +235,18 @@ class VectorStore(ReadingMixin, WritingMixin, JournalMixin, LockingMixin):
         return key
 
 
+
+    def set_picture(self, name: str, data: bytes) -> None:
+        """Keep a picture of this database (``name`` such as ``tsne.png``), replacing the last one of
+        that name, so that a service shows it without access to the files of whoever made it."""
+        key = self.register_key(PICTURES)
+        self.call("writing", self.client.hset, key, name, data)
+
+    def picture(self, name: str) -> bytes | None:
+        return self.call("reading", self.client.hget, self.key(PICTURES), name)
+
+    def picture_names(self) -> list[str]:
+        return sorted(as_text(name) for name in self.call("reading", self.client.hkeys, self.key(PICTURES)))
+
+
+PICTURES = "pictures"  # hash: picture name -> its bytes (see layout)

@@ -13,7 +13,10 @@ Key layout, with ``P = "cbir:<db>:"`` and ``C`` the database's chunk size::
                          whose hash falls in bucket b, appended per write (see cbir.store.names)
     P thumbs:<c> hash    id -> a thumbnail of the image (JPEG, at most 128 px), written with its
                          vector, deleted with it
-    P keys       set     further keys of this database (e.g. a trained index), for --rewrite
+    P keys       set     further keys of this database (a trained index, its pictures, the service's
+                         audit log), so that dropping the database drops them
+    P pictures   hash    picture name (e.g. tsne.png) -> its bytes, the latest made of this database
+    P audit      list    the service's log of adds and removals (JSON entries, newest first)
     P journal    list    once an index is trained (info field ``journal``): one entry per
                          committed change, b"+" or b"-" then the int64 ids added or removed,
                          pushed with the version bump, so an index can be brought up to date
