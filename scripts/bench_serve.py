@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +68,9 @@ def start_service(url: str, port: int, query: bytes) -> tuple[subprocess.Popen, 
         time.sleep(0.05)
 
 
-def drive(port: int, queries: list[bytes], concurrency: int, requests: int) -> dict:
-    """``requests`` searches from ``concurrency`` clients; latency percentiles and the rate."""
+def drive(port: int, queries: list[bytes], concurrency: int, requests: int, server: psutil.Process) -> dict:
+    """``requests`` searches from ``concurrency`` clients; latency percentiles, the rate, and the CPU
+    time per request of the service and of these clients (they share this machine's cores)."""
     url = f"http://127.0.0.1:{port}/api/v1/databases/{DB}/search"
     clients = [httpx.Client(timeout=60) for _ in range(concurrency)]
 
@@ -81,17 +83,26 @@ def drive(port: int, queries: list[bytes], concurrency: int, requests: int) -> d
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(concurrency)))  # warm-up: connections open, batcher running
+        served, driven = _cpu_seconds(server), time.process_time()
         started = time.perf_counter()
         latencies = np.array(list(pool.map(one, range(requests))))
         elapsed = time.perf_counter() - started
+        served, driven = _cpu_seconds(server) - served, time.process_time() - driven
     for client in clients:
         client.close()
     return {"p50": np.percentile(latencies, 50), "p95": np.percentile(latencies, 95),
-            "p99": np.percentile(latencies, 99), "rate": requests / elapsed}
+            "p99": np.percentile(latencies, 99), "rate": requests / elapsed,
+            "server_cpu": served / requests, "client_cpu": driven / requests}
 
 
-def model_baselines(store, items) -> tuple[float, float]:
-    """Median batch-1 forward seconds and the batched (32) forward rate of the database's model."""
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def model_baselines(store, items) -> tuple[float, float, float]:
+    """Median batch-1 forward seconds, the batched (32) forward rate of the database's model, and
+    its CPU seconds per image (both cores at work: what each search costs the service at least)."""
     from cbir.pipeline.model import extractor_for_store
 
     extractor = extractor_for_store(store)
@@ -102,10 +113,10 @@ def model_baselines(store, items) -> tuple[float, float]:
         started = time.perf_counter()
         extractor.embed(image[None])
         singles.append(time.perf_counter() - started)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for first in range(0, 64, 32):
         extractor.embed(images[first:first + 32])
-    return float(np.median(singles)), 64 / (time.perf_counter() - started)
+    return float(np.median(singles)), 64 / (time.perf_counter() - started), (time.process_time() - cpu) / 64
 
 
 def main() -> None:
@@ -128,16 +139,19 @@ def main() -> None:
         server, first = start_service(redis_url(client), port, queries[0])
         try:
             print(f"  first answer after start  {first:6.2f} s   (target <= 5 s)")
-            runs = {c: drive(port, queries, c, args.requests) for c in map(int, args.concurrency.split(","))}
+            runs = {c: drive(port, queries, c, args.requests, psutil.Process(server.pid))
+                    for c in map(int, args.concurrency.split(","))}
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=30)
-        single, batched = model_baselines(store, items)
-        print(f"  model forward, batch 1    {single * 1000:6.1f} ms (median)   batched (32): {batched:6.1f} images/s")
-        print(f"  {'concurrency':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'requests/s':>11}")
+        single, batched, cpu = model_baselines(store, items)
+        print(f"  model forward, batch 1    {single * 1000:6.1f} ms (median)   batched (32): {batched:6.1f} images/s, "
+              f"{cpu * 1000:.1f} CPU ms/image")
+        print(f"  {'concurrency':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'requests/s':>11} "
+              f"{'CPU ms/request: service':>24} {'clients':>8}")
         for concurrency, run in runs.items():
             print(f"  {concurrency:>11} {run['p50'] * 1000:8.1f} {run['p95'] * 1000:8.1f} {run['p99'] * 1000:8.1f} "
-                  f"{run['rate']:11.1f}")
+                  f"{run['rate']:11.1f} {run['server_cpu'] * 1000:24.1f} {run['client_cpu'] * 1000:8.1f}")
         low, high = min(runs), max(runs)
         print(f"  p50 at concurrency {low} / batch-1 forward: {runs[low]['p50'] / single:.2f} x   (target <= 1.3)")
         print(f"  requests/s at concurrency {high} / batched forward: {runs[high]['rate'] / batched:.2f} x   "

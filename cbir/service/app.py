@@ -23,7 +23,7 @@ from cbir.images.thumbnails import MEDIA_TYPE
 from cbir.pipeline.ingest import index_images
 from cbir.service import audit, page, tokens
 from cbir.service.metrics import Metrics
-from cbir.service.searching import SEARCH_BODY, answer, read_search
+from cbir.service.searching import SEARCH_BODY, answer
 from cbir.service.tokens import Holder
 from cbir.service.uploads import ClientError, check_size, uploads
 from cbir.service.warm import UnknownDatabase, WarmDatabases
@@ -180,7 +180,8 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
                                    location=f"{upload.name} (uploaded by {holder.name})"))
         warm = databases.get(db)
         store = databases.store(db, lock_wait=ADD_LOCK_WAIT)
-        report = await asyncio.to_thread(index_images, store, items, warm.extractor, workers=0, progress=False)
+        report = await asyncio.wrap_future(databases.torch.submit(index_images, store, items, warm.extractor,
+                                                                  workers=0, progress=False))
         if report.written:
             labels = sorted({item.label for item in items})
             audit.record(store, holder, f"added {report.new} of {len(items)} upload(s) labelled "
@@ -221,8 +222,7 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         among the images of those labels and projects only: k answers wherever k of them are stored.
         ``preview``: a thumbnail of each query image (a data URL), for pages that cannot show its format."""
         started = time.perf_counter()
-        asked = await read_search(request, max_upload_bytes)
-        return await answer(databases.get(db), asked, started)
+        return await answer(databases.get(db), request, max_upload_bytes, started)
 
     page.serve(app)
     return app

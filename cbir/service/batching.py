@@ -5,13 +5,18 @@ Each request announces itself when it starts decoding, then hands its preprocess
 announced requests are still decoding, waits at most ``max_wait`` for them (as Triton's dynamic
 batcher and Ray Serve's ``@serve.batch`` do), runs one forward over all of it and answers each
 request with its rows. A request alone never waits; many requests at once fill batches.
+
+Every torch computation of a service runs on one thread, its :func:`torch_thread`. torch's
+OpenMP runtime (libgomp) gives each thread that computes a team of its own; once the teams of a
+process hold more threads than there are cores, libgomp stops letting idle team threads spin and
+puts them to sleep between operations, and a forward takes twice as long (docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -22,11 +27,18 @@ MAX_BATCH = 32  # images per forward
 MAX_WAIT_SECONDS = 0.010  # how long a batch waits, at most, for announced requests to join it
 
 
-class Batcher:
-    """Embeds uint8 image batches (N x 3 x S x S) with ``extractor``, joining concurrent requests."""
+def torch_thread() -> ThreadPoolExecutor:
+    """The one thread of a service that runs torch: model builds, forwards, adds."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbir-torch")
 
-    def __init__(self, extractor, max_batch: int = MAX_BATCH, max_wait: float = MAX_WAIT_SECONDS):
-        self.extractor = extractor
+
+class Batcher:
+    """Embeds uint8 images (each 3 x S x S) with ``extractor`` on ``torch``'s thread, joining
+    concurrent requests."""
+
+    def __init__(self, extractor, torch: ThreadPoolExecutor, max_batch: int = MAX_BATCH,
+                 max_wait: float = MAX_WAIT_SECONDS):
+        self.extractor, self.torch = extractor, torch
         self.max_batch, self.max_wait = max_batch, max_wait
         self.sizes: list[int] = []  # images per forward so far (the metrics read and clear it)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -47,7 +59,7 @@ class Batcher:
             with self._count_lock:
                 self._announced -= 1
 
-    def submit(self, images: torch.Tensor) -> Future:
+    def submit(self, images: list[torch.Tensor]) -> Future:
         """A future of the vectors of ``images`` (float32, one row each)."""
         future: Future = Future()
         self._queue.put((images, future))
@@ -77,7 +89,7 @@ class Batcher:
 
     def _embed(self, jobs: list, count: int) -> None:
         try:
-            vectors = self.extractor.embed(torch.cat([images for images, _ in jobs]))
+            vectors = self.torch.submit(self._forward, [image for images, _ in jobs for image in images]).result()
         except BaseException as exc:  # each request gets the error, the thread goes on
             for _, future in jobs:
                 future.set_exception(exc)
@@ -87,3 +99,6 @@ class Batcher:
         for images, future in jobs:
             future.set_result(np.ascontiguousarray(vectors[start:start + len(images)]))
             start += len(images)
+
+    def _forward(self, images: list[torch.Tensor]) -> np.ndarray:
+        return self.extractor.embed(torch.stack(images))

@@ -62,17 +62,21 @@ async def read_search(request: Request, max_upload_bytes: int) -> SearchRequest:
                          labels=_names(options, "label"), projects=_names(options, "project"))
 
 
-async def answer(warm: WarmDatabase, asked: SearchRequest, started: float) -> dict:
-    """The k nearest stored images of each query, their vote, and where the time went (ms)."""
-    timings, previews = {}, []
-    if asked.uploads:
-        with warm.batcher.announced():
+async def answer(warm: WarmDatabase, request: Request, max_upload_bytes: int, started: float) -> dict:
+    """The k nearest stored images of each query of ``request``, their vote, and where the time went (ms)."""
+    timings, previews, pending = {}, [], None
+    # Announced from its start: a batch waits (a few ms at most) for the images of requests still
+    # being read and decoded.
+    with warm.batcher.announced():
+        asked = await read_search(request, max_upload_bytes)
+        if asked.uploads:
             # Decoded in a thread: the event loop goes on reading other requests meanwhile.
             tensors, digests, previews = await asyncio.to_thread(_prepared, warm.extractor.preprocess,
                                                                  asked.uploads, asked.preview)
             decoded = time.perf_counter()
             timings["decode"] = decoded - started
-            pending = warm.batcher.submit(torch.stack(tensors))
+            pending = warm.batcher.submit(tensors)
+    if pending is not None:
         found = await asyncio.wrap_future(pending)
         timings["model"] = time.perf_counter() - decoded
         names = [upload.name for upload in asked.uploads]

@@ -12,7 +12,7 @@ from cbir.pipeline.model import extractor_for_store
 from cbir.pipeline.retrieve import Retrieval, Retriever
 from cbir.search.index import SearchIndex
 from cbir.search.persisted import index_info, search_index
-from cbir.service.batching import Batcher
+from cbir.service.batching import Batcher, torch_thread
 from cbir.store.database import VectorStore
 
 
@@ -87,6 +87,7 @@ class WarmDatabases:
         self.client = client
         self._warm: dict[str, WarmDatabase] = {}
         self._lock = threading.Lock()
+        self.torch = torch_thread()
 
     def store(self, name: str, lock_wait: float = 0.0) -> VectorStore:
         """The database ``name``, its info read afresh; UnknownDatabase where there is none."""
@@ -103,8 +104,8 @@ class WarmDatabases:
             if warm is None or warm.fingerprint != store.model:
                 if warm is not None:
                     warm.batcher.close()
-                extractor = extractor_for_store(store)
-                warm = self._warm[name] = WarmDatabase(store, Batcher(extractor), store.model)
+                extractor = self.torch.submit(extractor_for_store, store).result()
+                warm = self._warm[name] = WarmDatabase(store, Batcher(extractor, self.torch), store.model)
             warm.store = store
         return warm
 
@@ -113,6 +114,7 @@ class WarmDatabases:
             for warm in self._warm.values():
                 warm.batcher.close()
             self._warm.clear()
+        self.torch.shutdown()
 
     def batch_sizes(self) -> list[int]:
         """Images per forward since the last call, over every database."""
