@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup debian-packages demo test bench fault-table serve
+.PHONY: setup debian-packages demo test bench fault-table serve screenshots
 
 # A fresh Debian or Ubuntu Python lacks venv's ensurepip until python3-venv is installed.
 $(PY):
@@ -49,3 +49,7 @@ bench: setup
 # The whole suite, its fault tests' rows written into docs/RELIABILITY.md's table.
 fault-table: setup
 	CBIR_FAULT_TABLE_DOC=docs/RELIABILITY.md $(PY) -m pytest -q
+
+# The web page's browser tests, their screenshots written into docs/screenshots (shown by the README).
+screenshots: setup
+	CBIR_SCREENSHOTS=docs/screenshots $(PY) -m pytest -q tests/test_page.py
