@@ -137,7 +137,8 @@ def test_an_uploaded_busi_image_shows_its_neighbours_labels_and_vote(page, site,
     shares = [int(share.rsplit(" ", 1)[1].rstrip("%")) for share in page.locator(".shares li").all_inner_texts()]
     assert 99 <= sum(shares) <= 101
     assert "total" in page.locator(".timings").inner_text()
-    page.wait_for_function("[...document.querySelectorAll('.neighbour img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function("[...document.querySelectorAll('.neighbour img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
     assert page.locator(".query img").get_attribute("src").startswith("data:image/jpeg")
     assert page.locator("#tab-manage").is_visible()  # no tokens: this machine's user is an admin
     screenshot(page, "search")

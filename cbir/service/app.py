@@ -175,7 +175,8 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         items = []
         for upload in await uploads(form, unpacked_limit=ZIP_EXPANSION * max_upload_bytes):
             if not (label or upload.folder):
-                raise ClientError(400, f"{upload.name}: no label (send the form field 'label', or a zip of class folders)")
+                raise ClientError(400, f"{upload.name}: no label (send the form field 'label', "
+                                       "or a zip of class folders)")
             items.append(ImageItem(name=upload.name, label=label or upload.folder, project=project, data=upload.data,
                                    location=f"{upload.name} (uploaded by {holder.name})"))
         warm = databases.get(db)

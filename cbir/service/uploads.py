@@ -63,7 +63,8 @@ def unzipped(name: str, data: bytes, limit: int) -> list[Upload]:
             if unpacked > limit:
                 raise ClientError(413, f"{name}: unpacks to {unpacked / 2**20:.1f} MB, over the limit of "
                                        f"{limit / 2**20:g} MB")
-            return [Upload(member.filename, archive.read(member), _parent_folder(member.filename)) for member in members]
+            return [Upload(member.filename, archive.read(member), _parent_folder(member.filename))
+                    for member in members]
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, ValueError) as exc:
         raise ClientError(400, f"{name}: not a readable zip ({exc})") from None
 
