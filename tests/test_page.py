@@ -21,6 +21,7 @@ from cbir.store.redis.connect import connect
 from .conftest import ROOT, TEST_INPUT_SIZE, _free_port
 
 playwright = pytest.importorskip("playwright.sync_api")
+expect = playwright.expect
 SCREENSHOTS = Path(os.environ.get("CBIR_SCREENSHOTS", ROOT / "results" / "screenshots"))
 LABELS = {"benign", "malignant", "normal"}
 
@@ -119,7 +120,7 @@ def sign_in(page, site: str, token: str) -> None:
     page.goto(site)
     page.fill("#token", token)
     page.click("#token-form button")
-    page.wait_for_function("document.querySelector('#who').textContent.includes('(')")
+    page.wait_for_selector("#who:has-text('(')")
     open_page(page, site)
 
 
@@ -137,8 +138,9 @@ def test_an_uploaded_busi_image_shows_its_neighbours_labels_and_vote(page, site,
     shares = [int(share.rsplit(" ", 1)[1].rstrip("%")) for share in page.locator(".shares li").all_inner_texts()]
     assert 99 <= sum(shares) <= 101
     assert "total" in page.locator(".timings").inner_text()
-    page.wait_for_function("[...document.querySelectorAll('.neighbour img')]"
-                           ".every(i => i.complete && i.naturalWidth > 0)")
+    expect(page.locator(".neighbour img[src^='blob:']")).to_have_count(5)
+    assert all(width > 0 for width in page.locator(".neighbour img").evaluate_all(
+        "images => Promise.all(images.map(i => i.decode().then(() => i.naturalWidth)))"))
     assert page.locator(".query img").get_attribute("src").startswith("data:image/jpeg")
     assert page.locator("#tab-manage").is_visible()  # no tokens: this machine's user is an admin
     screenshot(page, "search")
@@ -164,7 +166,8 @@ def test_the_database_view_shows_classes_model_index_and_tsne(page, site, busi_d
     facts = page.locator("#database-facts").inner_text()
     assert "195" in facts and "exact search" in facts and busi_database.model_spec["description"] in facts
     assert page.locator("#view-search").is_hidden()
-    page.wait_for_function("document.querySelector('#tsne').naturalWidth > 0")
+    expect(page.locator("#tsne")).to_be_visible()
+    assert page.locator("#tsne").evaluate("image => image.decode().then(() => image.naturalWidth)") > 0
     assert page.locator("#tsne-none").is_hidden()
     screenshot(page, "database")
 
@@ -214,7 +217,7 @@ def test_a_reader_sees_no_manage_controls(page, site, indexed_images, signed):
     page.wait_for_selector(".neighbour >> nth=1")
     assert page.locator("button.forget").count() == 0
     page.goto(f"{site}/#manage")  # typed by hand: still no manage view
-    page.wait_for_function("document.querySelector('#who').textContent.includes('reader')")
+    page.wait_for_selector("#who:has-text('reader')")
     assert page.locator("#view-manage").is_hidden() and page.locator("#view-search").is_visible()
 
 
