@@ -5,12 +5,15 @@ import sys
 from pathlib import Path
 
 from cbir.cli.flags import counted, skipped_summary, store_arguments, writer_arguments
+from cbir.errors import CbirError
 from cbir.images.sources import NPZ_SPLITS, some_labels
 
 
 def run(args) -> int:
     from cbir import api
 
+    if not (args.name or args.label or args.path):
+        raise CbirError("nothing to remove: give --name, --label and/or --path")
     store = api.open_database(args.db_name, args.redis_url, args.wait)
     removal = api.remove(store, args.name, args.label, args.path, args.split, durable=args.durable)
     print(f"removed {counted(len(removal.removed), 'image')} from '{args.db_name}'; {store.count()} remain")
