@@ -31,6 +31,7 @@ from cbir.store.redis.connect import make_durable as make_servers_durable
 if TYPE_CHECKING:
     from cbir.evaluation.protocols import ProtocolResult
     from cbir.models.extractor import Extractor
+    from cbir.pipeline.distributed import RayCluster
     from cbir.pipeline.ingest import IndexReport
     from cbir.pipeline.retrieve import Retrieval, Retriever
     from cbir.search.persisted import TrainReport
@@ -124,18 +125,32 @@ def start_over(store: VectorStore) -> bool:
 
 def add(store: VectorStore, items: Sequence[ImageItem], extractor: Extractor, weights: str | None = None,
         chunk_size: int | None = None, batch_size: int = 32, workers: int | None = None,
-        progress: bool = True, update: bool = False, durable: bool = False, thumbnails: bool = True) -> IndexReport:
+        progress: bool = True, update: bool = False, durable: bool = False, thumbnails: bool = True,
+        ray: RayCluster | None = None, redis_url: str | None = None) -> IndexReport:
     """Embed ``items`` and store them. Re-running is safe: images stored with the same content are
     skipped before the model sees them; unreadable files are listed in the report's failures. A
     stored name with other content is never replaced silently: it is a conflict in the report,
     unless ``update`` asks for the new content to replace it. ``durable``: see :func:`make_durable`.
-    ``thumbnails``: a small picture of each image stored with it (for pages showing neighbours)."""
+    ``thumbnails``: a small picture of each image stored with it (for pages showing neighbours).
+    ``ray``: decode and embed on the workers of a Ray cluster (``workers`` is then ignored: the
+    cluster says how many), which reach the database by ``redis_url`` (the one it was opened
+    with; the embedded Redis is reached by the workers of a local Ray only)."""
     from cbir.pipeline.ingest import index_images
     from cbir.pipeline.model import register_model
 
     if durable:
         make_durable(store)
     register_model(store, extractor, weights=weights, chunk_size=chunk_size)
+    if ray is not None:
+        from cbir.pipeline.distributed import index_images_on_ray
+        from cbir.store.redis.connect import is_embedded, url_for_others
+
+        if ray.address and is_embedded(store.client):
+            raise CbirError(f"the workers of the Ray cluster at {ray.address} cannot reach this machine's embedded "
+                            "Redis: give the database's Redis by --redis-url (a server or Cluster they reach)")
+
+        return index_images_on_ray(store, items, url_for_others(store.client, redis_url), ray, batch_size=batch_size,
+                                   progress=progress, update=update, thumbnails=thumbnails)
     return index_images(store, items, extractor, batch_size=batch_size, workers=workers, progress=progress,
                         update=update, thumbnails=thumbnails)
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from cbir import api  # noqa: E402
 from cbir.store.database import VectorStore  # noqa: E402
-from cbir.store.redis.connect import describe, scratch  # noqa: E402
+from cbir.store.redis.connect import describe, scratch, url_for_others  # noqa: E402
 
 DB = "bench-serve"
 
@@ -42,11 +42,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def redis_url(client) -> str:
-    kwargs = client.connection_pool.connection_kwargs
-    return f"unix://{kwargs['path']}" if "path" in kwargs else f"redis://{kwargs['host']}:{kwargs['port']}/0"
 
 
 def start_service(url: str, port: int, query: bytes) -> tuple[subprocess.Popen, float]:
@@ -136,7 +131,7 @@ def main() -> None:
               f"{torch.get_num_threads()}")
         queries = [Path(item.location).read_bytes() for item in items[::len(items) // 64 or 1]]
         port = free_port()
-        server, first = start_service(redis_url(client), port, queries[0])
+        server, first = start_service(url_for_others(client, args.redis_url), port, queries[0])
         try:
             print(f"  first answer after start  {first:6.2f} s   (target <= 5 s)")
             runs = {c: drive(port, queries, c, args.requests, psutil.Process(server.pid))

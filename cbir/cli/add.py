@@ -6,6 +6,8 @@ import sys
 from cbir.cli.flags import (
     COUNT,
     NON_NEGATIVE,
+    NON_NEGATIVE_REAL,
+    POSITIVE,
     SOME_FILES_SKIPPED,
     SOURCES,
     counted,
@@ -30,9 +32,15 @@ def run(args) -> int:
         print(f"--rewrite: deleted database '{args.db_name}'")
     print(f"{counted(len(items), 'image')} from {args.path} -> '{args.db_name}' on {api.where(store)}, "
           f"model {extractor.spec.description}, {extractor.spec.embedding_dim}-d")
+    ray = None
+    if args.engine == "ray":
+        from cbir.pipeline.distributed import RayCluster
+
+        ray = RayCluster(address=args.ray_address, workers=args.workers or None, cpus_per_worker=args.cpus_per_worker,
+                         gpus_per_worker=args.gpus_per_worker)
     report = api.add(store, items, extractor, weights=args.weights, chunk_size=args.chunk_size,
                      batch_size=args.batch_size, workers=args.workers, progress=not args.quiet, update=args.update,
-                     durable=args.durable, thumbnails=not args.no_thumbnails)
+                     durable=args.durable, thumbnails=not args.no_thumbnails, ray=ray, redis_url=args.redis_url)
     rate = (report.written / report.seconds) if report.seconds else 0.0
     conflicts = f"{len(report.conflicts)} conflicting, " if report.conflicts else ""
     print(f"'{args.db_name}': {report.new} new, {report.updated} updated, "
@@ -75,7 +83,19 @@ def register(commands) -> None:
     add.add_argument("--batch-size", type=COUNT, default=32, help="images per model batch (default: 32)")
     add.add_argument("--workers", type=NON_NEGATIVE, default=None,
                      help="decoding threads, or processes when the model runs on a GPU (default: one per core; "
-                          "0 decodes in the main thread)")
+                          "0 decodes in the main thread); with --engine ray, Ray workers, each with its own model "
+                          "(default: as many as the cluster's CPUs, or GPUs, allow)")
+    add.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="local: decode and embed in this process (default); ray: on the workers of a Ray "
+                          "cluster (this process still writes, holding the database's lock)")
+    add.add_argument("--ray-address", default=None,
+                     help="with --engine ray: the cluster (auto, or ray://HOST:10001); default: start a local Ray "
+                          "on this machine for the run")
+    add.add_argument("--cpus-per-worker", type=POSITIVE, default=None,
+                     help="with --engine ray: CPUs of each worker (default: every core of this machine for a local "
+                          "Ray, else 4)")
+    add.add_argument("--gpus-per-worker", type=NON_NEGATIVE_REAL, default=0.0,
+                     help="with --engine ray: GPUs of each worker (default: 0, the CPU)")
     add.add_argument("--chunk-size", type=COUNT, default=None,
                      help="vectors per Redis chunk key of a new database (default: what fits in 512 KiB)")
     add.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -6,10 +6,7 @@ announced requests are still decoding, waits at most ``max_wait`` for them (as T
 batcher and Ray Serve's ``@serve.batch`` do), runs one forward over all of it and answers each
 request with its rows. A request alone never waits; many requests at once fill batches.
 
-Every torch computation of a service runs on one thread, its :func:`torch_thread`. torch's
-OpenMP runtime (libgomp) gives each thread that computes a team of its own; once the teams of a
-process hold more threads than there are cores, libgomp stops letting idle team threads spin and
-puts them to sleep between operations, and a forward takes twice as long (docs/PERFORMANCE.md).
+Every torch computation of a service runs on one thread (:mod:`cbir.models.threads` says why).
 """
 from __future__ import annotations
 
@@ -25,11 +22,6 @@ import torch
 
 MAX_BATCH = 32  # images per forward
 MAX_WAIT_SECONDS = 0.010  # how long a batch waits, at most, for announced requests to join it
-
-
-def torch_thread() -> ThreadPoolExecutor:
-    """The one thread of a service that runs torch: model builds, forwards, adds."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbir-torch")
 
 
 class Batcher:

