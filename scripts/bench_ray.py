@@ -90,7 +90,8 @@ def main() -> None:
             runs["single process"].append(len(items) / one_add(client, items, None, args.redis_url))
             runs["Ray"].append(len(items) / one_add(client, items, ray, args.redis_url))
         for engine, rates in runs.items():
-            print(f"  {engine:<15} {statistics.median(rates):7.1f} images/s (runs: {', '.join(f'{r:.1f}' for r in rates)})")
+            runs_listed = ", ".join(f"{rate:.1f}" for rate in rates)
+            print(f"  {engine:<15} {statistics.median(rates):7.1f} images/s (runs: {runs_listed})")
         startup = one_add(client, items[:32], ray, args.redis_url)
         print(f"  Ray's fixed cost: {startup:.1f} s for an add of one batch (Ray's start, each worker's model)")
         ratio = statistics.median(runs["Ray"]) / statistics.median(runs["single process"])
