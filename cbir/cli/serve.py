@@ -47,10 +47,12 @@ def run(args) -> int:
 
 
 def register(commands) -> None:
-    serve = commands.add_parser("serve", help="serve the HTTP API over every database on a Redis",
-                                description="An always-on service (FastAPI, uvicorn): search by image or vector "
-                                            "in milliseconds, database descriptions, /healthz and /metrics. It "
-                                            "keeps no state of its own: replicas over the same Redis answer alike.")
+    serve = commands.add_parser("serve", help="serve the web page and HTTP API over every database on a Redis",
+                                description="An always-on service (FastAPI, uvicorn): a web page at / (search, "
+                                            "database, manage), and the HTTP API at /api/v1 (docs at /docs): search "
+                                            "by image or vector in milliseconds, add and forget images (tokens with "
+                                            "roles, an audit log), /healthz and /metrics. It keeps no state of its "
+                                            "own: replicas over the same Redis answer alike.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; another "
                                                            "address only once access tokens exist: cbir token)")
     serve.add_argument("--port", type=COUNT, default=8000, help="default: 8000")
