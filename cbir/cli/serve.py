@@ -1,4 +1,4 @@
-"""`cbir serve`: the HTTP API over every database on one Redis (uvicorn)."""
+"""`cbir serve`: the web page and HTTP API over every database on one Redis (uvicorn)."""
 from __future__ import annotations
 
 import ipaddress
@@ -21,6 +21,9 @@ def _loopback(host: str) -> bool:
 
 
 def run(args) -> int:
+    from cbir.models.threads import use_one_arena
+
+    use_one_arena()  # before any thread starts: the model runs off the main thread (see cbir.models.threads)
     import uvicorn
 
     from cbir.service.tokens import any_tokens
@@ -40,7 +43,7 @@ def run(args) -> int:
     os.environ["CBIR_REQUIRE_TOKENS"] = "0" if _loopback(args.host) else "1"
     access = "every request needs a token" if guarded else "no tokens: open, listening on this machine only"
     print(f"serving the databases on {describe(client)} at http://{args.host}:{args.port} "
-          f"(API under /api/v1, interactive docs at /docs); {access}", flush=True)
+          f"(the page at /, the API under /api/v1, interactive docs at /docs); {access}", flush=True)
     uvicorn.run("cbir.service.app:from_environment", factory=True, host=args.host, port=args.port,
                 workers=args.workers or None, log_level="warning")
     return 0

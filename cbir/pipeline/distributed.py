@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cbir import interrupts
 from cbir.errors import CbirError, StoreError
 from cbir.images.sources import ImageItem, printable
-from cbir.models.threads import torch_thread
+from cbir.models.threads import ONE_ARENA, torch_thread
 from cbir.pipeline.embed import DEFAULT_BATCH_SIZE, decode_batches
 from cbir.pipeline.ingest import BackgroundWriter, IndexReport
 from cbir.store.database import VectorStore
@@ -34,11 +34,7 @@ _TEXT_COLUMNS = ("name", "label", "project", "location")
 # Model batches per Ray task: fewer, larger tasks spread Ray's cost per task (scheduling, moving
 # the block) over more images; a lost worker's task is done again whole.
 BATCHES_PER_TASK = 8
-# Ray calls an actor from a thread of its own, and glibc gives a thread other than the main one a
-# malloc arena of bounded heaps: a batch's activations (tens of MB) are then mapped and faulted in
-# afresh at every forward (72.7 images/s against 88.1 on the main thread). One arena, the main
-# one, for every thread of a worker: 90.6 images/s (docs/PERFORMANCE.md).
-WORKER_ENVIRONMENT = {"MALLOC_ARENA_MAX": "1"}
+
 
 
 @dataclass(frozen=True)
@@ -60,7 +56,8 @@ class Embedder:
         from cbir.store.redis.connect import connect
 
         self.store = VectorStore(connect(redis_url), db_name)
-        # Ray calls an actor from threads of its own: the model is built and run on one thread.
+        # Ray calls an actor from threads of its own: the model is built and run on one thread
+        # (and the worker has one malloc arena, ONE_ARENA: see cbir.models.threads).
         self.torch = torch_thread()
         # On the device Ray gave this worker: a GPU where it has one (CUDA_VISIBLE_DEVICES), else the CPU.
         self.extractor = self.torch.submit(extractor_for_store, self.store).result()
@@ -142,7 +139,7 @@ def _embedded_rows(store, items, redis_url, cluster, batch_size, update, thumbna
     # Ray Data restarts an actor that dies and retries its batches (its defaults for actor pools).
     embedded = source.map_batches(
         Embedder, batch_size=block, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=cpus, num_gpus=cluster.gpus_per_worker or None, runtime_env={"env_vars": WORKER_ENVIRONMENT},
+        num_cpus=cpus, num_gpus=cluster.gpus_per_worker or None, runtime_env={"env_vars": ONE_ARENA},
         fn_constructor_kwargs={"redis_url": redis_url, "db_name": store.name, "update": update,
                                "thumbnails": thumbnails, "batch_size": batch_size})
     return embedded.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
