@@ -363,3 +363,12 @@ def test_the_page_its_token_holder_the_query_preview_and_the_tsne_picture(servic
     assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
     assert picture.content == (tmp_path / "map.png").read_bytes()
     assert service.get(f"/api/v1/databases/{small.name}").json()["tsne"] is True
+
+
+def test_one_malloc_arena_is_set_for_the_process_and_those_it_starts():
+    code = ("from cbir.models.threads import use_one_arena; use_one_arena(); import os, subprocess, sys; "
+            "print(os.environ['MALLOC_ARENA_MAX'], subprocess.run([sys.executable, '-c', "
+            "'import os; print(os.environ[\"MALLOC_ARENA_MAX\"])'], capture_output=True, text=True).stdout.strip())")
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["1", "1"], done.stderr
