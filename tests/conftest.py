@@ -316,7 +316,9 @@ def record_fault(fault: str, expected: int | str, stored: int | str, once: bool 
     if isinstance(once, bool):
         once = "yes" if once else "NO"
     told = re.sub(r"test-[0-9a-f]{10}", "<db>", " ".join(told.split())).replace("|", "\\|")
-    _FAULT_ROWS.append((fault, str(expected), str(stored), once, f"`{told}`" if told else "(nothing: killed)"))
+    # What the user read, quoted; a note in parentheses where the run said nothing about the fault.
+    shown = told if told.startswith("(") else f"`{told}`" if told else "(nothing: killed)"
+    _FAULT_ROWS.append((fault, str(expected), str(stored), once, shown))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -107,9 +109,9 @@ def index_images_on_ray(store: VectorStore, items: Sequence[ImageItem], redis_ur
     reach the database at ``redis_url``. The database's model must be registered."""
     ray = _ray()
     report = IndexReport(total=len(items))
-    with store.writing(), interrupts.held():
-        started_here = _start_ray(cluster)
-        try:
+    started_here = _start_ray(cluster)
+    try:
+        with store.writing(), interrupts.held():
             started = time.perf_counter()
             rows = _embedded_rows(store, items, redis_url, cluster, batch_size, update, thumbnails)
             with tqdm(total=len(items), unit="img", desc=f"indexing into '{store.name}' on Ray",
@@ -121,9 +123,9 @@ def index_images_on_ray(store: VectorStore, items: Sequence[ImageItem], redis_ur
                                     refresh=False)
                     bar.update(len(batch["name"]))
             report.seconds = time.perf_counter() - started
-        finally:
-            if started_here:
-                ray.shutdown()
+    finally:
+        if started_here:
+            ray.shutdown()
     return report
 
 
@@ -174,6 +176,9 @@ def _start_ray(cluster: RayCluster) -> bool:
         return False
     options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                    configure_logging=True)
+    # Starting, Ray sets a SIGTERM handler of its own (exit at once): the command's (stop after the
+    # batch in flight, as a local add does) is put back.
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         if cluster.address:
             ray.init(address=cluster.address, **options)
@@ -181,6 +186,10 @@ def _start_ray(cluster: RayCluster) -> bool:
             ray.init(num_cpus=os.cpu_count(), num_gpus=_local_gpus(), **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise CbirError(f"cannot start Ray{' at ' + cluster.address if cluster.address else ''}: {exc}") from exc
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for number, handler in handlers.items():
+                signal.signal(number, signal.SIG_DFL if handler is None else handler)
     return True
 
 
