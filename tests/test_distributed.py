@@ -161,3 +161,10 @@ def test_bad_files_are_reported_as_on_the_local_path(embedded_client, busi, tmp_
             store.drop()
     assert reports["ray"].failures == reports["local"].failures and len(reports["ray"].failures) == 2
     assert reports["ray"].new == reports["local"].new == 3
+    store = VectorStore(embedded_client, f"{db_name}-nothing")
+    try:
+        nothing = api.add(store, [], api.model_for_add(store, input_size=TEST_INPUT_SIZE), progress=False,
+                          ray=ONE_WORKER)
+        assert (nothing.total, nothing.new, nothing.failures) == (0, 0, [])
+    finally:
+        store.drop()

@@ -107,8 +107,10 @@ def index_images_on_ray(store: VectorStore, items: Sequence[ImageItem], redis_ur
                         thumbnails: bool = True) -> IndexReport:
     """:func:`cbir.pipeline.ingest.index_images` with decoding and the model on Ray's workers, which
     reach the database at ``redis_url``. The database's model must be registered."""
-    ray = _ray()
     report = IndexReport(total=len(items))
+    if not items:  # nothing for Ray to do: not worth starting it
+        return report
+    ray = _ray()
     started_here = _start_ray(cluster)
     try:
         with store.writing(), interrupts.held():
