@@ -28,7 +28,7 @@ from cbir.errors import CbirError, StoreError
 from cbir.images.sources import ImageItem, printable
 from cbir.models.threads import ONE_ARENA, torch_thread
 from cbir.pipeline.embed import DEFAULT_BATCH_SIZE, decode_batches
-from cbir.pipeline.ingest import BackgroundWriter, IndexReport
+from cbir.pipeline.ingest import BackgroundWriter, IndexReport, write_batch
 from cbir.store.database import VectorStore
 from cbir.store.layout import ImageRecord
 
@@ -120,7 +120,7 @@ def index_images_on_ray(store: VectorStore, items: Sequence[ImageItem], redis_ur
                       disable=not progress) as bar, BackgroundWriter(store) as writer:
                 for batch in rows:
                     interrupts.check()
-                    _store_batch(store, batch, update, writer, report)
+                    _store_batch(store, batch, update, thumbnails, writer, report)
                     bar.set_postfix(new=report.new, skipped=report.unchanged, failed=len(report.failures),
                                     refresh=False)
                     bar.update(len(batch["name"]))
@@ -149,7 +149,7 @@ def _embedded_rows(store, items, redis_url, cluster, batch_size, update, thumbna
     return embedded.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
 
 
-def _store_batch(store: VectorStore, batch: dict, update: bool, writer: BackgroundWriter,
+def _store_batch(store: VectorStore, batch: dict, update: bool, thumbnails: bool, writer: BackgroundWriter,
                  report: IndexReport) -> None:
     report.failures += [failure for failure in batch["failure"] if failure]
     good = [row for row, failure in enumerate(batch["failure"]) if not failure]
@@ -159,16 +159,15 @@ def _store_batch(store: VectorStore, batch: dict, update: bool, writer: Backgrou
     records = [ImageRecord(name=str(batch["name"][row]), label=str(batch["label"][row]),
                            project=str(batch["project"][row]), sha256=str(batch["sha256"][row]),
                            source=printable(str(batch["location"][row])), added=now) for row in good]
-    plan = store.prepare(records, update)
-    rows = [good[position] for position in plan.positions]
-    if any(batch["thumbnail"][row] for row in rows):
-        plan.thumbnails = [bytes(batch["thumbnail"][row]) for row in rows]
-    report.count(plan)
-    if not plan.records:
-        return
-    if not batch["embedded"][rows].all():  # a worker judged stored what the writer would store
-        raise StoreError(f"database '{store.name}' changed under its writer: run the add again")
-    writer.submit(plan, batch["vector"][rows])
+
+    def vectors(positions: list[int]) -> np.ndarray:
+        rows = [good[position] for position in positions]
+        if not batch["embedded"][rows].all():  # a worker judged stored what the writer would store
+            raise StoreError(f"database '{store.name}' changed under its writer: run the add again")
+        return batch["vector"][rows]
+
+    write_batch(store, writer, report, records, update,
+                [bytes(batch["thumbnail"][row]) for row in good] if thumbnails else None, vectors)
 
 
 def _start_ray(cluster: RayCluster) -> bool:

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -109,6 +109,19 @@ class BackgroundWriter:
             raise self.error
 
 
+def write_batch(store: VectorStore, writer: BackgroundWriter, report: IndexReport, records: Sequence[ImageRecord],
+                update: bool, thumbnails: Sequence[bytes] | None, vectors: Callable[[list[int]], np.ndarray]) -> None:
+    """Plan ``records`` (:meth:`VectorStore.prepare`), count the plan into ``report`` and hand its
+    writes to ``writer``. ``thumbnails``: one per record, or None; ``vectors(positions)``: the
+    vectors of the records at those positions, asked for only those the plan stores."""
+    plan = store.prepare(records, update)
+    if thumbnails is not None:
+        plan.thumbnails = [thumbnails[p] for p in plan.positions]
+    report.count(plan)
+    if plan.records:
+        writer.submit(plan, vectors(plan.positions))
+
+
 def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extractor,
                  batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
                  progress: bool = True, update: bool = False, thumbnails: bool = True) -> IndexReport:
@@ -130,12 +143,8 @@ def index_images(store: VectorStore, items: Sequence[ImageItem], extractor: Extr
                                            project=items[p].project, sha256=sha,
                                            source=printable(items[p].location), added=now)
                                for p, sha in zip(batch.positions, batch.sha256)]
-                    plan = store.prepare(records, update)
-                    if batch.thumbnails is not None:
-                        plan.thumbnails = [batch.thumbnails[p] for p in plan.positions]
-                    report.count(plan)
-                    if plan.records:
-                        writer.submit(plan, extractor.embed(batch.images[plan.positions]))
+                    write_batch(store, writer, report, records, update, batch.thumbnails,
+                                lambda positions: extractor.embed(batch.images[positions]))
                 # One refresh, by update, so the count and the tallies beside it agree.
                 bar.set_postfix(new=report.new, skipped=report.unchanged, failed=len(report.failures), refresh=False)
                 bar.update(len(batch.positions) + len(batch.failures))

@@ -28,6 +28,7 @@ from cbir.service.tokens import Holder
 from cbir.service.uploads import ClientError, check_size, uploads
 from cbir.service.warm import UnknownDatabase, WarmDatabases
 from cbir.store.database import VectorStore, database_names
+from cbir.store.layout import is_sha256_hex
 from cbir.store.redis.connect import connect, describe
 
 MAX_UPLOAD_BYTES = 50 * 2**20
@@ -206,7 +207,7 @@ def create_app(redis_url: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         listed, not an error. Audited."""
         if not (name or label or sha256):
             raise ClientError(400, "nothing to forget: give name, label and/or sha256 (repeatable query parameters)")
-        if bad := [digest for digest in sha256 if not _is_sha256(digest)]:
+        if bad := [digest for digest in sha256 if not is_sha256_hex(digest)]:
             raise ClientError(400, f"sha256: {bad[0]!r} is not 64 hexadecimal digits")
         return _forget(databases.store(db), holder, names=name, labels=label, digests=sha256)
 
@@ -252,10 +253,6 @@ def _forget(store: VectorStore, holder: Holder, **which) -> dict:
     return {"forgotten": [{"name": r.name, "label": r.label, "project": r.project} for r in removal.removed],
             "missing": {"names": removal.missing_names, "labels": removal.missing_labels,
                         "sha256": [name.removeprefix("sha256:") for name in removal.unmatched]}}
-
-
-def _is_sha256(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def _summary(databases: WarmDatabases, name: str) -> dict:

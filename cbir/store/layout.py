@@ -80,9 +80,10 @@ class ImageRecord:
     added: float = 0.0
 
 
-def _is_hex_digest(text: str) -> bool:
+def is_sha256_hex(text: str) -> bool:
+    """Whether ``text`` is a sha256 digest as hexdigest() writes it: 64 hexadecimal digits."""
     try:
-        return len(bytes.fromhex(text)) == _DIGEST_BYTES
+        return len(text) == 2 * _DIGEST_BYTES and len(bytes.fromhex(text)) == _DIGEST_BYTES
     except ValueError:
         return False
 
@@ -115,7 +116,7 @@ class Columns:
         except ValueError:
             raw = b""
         if len(raw) != _DIGEST_BYTES * len(records):
-            bad = next(r for r, h in zip(records, hexes) if not _is_hex_digest(h))
+            bad = next(r for r, h in zip(records, hexes) if not is_sha256_hex(h))
             raise StoreError(f"{bad.name!r}: sha256 {bad.sha256!r} is not 64 hexadecimal digits")
         return cls(text, np.fromiter(map(attrgetter("added"), records), "<f8", len(records)),
                    np.frombuffer(raw, np.uint8).reshape(-1, _DIGEST_BYTES))
