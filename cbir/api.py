@@ -82,16 +82,17 @@ def describe(store: VectorStore) -> Description:
 
 def model_for_add(store: VectorStore, architecture: str | None = None, weights: str | None = None,
                   input_size: int | None = None, device: str | None = None, num_features: int | None = None,
-                  fresh: bool = False) -> Extractor:
+                  fresh: bool = False, pooling: str | None = None, flip: bool = False) -> Extractor:
     """The extractor an ``add`` uses: the one asked for, else the database's own, else the default.
     A self-describing checkpoint sets the model: arguments that say otherwise are refused, not ignored.
-    ``fresh``: the database is about to be started over, so its own model does not count."""
+    ``fresh``: the database is about to be started over, so its own model does not count.
+    ``pooling`` ("avg", "gem") and ``flip`` (mirror-image test-time augmentation): see docs/QUALITY.md."""
     from cbir.models.factory import create_extractor
     from cbir.pipeline.model import extractor_for_store
 
-    if fresh or architecture or weights or input_size or not store.exists:
+    if fresh or architecture or weights or input_size or pooling or flip or not store.exists:
         extractor = create_extractor(architecture or DEFAULT_EXTRACTOR, weights=weights, input_size=input_size,
-                                     device=device)
+                                     device=device, pooling=pooling or "avg", flip=flip)
     else:
         extractor = extractor_for_store(store, device=device)
     _check_model_arguments(extractor.spec, architecture, weights, input_size, num_features)

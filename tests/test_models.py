@@ -399,3 +399,42 @@ def test_lite1_and_lite2_load_their_packaged_imagenet_weights_offline(name, size
     top1 = {kind: leave_one_out_top1(extractor.embed(images), labels) for kind, extractor in
             (("imagenet", pretrained), ("random", random))}
     assert top1["imagenet"] >= top1["random"] + 0.1, top1
+
+
+def test_flip_averaging_is_the_mean_of_an_image_and_its_mirror_image(extractor):
+    flipped = create_extractor("efficientnet_lite0", input_size=64, flip=True, device="cpu")
+    images = batch(extractor, 4)
+    plain = torch.from_numpy(extractor.embed(images))
+    mirror = torch.from_numpy(extractor.embed(images.flip(-1)))
+    with torch.inference_mode():
+        pooled = [extractor.backbone(extractor.normalise(x)) for x in (images, images.flip(-1))]
+    expected = torch.nn.functional.normalize((pooled[0] + pooled[1]) / 2, dim=1)
+    vectors = flipped.embed(images)
+    np.testing.assert_allclose(vectors, expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(flipped.embed(images.flip(-1)), vectors, atol=1e-5)  # mirror images: one vector
+    assert not np.allclose(plain, mirror, atol=1e-3)
+    assert flipped.fingerprint() != extractor.fingerprint() and "flip-averaged" in flipped.spec.description
+
+
+def test_gem_pooling_is_the_generalised_mean_of_the_last_feature_map(extractor):
+    gem = create_extractor("efficientnet_lite0", input_size=64, pooling="gem", device="cpu")
+    images = batch(extractor, 4)
+    with torch.inference_mode():
+        maps = extractor.backbone.forward_features(extractor.normalise(images)).clamp(min=1e-6)
+    expected = torch.nn.functional.normalize(maps.pow(3).mean(dim=(2, 3)).pow(1 / 3), dim=1)
+    np.testing.assert_allclose(gem.embed(images), expected.numpy(), atol=1e-5)
+    assert not np.allclose(gem.embed(images), extractor.embed(images), atol=1e-3)
+    assert gem.fingerprint() != extractor.fingerprint() and "GeM" in gem.spec.description
+    with pytest.raises(ModelError, match="unknown pooling 'max'"):
+        create_extractor("efficientnet_lite0", input_size=64, pooling="max")
+
+
+def test_a_database_of_flipped_gem_vectors_rebuilds_its_model_for_queries(store):
+    from cbir import api
+    from cbir.pipeline.model import extractor_for_store
+
+    model = api.model_for_add(store, input_size=64, pooling="gem", flip=True, device="cpu")
+    api.add(store, npz_items(BREASTMNIST, "test")[:8], model, progress=False, thumbnails=False)
+    rebuilt = extractor_for_store(store, device="cpu")
+    assert (rebuilt.spec.pooling, rebuilt.spec.flip) == ("gem", True)
+    assert rebuilt.fingerprint() == model.fingerprint() == store.model

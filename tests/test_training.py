@@ -252,3 +252,54 @@ def test_a_fresh_run_follows_torchs_schedule(scheduler):
         optimizer.step()
         schedule.step()
     assert [learning_rate_factor(config, epoch) for epoch in range(1, 8)] == pytest.approx(rates, abs=1e-12)
+
+
+def test_training_the_last_stages_from_cached_activations_leaves_the_first_ones_as_they_were(tmp_path):
+    report = train_extractor(quick_config(tmp_path / "cached", loss="cross_entropy", lr=1e-2, train_blocks=2, views=2,
+                                          max_batches=4), progress=False)
+    trained = load_checkpoint(report.last).state_dict()
+    from cbir.models.factory import create_extractor
+
+    start = create_extractor("efficientnet_lite0", input_size=32, embedding_dim=16).state_dict()
+    assert set(trained) - {"classifier"} == set(start)
+    frozen = [k for k in start if k.startswith(("backbone.conv_stem", "backbone.blocks.0.", "backbone.blocks.4."))]
+    trained_part = [k for k in start if k.startswith(("backbone.blocks.5.", "backbone.blocks.6.", "backbone.conv_head"))]
+    assert frozen and trained_part
+    assert all(torch.equal(trained[k], start[k]) for k in frozen)
+    assert any(not torch.equal(trained[k], start[k]) for k in trained_part if k.endswith("weight"))
+    rows = list(csv.DictReader(open(report.log)))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"] and len(report.epoch_seconds) == 2
+
+
+def test_cached_training_validates_on_what_the_whole_extractor_gives(tmp_path):
+    """The epoch's validation numbers come from cached activations; the saved extractor, run on the
+    images themselves, must rank the validation images the same way."""
+    report = train_extractor(quick_config(tmp_path / "same", loss="cross_entropy", train_blocks=1, views=1,
+                                          num_epochs=1), progress=False)
+    extractor = load_checkpoint(report.last).for_inference("cpu")
+    data = np.load(BREASTMNIST)
+    images = torch.stack([extractor.preprocess(Image.fromarray(a).convert("RGB")) for a in data["val_images"]])
+    references = torch.stack([extractor.preprocess(Image.fromarray(a).convert("RGB")) for a in data["train_images"]])
+    nearest = (extractor.embed(images) @ extractor.embed(references).T).argmax(axis=1)
+    precision = float((data["train_labels"].ravel()[nearest] == data["val_labels"].ravel()).mean())
+    logged = float(list(csv.DictReader(open(report.log)))[-1]["precision_at_1"])
+    assert abs(precision - logged) <= 1 / len(images) + 1e-9  # float16 activations may flip one tie
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(train_blocks=2, freeze=True), "--train-blocks 2 trains backbone stages, which --freeze does not"),
+    (dict(views=0), "--views must be at least 1"),
+])
+def test_cached_training_flags_that_do_not_go_together_are_refused(changes, message):
+    with pytest.raises(CbirError, match=message):
+        TrainConfig(training_data="", out_dir="", **changes).check()
+
+
+def test_a_backbone_that_cannot_be_split_trains_whole_by_default_and_refuses_train_blocks(tmp_path):
+    assert TrainConfig(training_data="", out_dir="").blocks_to_train(None) == 0
+    assert TrainConfig(training_data="", out_dir="").blocks_to_train(7) == 2
+    with pytest.raises(CbirError, match="--train-blocks: resnet18 is not built as an EfficientNet"):
+        train_extractor(quick_config(tmp_path / "resnet", model="resnet18", pretrained=False, train_blocks=1),
+                        progress=False)
+    with pytest.raises(CbirError, match="--train-blocks 9: efficientnet_lite0 has 7 stages; give 1 to 7"):
+        train_extractor(quick_config(tmp_path / "lite0", train_blocks=9), progress=False)

@@ -26,7 +26,7 @@ def run(args) -> int:
                            label=args.label, names_by_project=args.names_by_project)
     store = api.open_database(args.db_name, args.redis_url, args.wait)
     extractor = api.model_for_add(store, args.extractor, args.weights, args.input_size, args.device,
-                                  args.num_features, fresh=args.rewrite)
+                                  args.num_features, fresh=args.rewrite, pooling=args.pooling, flip=args.flip)
     # Only now, with the model built and its flags checked: a mistyped --weights must not cost the database.
     if args.rewrite and api.start_over(store):
         print(f"--rewrite: deleted database '{args.db_name}'")
@@ -64,6 +64,12 @@ def register(commands) -> None:
     extractor_arguments(add)
     add.add_argument("--num-features", type=COUNT, default=None,
                      help="expected embedding size (checked against the model; a checkpoint sets its own)")
+    add.add_argument("--pooling", default=None, choices=["avg", "gem"],
+                     help="pooling of the backbone's last feature map for a new database's model: avg (default, the "
+                          "backbone's own) or gem (generalised mean, p = 3)")
+    add.add_argument("--flip", action="store_true",
+                     help="test-time augmentation for a new database's model: each vector is the mean of the image's "
+                          "and its mirror image's features (twice the model time, queries included)")
     add.add_argument("--rewrite", action="store_true", help="delete this database (only this one) first")
     add.add_argument("--update", action="store_true",
                      help="replace stored images whose name comes again with other content (without it, such a "

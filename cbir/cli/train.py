@@ -19,7 +19,7 @@ def run(args) -> int:
         num_features=args.num_features, num_epochs=args.num_epochs, batch_size=args.batch_size,
         m_per_class=args.m_per_class, optimizer=args.optimizer, lr=args.lr, lr_proxies=args.lr_proxies,
         beta_lr=args.beta_lr, decay=args.decay, scheduler=args.scheduler, step_size=args.step_size,
-        gamma=args.gamma, freeze=args.freeze, dr_model=args.dr_model, head_init=args.head_init, knn_weighting=args.knn_weighting, knn_boost=args.knn_boost,
+        gamma=args.gamma, freeze=args.freeze, train_blocks=args.train_blocks, views=args.views, dr_model=args.dr_model, head_init=args.head_init, knn_weighting=args.knn_weighting, knn_boost=args.knn_boost,
         generalise=args.generalise, train_classes=args.train_classes, seed=args.seed, workers=args.workers,
         device=args.device, max_batches=args.max_batches, resume=args.load, overwrite=args.overwrite)
     report = api.train(config, progress=not args.quiet)
@@ -48,26 +48,37 @@ def register(commands) -> None:
                        help="hold-out share of a folder (default: 0.15)")
     train.add_argument("--weights", type=OUTPUT_FOLDER, required=True,
                        help="output folder for checkpoints, log and curves")
-    train.add_argument("--model", default="densenet121",
-                       help="backbone (default densenet121; efficientnet_lite0 has offline ImageNet weights)")
+    train.add_argument("--model", default="efficientnet_lite0",
+                       help="backbone (default efficientnet_lite0, whose ImageNet weights work offline)")
     train.add_argument("--backbone-weights", default=None, help="backbone weights file to start from (e.g. KimiaNet)")
     train.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     train.add_argument("--input-size", type=COUNT, default=None, help="image side in pixels (default: the backbone's)")
-    train.add_argument("--loss", default="margin", choices=LOSSES, help="metric-learning loss (default: margin)")
+    train.add_argument("--loss", default="cross_entropy", choices=LOSSES,
+                       help="metric-learning loss (default: cross_entropy, through a cosine classifier)")
     train.add_argument("--num-features", type=whole(1, MAX_EMBEDDING_DIM), default=128,
                        help=f"embedding size (default: 128, at most {MAX_EMBEDDING_DIM})")
-    train.add_argument("--num-epochs", type=COUNT, default=10, help="epochs (default: 10)")
+    train.add_argument("--num-epochs", type=COUNT, default=20,
+                       help="epochs (default: 20); the best by validation is kept")
     train.add_argument("--batch-size", type=whole(2), default=32,
                        help="images per batch, 2 or more: metric losses compare images (default: 32)")
     train.add_argument("--m-per-class", type=COUNT, default=4, help="images per class in a batch (default: 4)")
     train.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"], help="default: adamw")
-    train.add_argument("--lr", type=POSITIVE, default=1e-4, help="learning rate of the model (default: 1e-4)")
+    train.add_argument("--lr", type=POSITIVE, default=1e-3,
+                       help="learning rate of the model (default: 1e-3; 1e-4 suits --train-blocks 0)")
     train.add_argument("--lr-proxies", type=POSITIVE, default=1e-2, help="learning rate of proxies/class weights")
     train.add_argument("--beta-lr", type=POSITIVE, default=1e-2, help="learning rate of the margin loss's beta")
     train.add_argument("--decay", type=NON_NEGATIVE_REAL, default=1e-4, help="weight decay (default: 1e-4)")
     train.add_argument("--scheduler", default="cosine", choices=SCHEDULERS, help="learning-rate schedule")
     train.add_argument("--step-size", type=COUNT, default=5, help="epochs per step of the step scheduler")
     train.add_argument("--gamma", type=POSITIVE, default=0.5, help="decay factor of step/exponential schedulers")
+    train.add_argument("--train-blocks", type=NON_NEGATIVE, default=None,
+                       help="train the last N stages of the backbone and the head from activations of the frozen "
+                            "first stages, computed once per image and view (default: 2 for EfficientNet "
+                            "backbones, an epoch then costs a fraction of the whole network's); 0: the whole "
+                            "network from images (the default for other backbones)")
+    train.add_argument("--views", type=COUNT, default=4,
+                       help="views of each training image cached for --train-blocks: the plain one and the "
+                            "rest augmented (default: 4)")
     train.add_argument("--freeze", action="store_true", help="freeze the backbone: train the head only")
     train.add_argument("--head-init", default="pca", choices=["pca", "random"],
                        help="pca (default): the head starts as a projection onto the training features' principal "

@@ -25,7 +25,9 @@ from cbir.models.preprocess import Preprocess
 
 SPEC_KEY = "cbir_spec"
 VECTOR_FIELDS = ("architecture", "input_size", "mean", "std", "embedding_dim", "head", "weights", "interpolation",
-                 "multiscale")
+                 "multiscale", "pooling", "flip")
+POOLINGS = ("avg", "gem")
+GEM_POWER = 3.0  # generalised mean pooling (Radenovic et al., TPAMI 2018): p = 3, their fixed choice
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class ExtractorSpec:
     interpolation: str = "bicubic"  # how images are resized to input_size
     classifier_scale: float = 0.0  # logit scale of the classifier head, when there is one
     multiscale: bool = False  # Deep Ranking: backbone + two shallow branches on sub-sampled images
+    pooling: str = "avg"  # of the backbone's last feature map: "avg" (its own) or "gem"
+    flip: bool = False  # test-time augmentation: the mean of the image's and its mirror image's features
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -59,7 +63,8 @@ class ExtractorSpec:
     def description(self) -> str:
         trained = f", {self.training['loss']}-trained head" if self.training.get("loss") else ""
         scales = ", multi-scale" if self.multiscale else ""
-        return f"{self.architecture} ({self.weights} weights, {self.input_size}px{scales}{trained})"
+        options = (", GeM pooling" if self.pooling == "gem" else "") + (", flip-averaged" if self.flip else "")
+        return f"{self.architecture} ({self.weights} weights, {self.input_size}px{scales}{options}{trained})"
 
 
 class Extractor(nn.Module):
@@ -90,10 +95,19 @@ class Extractor(nn.Module):
         """Embeddings of uint8 image batches (normalised here) or of already normalised floats."""
         if images.dtype == torch.uint8:
             images = self.normalise(images)
-        features = self.backbone(images)
+        features = self.pooled(images)
+        if self.spec.flip:
+            features = (features + self.pooled(images.flip(-1))) / 2
         if self.head is not None:
             features = self.head(features)
         return F.normalize(features, dim=1)
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's features of normalised images, pooled as the spec says."""
+        if self.spec.pooling == "avg":
+            return self.backbone(images)
+        maps = self.backbone.forward_features(images).clamp(min=1e-6)
+        return maps.pow(GEM_POWER).mean(dim=(2, 3)).pow(1 / GEM_POWER)
 
     @property
     def preprocess(self) -> Preprocess:
@@ -133,7 +147,10 @@ class Extractor(nn.Module):
     def fingerprint(self) -> str:
         """Hash of the spec (without training notes) and every weight: equal iff same vectors."""
         # Only what shapes the vectors: notes, class names or a classifier added later do not.
-        shaping = {k: v for k, v in asdict(self.spec).items() if k in VECTOR_FIELDS}
+        # Options at their defaults are left out: fingerprints from before they existed stay valid.
+        defaults = ExtractorSpec("", 0, (), (), 0)
+        shaping = {k: v for k, v in asdict(self.spec).items()
+                   if k in VECTOR_FIELDS and not (k in ("pooling", "flip") and v == getattr(defaults, k))}
         digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
         for name, tensor in self.state_dict().items():
             if name == "classifier":

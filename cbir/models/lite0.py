@@ -115,6 +115,9 @@ class EfficientNetLite0(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The last feature map, before pooling (as timm's ``forward_features``)."""
+        return self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(images)))))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(images)))))
-        return F.adaptive_avg_pool2d(features, 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.forward_features(images), 1).flatten(1)

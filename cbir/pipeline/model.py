@@ -30,10 +30,11 @@ def extractor_for_store(store: VectorStore, weights: str | Path | None = None,
                          "on this machine; pass their new location with --weights")
     if weights is not None:
         extractor = create_extractor(spec.architecture, weights=weights, input_size=spec.input_size,
-                                     device=device)
+                                     device=device, pooling=spec.pooling, flip=spec.flip)
     else:
         extractor = create_extractor(spec.architecture, input_size=spec.input_size,
-                                     pretrained=spec.weights == "imagenet", device=device)
+                                     pretrained=spec.weights == "imagenet", device=device, pooling=spec.pooling,
+                                     flip=spec.flip)
     if extractor.fingerprint() != store.model:
         raise ModelMismatchError(f"the extractor rebuilt for database '{store.name}' "
                                  f"({extractor.spec.description}) does not reproduce its vectors; "

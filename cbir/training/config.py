@@ -19,6 +19,8 @@ SAMPLE_ANCHORED = ("margin", "triplet", "contrastive", "ntxent", "normsoftmax", 
 PAIR_LOSSES = ("margin", "triplet", "contrastive", "ntxent")
 
 
+DEFAULT_TRAIN_BLOCKS = 2  # chosen on BreastMNIST's and RetinaMNIST's validation splits (docs/QUALITY.md)
+
 RUN_FILES = ("best.safetensors", "last.safetensors", "state.pt")  # what a run leaves in its folder
 
 
@@ -28,17 +30,17 @@ class TrainConfig:
     out_dir: str
     validation_data: str | None = None  # a folder; for an .npz the val split is used
     val_fraction: float = 0.15  # stratified hold-out when neither gives validation images
-    model: str = "densenet121"
+    model: str = "efficientnet_lite0"
     weights: str | None = None  # backbone weights file (e.g. KimiaNet); default ImageNet
     pretrained: bool = True
     input_size: int | None = None
-    loss: str = "margin"
+    loss: str = "cross_entropy"
     num_features: int = 128
-    num_epochs: int = 10
+    num_epochs: int = 20
     batch_size: int = 32
     m_per_class: int = 4
     optimizer: str = "adamw"
-    lr: float = 1e-4
+    lr: float = 1e-3
     lr_proxies: float = 1e-2  # learning rate of proxies / class weights of the loss
     beta_lr: float = 1e-2  # learning rate of the margin loss's beta
     decay: float = 1e-4
@@ -46,6 +48,11 @@ class TrainConfig:
     step_size: int = 5
     gamma: float = 0.5
     freeze: bool = False  # train the head only (and the multi-scale branches)
+    # The last stages of the backbone trained (with the head) from cached activations of the frozen
+    # first ones (cbir.training.cached); 0: the whole network from images. Default: 2 for backbones
+    # built as EfficientNets, else the whole network.
+    train_blocks: int | None = None
+    views: int = 4  # cached views of each training image: the plain one and views - 1 augmented ones
     head_init: str = "pca"  # "pca": start from the pretrained features' principal components; "random"
     dr_model: bool = False  # Deep Ranking multi-scale model
     knn_weighting: bool = False  # examples that kNN on the current embedding gets wrong weigh more
@@ -75,10 +82,22 @@ class TrainConfig:
                             f"images, and the {self.loss} loss needs other classes in a batch to learn from: make "
                             f"--batch-size at least {2 * self.m_per_class} or --m-per-class at most "
                             f"{max(1, self.batch_size // 2)}")
+        if self.train_blocks and (self.freeze or self.dr_model):
+            raise CbirError(f"--train-blocks {self.train_blocks} trains backbone stages, which "
+                            f"{'--freeze' if self.freeze else '--dr-model'} does not: leave one of them out")
+        if self.views < 1:
+            raise CbirError(f"--views must be at least 1 (the plain image), got {self.views}")
         if self.train_classes and not self.generalise:
             raise CbirError("--train-classes applies with --generalise only; add --generalise")
         if len(set(self.train_classes)) == 1:
             raise CbirError(f"--train-classes names one class ({self.train_classes[0]}); training needs at least two")
+
+    def blocks_to_train(self, stages: int | None) -> int:
+        """Backbone stages to train from cached activations (0: the whole network from images), for a
+        backbone of ``stages`` stages (None: one that cannot be split)."""
+        if self.train_blocks is not None:
+            return self.train_blocks
+        return DEFAULT_TRAIN_BLOCKS if stages and not (self.freeze or self.dr_model) else 0
 
 
 # ---------------------------------------------------------------------- data

@@ -31,6 +31,7 @@ from cbir.errors import CbirError
 from cbir.files import written_whole
 from cbir.models.extractor import Extractor
 from cbir.models.factory import create_extractor
+from cbir.training.cached import SplitBackbone, cached_loaders, stage_count
 from cbir.training.config import RUN_FILES, TrainConfig, split_training_data
 from cbir.training.data import Augment, LabelledImages
 from cbir.training.losses import CosineCrossEntropy, build_loss, class_weights, knn_wrong, set_class_weights
@@ -56,15 +57,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _embed(extractor: Extractor, loader: DataLoader, backbone_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings, or the backbone's features when ``backbone_only``; labels) of a loader, in order."""
-    extractor.eval()
+def _embed(forward, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``forward`` of every input of a loader: embeddings or features; labels), in order."""
     outputs, labels = [], []
     with torch.inference_mode():
-        for images, classes, _ in loader:
-            images = images.to(extractor.device).contiguous(memory_format=torch.channels_last)
-            output = extractor.backbone(extractor.normalise(images)) if backbone_only else extractor(images)
-            outputs.append(output.float().cpu())
+        for inputs, classes, _ in loader:
+            outputs.append(forward(inputs.to(device).contiguous(memory_format=torch.channels_last)).float().cpu())
             labels.append(classes)
     return torch.cat(outputs), torch.cat(labels)
 
@@ -127,6 +125,8 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
     if config.freeze:
         for parameter in pretrained_part.parameters():
             parameter.requires_grad_(False)
+    blocks = config.blocks_to_train(stage_count(extractor.backbone))
+    split = SplitBackbone(extractor, blocks) if blocks else None  # freezes the trunk: before the optimizer
     input_size = extractor.spec.input_size
     labels = [class_index[item.label] for item in train_items]
     loss, miner = build_loss(config.loss, len(class_names), config.num_features, config.knn_weighting)
@@ -142,14 +142,21 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
     sampler = samplers.MPerClassSampler(labels, m_per_class, batch_size=batch_size,
                                         length_before_new_iter=len(labels))
     generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(LabelledImages(train_items, class_index, Augment(input_size)), batch_size=batch_size,
-                              sampler=sampler, num_workers=workers, drop_last=True, generator=generator,
-                              persistent_workers=workers > 0)
     plain = extractor.preprocess
     reference_loader = DataLoader(LabelledImages(train_items, class_index, plain), batch_size=64, num_workers=workers)
     validation_index = {**class_index, **{c: -1 for c in {i.label for i in validation_items} - set(class_index)}}
     validation_loader = DataLoader(LabelledImages(validation_items, validation_index, plain), batch_size=64,
                                    num_workers=workers)
+    augmented = LabelledImages(train_items, class_index, Augment(input_size))
+    if split is None:
+        train_loader = DataLoader(augmented, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                  drop_last=True, generator=generator, persistent_workers=workers > 0)
+        forward = extractor
+        features = lambda images: extractor.backbone(extractor.normalise(images))  # noqa: E731
+    else:
+        train_loader, reference_loader, validation_loader = cached_loaders(
+            split, augmented, reference_loader, validation_loader, config.views, batch_size, sampler, workers, progress)
+        forward, features = split, split.features
     calculator = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count",
                                     device=torch.device("cpu"))
     log_path, state_path = out / "log.csv", out / "state.pt"
@@ -173,8 +180,9 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
     def validate(epoch: int, mean_loss: float, learning_rate: float, started: float) -> torch.Tensor | None:
         """Validation metrics, log line, checkpoints and resumable state after ``epoch``."""
         nonlocal best_score, best_epoch, best_metrics
-        reference, reference_labels = _embed(extractor, reference_loader)
-        queries, query_labels = _embed(extractor, validation_loader)
+        extractor.eval()
+        reference, reference_labels = _embed(forward, reference_loader, extractor.device)
+        queries, query_labels = _embed(forward, validation_loader, extractor.device)
         seen = query_labels >= 0
         metrics = calculator.get_accuracy(queries[seen], query_labels[seen], reference, reference_labels,
                                           ref_includes_query=False)
@@ -193,9 +201,13 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
         trained.save(report.last)
         # precision@1 on a small validation set ties often; MAP@R breaks the ties.
         score = float(metrics["precision_at_1"]) + 1e-6 * float(metrics["mean_average_precision_at_r"])
-        if score > best_score:
+        better = score > best_score
+        if better:
             best_score, best_epoch, best_metrics = score, epoch, row
             trained.save(report.best)
+        if progress:
+            tqdm.write(f"epoch {epoch}: {seconds:.1f} s, validation precision@1 {row['precision_at_1']:.3f}, MAP@R "
+                       f"{row['mean_average_precision_at_r']:.3f}{' (best so far)' if better else ''}")
         with written_whole(state_path) as partial:
             torch.save({"extractor": extractor.state_dict(), "loss": loss.state_dict(),
                         "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "shape": shape, "epoch": epoch,
@@ -207,7 +219,7 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
     if start_epoch == 1:
         started = time.perf_counter()
         if config.head_init == "pca":
-            initialise_from_data(extractor, loss, reference_loader)
+            initialise_from_data(extractor, loss, features, reference_loader)
         weights = validate(0, float("nan"), configured_rates[0], started)  # the starting point
     for epoch in range(start_epoch, config.num_epochs + 1):
         started = time.perf_counter()
@@ -224,7 +236,7 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
         for images, classes, positions in bar:
             images = images.to(extractor.device).contiguous(memory_format=torch.channels_last)
             classes = classes.to(extractor.device)
-            embeddings = extractor(images)
+            embeddings = forward(images)
             if weights is not None:
                 set_class_weights(loss, weights[positions].to(extractor.device))
             pairs = miner(embeddings, classes) if miner is not None else None
@@ -242,11 +254,12 @@ def train_extractor(config: TrainConfig, progress: bool = True) -> TrainReport:
     return report
 
 
-def initialise_from_data(extractor: Extractor, loss, loader: DataLoader) -> None:
+def initialise_from_data(extractor: Extractor, loss, features_of, loader: DataLoader) -> None:
     """Start from the pretrained geometry: the head projects onto the training features' principal
     components (so epoch 0 is about as good as kNN on the frozen features), and class weights or
     proxies of the loss start at the class means of those first embeddings."""
-    features, labels = _embed(extractor, loader, backbone_only=True)
+    extractor.eval()
+    features, labels = _embed(features_of, loader, extractor.device)
     mean = features.mean(dim=0)
     _, _, components = torch.linalg.svd(features - mean, full_matrices=False)
     size = extractor.head.out_features

@@ -16,7 +16,7 @@ def run_shape(config: TrainConfig, extractor: Extractor, class_names: list[str])
     """The settings that shape a run's saved state: a resumed run must be given the same."""
     return {"--model": config.model, "--input-size": extractor.spec.input_size, "--num-features": config.num_features,
             "--loss": config.loss, "--optimizer": config.optimizer, "--freeze": config.freeze,
-            "--dr-model": config.dr_model, "classes": class_names}
+            "--dr-model": config.dr_model, "--train-blocks": config.train_blocks, "classes": class_names}
 
 
 def resumed_state(path: Path, shape: dict, extractor: Extractor, loss, optimizer) -> dict:
