@@ -204,8 +204,9 @@ def backfill_thumbnails(store: VectorStore, progress: bool = True) -> Backfill:
 
 
 def retriever(store: VectorStore, weights: str | None = None, device: str | None = None,
-              exact: bool = False) -> Retriever:
-    """A searcher of ``store`` with the extractor that built it and its trained index (unless ``exact``)."""
+              exact: bool = False, rerank: bool = False) -> Retriever:
+    """A searcher of ``store`` with the extractor that built it and its trained index (unless ``exact``);
+    ``rerank``: k-reciprocal re-ranking of each query's nearest candidates."""
     from cbir.pipeline.model import extractor_for_store
     from cbir.pipeline.retrieve import Retriever
 
@@ -213,17 +214,17 @@ def retriever(store: VectorStore, weights: str | None = None, device: str | None
     started = time.perf_counter()
     extractor = extractor_for_store(store, weights=weights, device=device)
     built = time.perf_counter() - started
-    searcher = Retriever(store, extractor, exact=exact)
+    searcher = Retriever(store, extractor, exact=exact, rerank=rerank)
     searcher.timings["model"] = built
     return searcher
 
 
 def search(store: VectorStore, items: Sequence[ImageItem], k: int = DEFAULT_NEIGHBOURS, exact: bool = False,
            known_labels: bool = True, weights: str | None = None, device: str | None = None,
-           progress: bool = False) -> tuple[list[Retrieval], list[str]]:
+           progress: bool = False, rerank: bool = False) -> tuple[list[Retrieval], list[str]]:
     """The ``k`` nearest stored images of each readable item, with their kNN vote; and the
     failures (``file: reason``) of the others."""
-    return retriever(store, weights, device, exact).query(items, k=k, known_labels=known_labels, progress=progress)
+    return retriever(store, weights, device, exact, rerank).query(items, k=k, known_labels=known_labels, progress=progress)
 
 
 @dataclass
@@ -285,9 +286,10 @@ def delete_index(store: VectorStore) -> bool:
 
 def evaluate(store: VectorStore, measures: Sequence[str], settings, options, items: Sequence[ImageItem] | None = None,
              groups: dict[str, str] | None = None, exact: bool = False, weights: str | None = None,
-             device: str | None = None, progress: bool = True) -> tuple[list[ProtocolResult], dict]:
+             device: str | None = None, progress: bool = True, rerank: bool = False) -> tuple[list[ProtocolResult], dict]:
     """Accuracy protocols over ``store`` (leave-one-out and the like) or with labelled query
-    ``items``; returns their results and what they ran on (queries, index kind, head, failures)."""
+    ``items``; returns their results and what they ran on (queries, index kind, head, failures).
+    ``rerank``: the query-based protocols and leave-one-out search with k-reciprocal re-ranking."""
     from dataclasses import replace
 
     from cbir.evaluation.protocols import check_support, run_protocols
@@ -306,6 +308,10 @@ def evaluate(store: VectorStore, measures: Sequence[str], settings, options, ite
         if items is not None:
             queries, failures = Queries.embed(items, extractor, groups, progress=progress)
     index = search_index(store, exact=exact)
+    if rerank:
+        from cbir.search.rerank import reranked
+
+        index = reranked(index, store)
     results = run_protocols(measures, support, queries, index, settings, replace(options, head=head), store=store)
     return results, {"support": len(support), "queries": None if queries is None else len(queries),
                      "index": index.kind, "head": head is not None, "failures": failures}

@@ -13,6 +13,7 @@ from cbir.cli.flags import (
     OUTPUT_FILE,
     OUTPUT_FOLDER,
     POSITIVE,
+    RERANK_HELP,
     WORKBOOK_FILE,
     skipped_summary,
     store_arguments,
@@ -67,7 +68,7 @@ def run(args) -> int:
     workbook = open_workbook(excel)
     settings = EvaluationSettings(ks=args.k, vote=args.vote, temperature=args.temperature,
                                   project_groups=project_groups)
-    results, ran = api.evaluate(store, measures, settings, options, items=items, groups=groups, exact=args.exact,
+    results, ran = api.evaluate(store, measures, settings, options, items=items, groups=groups, exact=args.exact, rerank=args.rerank,
                                 weights=args.weights, device=args.device, progress=not args.quiet)
     what = f"{ran['queries']} queries from {args.path}" if items is not None else "the stored images (leave-one-out)"
     print(f"'{args.db_name}': {ran['support']} stored images, {what}; "
@@ -126,6 +127,7 @@ def register(commands) -> None:
                           help="CSV project,group: 'similar project' hits count neighbours of the same group")
     evaluate.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of random/stat/incremental/removal (default: 0)")
     evaluate.add_argument("--exact", action="store_true", help="exact search even if an index was trained")
+    evaluate.add_argument("--rerank", action="store_true", help=RERANK_HELP)
     evaluate.add_argument("--excel-path", type=WORKBOOK_FILE, default=None,
                           help="workbook to write or extend (default: <results_dir>/accuracy_<db_name>.xlsx)")
     evaluate.add_argument("--name", default=None, help="sheet name of this run (default: the measure)")

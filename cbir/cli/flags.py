@@ -183,6 +183,10 @@ def source_arguments(parser: argparse.ArgumentParser, path_help: str) -> None:
     parser.add_argument("--split", default="train", choices=NPZ_SPLITS, help="split of a .npz (default: train)")
 
 
+RERANK_HELP = ("k-reciprocal re-ranking (Zhong et al. 2017) of each query's 100 nearest candidates "
+               "(k1 20, k2 6, lambda 0.3); scores stay cosine similarities")
+
+
 def extractor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extractor", default=None,
                         help=f"backbone (default: the database's model, else {DEFAULT_EXTRACTOR}); the "

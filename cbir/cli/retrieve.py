@@ -12,6 +12,7 @@ from cbir.cli.flags import (
     NON_NEGATIVE,
     OUTPUT_FILE,
     OUTPUT_FOLDER,
+    RERANK_HELP,
     skipped_summary,
     source_arguments,
     store_arguments,
@@ -35,7 +36,7 @@ def run(args) -> int:
     from cbir.pipeline import retrieve  # noqa: F401  torch and FAISS, imported here to be timed as imports
 
     clock.lap("imports")
-    retriever = api.retriever(store, weights=args.weights, device=args.device, exact=args.exact)
+    retriever = api.retriever(store, weights=args.weights, device=args.device, exact=args.exact, rerank=args.rerank)
     clock.lap("model+index")
     if args.nrt_neigh is not None and args.nrt_neigh > retriever.stored:  # the default asks for no more than there is
         warnings.warn(f"--nrt-neigh {args.nrt_neigh} is more than the {retriever.stored} images of '{args.db_name}': "
@@ -128,6 +129,7 @@ def register(commands) -> None:
     retrieve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     retrieve.add_argument("--no-picture", action="store_true", help="do not save the picture")
     retrieve.add_argument("--exact", action="store_true", help="exact search even if an index was trained")
+    retrieve.add_argument("--rerank", action="store_true", help=RERANK_HELP)
     retrieve.add_argument("--verbose", action="store_true",
                           help="print where the time went (imports, Redis, model, index, search, records) on stderr")
     retrieve.set_defaults(run=run)

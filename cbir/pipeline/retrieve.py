@@ -15,6 +15,7 @@ from cbir.options import DEFAULT_NEIGHBOURS
 from cbir.pipeline.embed import embed_items
 from cbir.search.index import SearchIndex
 from cbir.search.persisted import search_index
+from cbir.search.rerank import reranked
 from cbir.store.database import VectorStore
 
 
@@ -92,6 +93,7 @@ class Retriever:
     extractor: Extractor
     exact: bool = False  # ignore a trained index
     index: SearchIndex | None = None  # an index kept current by the caller (a service), else loaded here
+    rerank: bool = False  # k-reciprocal re-ranking of each query's nearest candidates (cbir.search.rerank)
     stored: int = field(init=False)  # images in the database when the search began
     # Seconds spent on each step so far: index (Redis reads and FAISS), embed (decoding and the
     # model), search, records (Redis reads of the neighbours' records only).
@@ -102,6 +104,8 @@ class Retriever:
         started = time.perf_counter()
         if self.index is None:
             self.index = search_index(self.store, exact=self.exact)
+        if self.rerank:
+            self.index = reranked(self.index, self.store)
         self.timings["index"] = time.perf_counter() - started
         self.stored = self.index.size  # the index is current: no second pass over the records to count them
         if not self.stored:
