@@ -297,7 +297,7 @@ def test_cached_training_flags_that_do_not_go_together_are_refused(changes, mess
 
 def test_a_backbone_that_cannot_be_split_trains_whole_by_default_and_refuses_train_blocks(tmp_path):
     assert TrainConfig(training_data="", out_dir="").blocks_to_train(None) == 0
-    assert TrainConfig(training_data="", out_dir="").blocks_to_train(7) == 2
+    assert TrainConfig(training_data="", out_dir="").blocks_to_train(7) == 4
     with pytest.raises(CbirError, match="--train-blocks: resnet18 is not built as an EfficientNet"):
         train_extractor(quick_config(tmp_path / "resnet", model="resnet18", pretrained=False, train_blocks=1),
                         progress=False)

@@ -73,7 +73,7 @@ def register(commands) -> None:
     train.add_argument("--gamma", type=POSITIVE, default=0.5, help="decay factor of step/exponential schedulers")
     train.add_argument("--train-blocks", type=NON_NEGATIVE, default=None,
                        help="train the last N stages of the backbone and the head from activations of the frozen "
-                            "first stages, computed once per image and view (default: 2 for EfficientNet "
+                            "first stages, computed once per image and view (default: 4 for EfficientNet "
                             "backbones, an epoch then costs a fraction of the whole network's); 0: the whole "
                             "network from images (the default for other backbones)")
     train.add_argument("--views", type=COUNT, default=4,

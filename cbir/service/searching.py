@@ -23,6 +23,7 @@ MAX_NEIGHBOURS = 1000
 _OPTIONS = {"k": {"type": "integer", "default": DEFAULT_NEIGHBOURS},
             "exact": {"type": "boolean", "description": "exact search even where an index is trained"},
             "preview": {"type": "boolean", "description": "a thumbnail of each query image in its answer"},
+            "rerank": {"type": "boolean", "description": "k-reciprocal re-ranking of the 100 nearest candidates"},
             "label": {"type": "array", "items": {"type": "string"}},
             "project": {"type": "array", "items": {"type": "string"}}}
 SEARCH_BODY = {"requestBody": {"content": {
@@ -39,6 +40,7 @@ class SearchRequest:
     k: int
     exact: bool
     preview: bool
+    rerank: bool
     labels: list[str] | None
     projects: list[str] | None
 
@@ -59,6 +61,7 @@ async def read_search(request: Request, max_upload_bytes: int) -> SearchRequest:
         raise ClientError(415, f"send images as multipart/form-data or vectors as JSON, not {kind or 'nothing'}")
     return SearchRequest(found, vectors, k=_whole(options.get("k", DEFAULT_NEIGHBOURS), "k", 1, MAX_NEIGHBOURS),
                          exact=_yes(options.get("exact")), preview=_yes(options.get("preview")),
+                         rerank=_yes(options.get("rerank")),
                          labels=_names(options, "label"), projects=_names(options, "project"))
 
 
@@ -88,7 +91,7 @@ async def answer(warm: WarmDatabase, request: Request, max_upload_bytes: int, st
         found /= np.maximum(np.linalg.norm(found, axis=1, keepdims=True), 1e-12)
         names, digests = [f"vector {i}" for i in range(len(found))], [""] * len(found)
     retrievals, inside = await asyncio.to_thread(warm.answer, found, names, digests, asked.k, asked.exact,
-                                                 asked.labels, asked.projects)
+                                                 asked.labels, asked.projects, asked.rerank)
     timings.update(search=inside.get("search", 0.0), records=inside.get("records", 0.0))
     timings["total"] = time.perf_counter() - started
     results = [retrieval.to_json() for retrieval in retrievals]

@@ -69,12 +69,12 @@ class WarmDatabase:
 
     def answer(self, vectors: np.ndarray, names: list[str], sha256: list[str], k: int, exact: bool = False,
                labels: list[str] | None = None,
-               projects: list[str] | None = None) -> tuple[list[Retrieval], dict[str, float]]:
+               projects: list[str] | None = None, rerank: bool = False) -> tuple[list[Retrieval], dict[str, float]]:
         """The retrievals of query vectors (among the images of ``labels`` and ``projects`` only,
         where given) and the seconds spent on the index, search and records. One search at a time
         per database: bringing an index up to date changes it."""
         with self.lock:
-            retriever = Retriever(self.store, self.extractor, exact=exact, index=self._index(exact))
+            retriever = Retriever(self.store, self.extractor, exact=exact, index=self._index(exact), rerank=rerank)
             found = retriever.answers(vectors, names, sha256, [None] * len(names), [""] * len(names), k,
                                       self._among(labels, projects))
         return found, retriever.timings

@@ -1,12 +1,12 @@
 """Training the last stages of a backbone from cached activations of its frozen first stages.
 
-On a CPU a whole-network epoch costs about 29 ms an image at 128 px; most of it is the early,
-high-resolution stages, which a small medical set cannot retrain anyway. Here the frozen stages
-run once per image and *view* (the plain image, then ``views - 1`` augmented copies), their
-activations are kept in memory (float16), and every epoch trains only the last ``blocks``
-stages, the 1x1 head convolution and the embedding head on them: an epoch of BreastMNIST at
-128 px takes about 1 s instead of about 16 (docs/QUALITY.md). Each training sample draws one of
-its views at random, so the augmentation still varies from epoch to epoch.
+On a CPU most of a whole-network epoch is spent in the early, high-resolution stages, which a
+small medical set cannot retrain anyway. Here the frozen stages run once per image and *view*
+(the plain image, then ``views - 1`` augmented copies), their activations are kept in memory
+(float16), and every epoch trains only the last ``blocks`` stages, the 1x1 head convolution and
+the embedding head on them: an epoch costs a fraction of the whole network's (docs/QUALITY.md).
+Each training sample draws one of its views at random, so the augmentation still varies from
+epoch to epoch.
 
 Backbones built as EfficientNets (``conv_stem``, ``bn1``, ``blocks`` of stages, ``conv_head``,
 ``bn2``: Lite0-2, timm's EfficientNets) can be split so.

@@ -19,7 +19,7 @@ SAMPLE_ANCHORED = ("margin", "triplet", "contrastive", "ntxent", "normsoftmax", 
 PAIR_LOSSES = ("margin", "triplet", "contrastive", "ntxent")
 
 
-DEFAULT_TRAIN_BLOCKS = 2  # chosen on BreastMNIST's and RetinaMNIST's validation splits (docs/QUALITY.md)
+DEFAULT_TRAIN_BLOCKS = 4  # chosen on BreastMNIST's and RetinaMNIST's validation splits (docs/QUALITY.md)
 
 RUN_FILES = ("best.safetensors", "last.safetensors", "state.pt")  # what a run leaves in its folder
 
@@ -49,7 +49,7 @@ class TrainConfig:
     gamma: float = 0.5
     freeze: bool = False  # train the head only (and the multi-scale branches)
     # The last stages of the backbone trained (with the head) from cached activations of the frozen
-    # first ones (cbir.training.cached); 0: the whole network from images. Default: 2 for backbones
+    # first ones (cbir.training.cached); 0: the whole network from images. Default: 4 for backbones
     # built as EfficientNets, else the whole network.
     train_blocks: int | None = None
     views: int = 4  # cached views of each training image: the plain one and views - 1 augmented ones
