@@ -121,7 +121,7 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_replaced(tmp_path):
 
 @pytest.mark.parametrize("changes,message", [
     # MPerClassSampler would fill each batch with one class: a pair loss then has no negatives.
-    ({"batch_size": 8, "m_per_class": 100}, "--batch-size 8 holds one class of --m-per-class 100 images, and the "
+    ({"batch_size": 8, "m_per_class": 100, "loss": "margin"}, "--batch-size 8 holds one class of --m-per-class 100 images, and the "
                                             "margin loss needs other classes in a batch to learn from: make "
                                             "--batch-size at least 200 or --m-per-class at most 4"),
     ({"batch_size": 3, "loss": "triplet"}, "--batch-size 3 holds one class of --m-per-class 4 images"),
@@ -224,7 +224,7 @@ def test_an_interrupted_run_resumes(tmp_path):
     assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
     assert load_checkpoint(resumed.last).spec.training["epoch"] == 3
     # The cosine schedule of the 3 epochs asked for now, not of the first run's 1 (which fell to 0).
-    assert [float(r["lr"]) for r in rows[2:]] == pytest.approx([0.75 * 1e-4, 0.25 * 1e-4])
+    assert [float(r["lr"]) for r in rows[2:]] == pytest.approx([0.75 * 1e-3, 0.25 * 1e-3])  # of the default 1e-3
 
 
 def test_a_resume_that_cannot_continue_is_refused_in_one_line(tmp_path):
