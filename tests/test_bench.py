@@ -86,3 +86,12 @@ def test_a_benchmark_killed_by_sigterm_stops_and_deletes_its_scratch_redis():
                     orphan.kill()
         if home:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def test_the_rerank_bench_prints_plain_and_re_ranked_costs_per_database_size():
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_rerank.py"), "--queries", "20", "--sizes", "300",
+                          "1000", "--dim", "64"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["300", "1000"]
+    assert all(float(value) > 0 for row in rows for value in row[1:])

@@ -221,9 +221,12 @@ def test_a_server_that_evicts_keys_is_refused_before_anything_is_written(deploym
 
 
 def test_a_replica_is_refused_with_the_way_to_its_primary(redis_server_binary, tmp_path, db_name):
-    primary_port, replica_port = _free_port(), _free_port()
+    primary_port = _free_port()
     processes = [_start_server(redis_server_binary, primary_port, tmp_path / "primary")]
     try:
+        # Picked once the primary holds its port: two free ports picked together may be one port,
+        # and the "replica" then never starts while the primary answers its pings.
+        replica_port = _free_port()
         processes.append(_start_server(redis_server_binary, replica_port, tmp_path / "replica",
                                        "--replicaof", "127.0.0.1", str(primary_port)))
         store = VectorStore(connect(f"redis://127.0.0.1:{replica_port}/0"), db_name)
