@@ -146,6 +146,14 @@ def test_an_uploaded_busi_image_shows_its_neighbours_labels_and_vote(page, site,
     screenshot(page, "search")
 
 
+def test_the_rerank_box_asks_for_a_re_ranked_search(page, site, indexed_images):
+    open_page(page, site)
+    page.check("#rerank")
+    search(page, indexed_images["benign"][0], k=5)
+    expect(page.locator(".neighbour")).to_have_count(5)
+    expect(page.locator("#search-status")).to_have_text("Re-ranked by k-reciprocal neighbours.")
+
+
 def test_an_unreadable_file_shows_a_clear_message(page, site, tmp_path):
     notes = tmp_path / "scan.png"
     notes.write_text("a clinician's note, not an image")

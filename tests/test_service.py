@@ -361,6 +361,8 @@ def test_the_page_its_token_holder_the_query_preview_and_the_tsne_picture(servic
                        for flags in ({}, {"rerank": "true"}))
     # Every stored image, each with its cosine similarity, in the re-ranked order.
     assert len(reranked) == len(plain) > 5
+    assert service.post(f"/api/v1/databases/{small.name}/search", files=[("image", ("q.png", png(3)))],
+                        data={"rerank": "true"}).json()["reranked"] is True
     assert {n["id"]: n["score"] for n in reranked} == {n["id"]: n["score"] for n in plain}
     assert service.get(f"/api/v1/databases/{small.name}").json()["tsne"] is False
     assert service.get(f"/api/v1/databases/{small.name}/tsne").status_code == 404

@@ -97,7 +97,8 @@ async def answer(warm: WarmDatabase, request: Request, max_upload_bytes: int, st
     results = [retrieval.to_json() for retrieval in retrievals]
     for result, preview in zip(results, previews):
         result["query_thumbnail"] = preview
-    return {"results": results, "timings_ms": {step: round(seconds * 1000, 2) for step, seconds in timings.items()}}
+    return {"results": results, "reranked": asked.rerank,
+            "timings_ms": {step: round(seconds * 1000, 2) for step, seconds in timings.items()}}
 
 
 def _prepared(preprocess, found: list[Upload], preview: bool) -> tuple[list[torch.Tensor], list[str], list[str]]:

@@ -101,6 +101,7 @@ async function search(event) {
   form.append("image", file);
   form.append("k", $("#k").value);
   form.append("preview", "true");
+  if ($("#rerank").checked) form.append("rerank", "true");
   for (const box of document.querySelectorAll("#label-filter input:checked")) form.append("label", box.value);
   for (const project of $("#projects").value.split(",").map((p) => p.trim()).filter(Boolean)) form.append("project", project);
   showError(null);
@@ -108,7 +109,7 @@ async function search(event) {
   $("#answers").replaceChildren();
   try {
     const answer = await json(`/databases/${db()}/search`, { method: "POST", body: form });
-    $("#search-status").textContent = "";
+    $("#search-status").textContent = answer.reranked ? "Re-ranked by k-reciprocal neighbours." : "";
     $("#answers").replaceChildren(...answer.results.map((result) => showAnswer(result, answer.timings_ms)));
   } catch (error) {
     $("#search-status").textContent = "";
