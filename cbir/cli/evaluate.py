@@ -68,8 +68,8 @@ def run(args) -> int:
     workbook = open_workbook(excel)
     settings = EvaluationSettings(ks=args.k, vote=args.vote, temperature=args.temperature,
                                   project_groups=project_groups)
-    results, ran = api.evaluate(store, measures, settings, options, items=items, groups=groups, exact=args.exact, rerank=args.rerank,
-                                weights=args.weights, device=args.device, progress=not args.quiet)
+    results, ran = api.evaluate(store, measures, settings, options, items=items, groups=groups, exact=args.exact,
+                                rerank=args.rerank, weights=args.weights, device=args.device, progress=not args.quiet)
     what = f"{ran['queries']} queries from {args.path}" if items is not None else "the stored images (leave-one-out)"
     print(f"'{args.db_name}': {ran['support']} stored images, {what}; "
           f"{'exact search' if ran['index'] == 'flat' else ran['index'] + ' index (mAP@R by exact search)'}, "

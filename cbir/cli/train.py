@@ -19,7 +19,8 @@ def run(args) -> int:
         num_features=args.num_features, num_epochs=args.num_epochs, batch_size=args.batch_size,
         m_per_class=args.m_per_class, optimizer=args.optimizer, lr=args.lr, lr_proxies=args.lr_proxies,
         beta_lr=args.beta_lr, decay=args.decay, scheduler=args.scheduler, step_size=args.step_size,
-        gamma=args.gamma, freeze=args.freeze, train_blocks=args.train_blocks, views=args.views, dr_model=args.dr_model, head_init=args.head_init, knn_weighting=args.knn_weighting, knn_boost=args.knn_boost,
+        gamma=args.gamma, freeze=args.freeze, train_blocks=args.train_blocks, views=args.views,
+        dr_model=args.dr_model, head_init=args.head_init, knn_weighting=args.knn_weighting, knn_boost=args.knn_boost,
         generalise=args.generalise, train_classes=args.train_classes, seed=args.seed, workers=args.workers,
         device=args.device, max_batches=args.max_batches, resume=args.load, overwrite=args.overwrite)
     report = api.train(config, progress=not args.quiet)

@@ -98,6 +98,10 @@ class Extractor(nn.Module):
         features = self.pooled(images)
         if self.spec.flip:
             features = (features + self.pooled(images.flip(-1))) / 2
+        return self.project(features)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Embeddings of pooled backbone features: the head, where there is one, then L2 normalisation."""
         if self.head is not None:
             features = self.head(features)
         return F.normalize(features, dim=1)

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cbir.errors import StoreError
+from cbir.models.threads import torch_thread
 from cbir.pipeline.model import extractor_for_store
 from cbir.pipeline.retrieve import Retrieval, Retriever
 from cbir.search.index import SearchIndex
 from cbir.search.persisted import index_info, search_index
-from cbir.models.threads import torch_thread
 from cbir.service.batching import Batcher
 from cbir.store.database import VectorStore
 

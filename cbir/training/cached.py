@@ -79,10 +79,7 @@ class SplitBackbone:
 
     def __call__(self, activations: torch.Tensor) -> torch.Tensor:
         """Embeddings of cached activations, as the extractor gives of the images."""
-        features = self.features(activations)
-        if self.extractor.head is not None:
-            features = self.extractor.head(features)
-        return F.normalize(features, dim=1)
+        return self.extractor.project(self.features(activations))
 
     def cache(self, loader: DataLoader, description: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(float16 activations, labels) of every image of ``loader``, in order."""
@@ -127,8 +124,8 @@ def cached_loaders(split: SplitBackbone, augmented: Dataset, reference: DataLoad
     through the frozen trunk once."""
     plain, labels = split.cache(reference, "caching the frozen stages: training images", progress)
     copies = [plain]
+    augmented_loader = DataLoader(augmented, batch_size=reference.batch_size, num_workers=workers)
     for view in range(1, views):
-        augmented_loader = DataLoader(augmented, batch_size=reference.batch_size, num_workers=workers)
         copies.append(split.cache(augmented_loader, f"caching the frozen stages: augmented view {view}/{views - 1}",
                                   progress)[0])
     validation_cache = split.cache(validation, "caching the frozen stages: validation images", progress)
