@@ -48,10 +48,17 @@ def as_exceptions() -> Iterator[None]:
     if not _in_main_thread():
         yield
         return
-    previous = {number: signal.signal(number, _on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, _on_signal) for number in numbers}
+    # A process inherits its parent's blocked signals: started by one that blocks SIGTERM (a test
+    # runner after some libraries' threads had run), the handler never ran and a killed benchmark
+    # ran to its end.
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, numbers) if hasattr(signal, "pthread_sigmask") else None
     try:
         yield
     finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for number, handler in previous.items():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
