@@ -114,9 +114,10 @@ def through_failover(client, fn: Callable, *args, **kwargs):
     """``fn(*args, **kwargs)``; on a Redis Cluster, run again while the cluster fails a lost node over.
 
     A node refused or a slot moved: again after a pause (0.1 s, doubling up to 2 s), for up to
-    FAILOVER_SECONDS. A primary silent past the socket timeout: if it has a replica, again once the
-    cluster has replaced it (within FAILOVER_SECONDS more); without one, or silent twice, the
-    silence is reported rather than waited out again. What ``fn`` sends must be safe to apply twice.
+    FAILOVER_SECONDS. A primary silent past the socket timeout: again at once if the cluster has
+    replaced it meanwhile; if it has a replica, again once the cluster has replaced it (within
+    FAILOVER_SECONDS more); without one, or silent twice, the silence is reported rather than
+    waited out again. What ``fn`` sends must be safe to apply twice.
     """
     if not isinstance(client, RedisCluster):
         return fn(*args, **kwargs)
@@ -131,10 +132,14 @@ def through_failover(client, fn: Callable, *args, **kwargs):
         except RedisTimeoutError as exc:
             if waited_out_silence:
                 raise
-            _read_slots(client, exc)  # replicas may have joined since the client last read them
+            waited_out_silence = True
+            _read_slots(client, exc)  # replicas may have joined, or replaced the node, since the last read
+            if _primaries(client) != primaries:
+                # Failed over while the socket timeout ran (it can outlast cluster-node-timeout):
+                # the silent node is no primary any more, so it has no replica to wait for.
+                continue
             if not _has_replica(client, _node_name(exc)):
                 raise
-            waited_out_silence = True
             deadline = time.monotonic() + FAILOVER_SECONDS
             pause = _wait(client, exc, pause, deadline, until=lambda: _primaries(client) != primaries)
         except _WHILE_FAILING_OVER as exc:
