@@ -16,6 +16,7 @@ from cbir.store.redis.connect import evicting_servers
 # embedded Redis with 1280-d rows: docs/PERFORMANCE.md).
 ROWS_WORTH_A_CHUNK = 32
 PIPELINE_CHUNKS = 32  # chunks read per pipeline round trip when loading
+SHORT_PASSES = 3  # reads of a chunk whose vectors fall short of its records before they count as missing
 
 
 class ReadingMixin:
@@ -159,25 +160,42 @@ class ReadingMixin:
                 rows[position] = np.frombuffer(blob, np.float32)
         return rows
 
-    def _settled_chunks(self, batch: range) -> dict[int, tuple[bytes | None, bytes | None]]:
-        """The (records, vectors) blobs of each chunk of ``batch``, read so that they agree while
+    def _settled_chunks(self, batch: range) -> dict[int, tuple[MetaChunk, bytes | None]]:
+        """The (records, vectors blob) of each chunk of ``batch``, read so that they agree while
         other processes write: records, then vectors, then records again, each read after the last
         one's answer (under Cluster they live on different nodes), and a chunk whose records changed
         in between read again. A write stores vectors before the records that make them live, and
         a removal drops records before erasing vectors, so records that stayed the same across the
-        vector read have every live row in it. A chunk stops changing once it is full."""
-        settled: dict[int, tuple[bytes | None, bytes | None]] = {}
+        vector read have every live row in it, unless the database was dropped and written again
+        in between (the same records back, their vectors not yet): a chunk whose vectors fall short
+        of its records is read again, and left short (missing) after SHORT_PASSES such reads. A
+        chunk stops changing once it is full."""
+        settled: dict[int, tuple[MetaChunk, bytes | None]] = {}
+        short: Counter = Counter()
         pending = list(batch)
         before = self._meta_blobs(pending)
         while pending:
             blobs = self._chunk_blobs(self.vector_key, pending, "loading vectors from")
             after = self._meta_blobs(pending)
             for chunk in pending:
-                if after[chunk] == before[chunk]:
-                    settled[chunk] = (after[chunk], blobs[chunk])
+                if after[chunk] != before[chunk]:
+                    continue
+                records = MetaChunk(after[chunk])
+                if not self._vectors_cover(chunk, records, blobs[chunk]):
+                    short[chunk] += 1
+                    if short[chunk] < SHORT_PASSES:
+                        continue
+                settled[chunk] = (records, blobs[chunk])
             pending = [chunk for chunk in pending if chunk not in settled]
             before = after
         return dict(sorted(settled.items()))
+
+    def _vectors_cover(self, chunk: int, records: MetaChunk, blob: bytes | None) -> bool:
+        """Whether ``blob`` holds a row for every live record of ``chunk``."""
+        if not len(records):
+            return True
+        last_row = int(records.ids[-1]) - chunk * self.chunk_size
+        return blob is not None and len(blob) >= (last_row + 1) * self.dim * 4
 
     def _why_missing(self) -> str:
         """The likely cause of data gone missing, where the server says so; else nothing."""
@@ -209,13 +227,12 @@ class ReadingMixin:
         records: list[ImageRecord] = []
         count = 0
         for batch in self._chunk_batches(chunks):
-            for chunk, (meta, blob) in self._settled_chunks(batch).items():
-                records_of_chunk = MetaChunk(meta)
+            for chunk, (records_of_chunk, blob) in self._settled_chunks(batch).items():
                 live = len(records_of_chunk)
                 if not live:
                     continue
                 rows = records_of_chunk.ids - chunk * self.chunk_size
-                if blob is None or len(blob) < (int(rows[-1]) + 1) * row_bytes:
+                if not self._vectors_cover(chunk, records_of_chunk, blob):
                     raise StoreError(f"database '{self.name}': vectors of chunk {chunk} are missing"
                                      + self._why_missing())
                 matrix = np.frombuffer(blob, np.float32, (len(blob) // row_bytes) * self.dim).reshape(-1, self.dim)
