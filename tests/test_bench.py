@@ -103,3 +103,15 @@ def test_the_rerank_bench_prints_plain_and_re_ranked_costs_per_database_size():
     rows = [line.split() for line in run.stdout.splitlines()[1:]]
     assert [row[0] for row in rows] == ["300", "1000"]
     assert all(float(value) > 0 for row in rows for value in row[1:])
+
+
+def test_the_frozen_options_measure_counts_no_copy_of_a_query():
+    """A stored copy of a query ranked first is no hit, no relevant image and no voter
+    (docs/QUALITY.md's rule): counted, it would make each number 1."""
+    options = _bench("frozen_options")
+    labels = np.array(["a", "b", "a"], dtype=object)
+    copies = np.array([[True, False, False]])
+    scores = np.array([[1.0, 0.5, 0.4]])
+    top1, knn, map_at_r = options.measured(np.array([[0, 1, 2]]), scores, np.array(["a"], dtype=object), labels, copies)
+    # R = 1 (the other "a", third); the vote is "b" against "a", one each, "b" the more similar.
+    assert (top1, knn, map_at_r) == (0.0, 0.0, 0.0)
