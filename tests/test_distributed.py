@@ -15,6 +15,7 @@ import pytest
 
 from cbir import api
 from cbir.pipeline.distributed import RayCluster
+from cbir.store import lock
 from cbir.store.database import VectorStore
 from cbir.store.redis.connect import connect
 
@@ -58,6 +59,23 @@ def test_ray_stores_what_a_local_add_stores(where, request, local_busi, busi, db
         again = api.add(store, api.load_items(busi), api.model_for_add(store), progress=False, ray=ONE_WORKER,
                         redis_url=url)
         assert (again.new, again.unchanged) == (0, 780)  # stored images skipped before the model
+    finally:
+        store.drop()
+
+
+def test_a_ray_run_whose_first_results_outlast_the_lock_time_out_keeps_its_lock(embedded_client, busi, db_name,
+                                                                                  monkeypatch):
+    """The driver renewed its writer lock only when it wrote: Ray's workers took over 120 s to send
+    their first results on a busy machine (the suite beside a training run) and the run stopped
+    with "Redis no longer holds this run's writer lock". Here the time-out is shorter than
+    starting Ray's workers takes."""
+    monkeypatch.setattr(lock, "LOCK_TTL_SECONDS", 2)
+    store = VectorStore(embedded_client, db_name)
+    items = api.load_items(busi)[:40]
+    try:
+        report = api.add(store, items, api.model_for_add(store, input_size=TEST_INPUT_SIZE), progress=False,
+                         ray=ONE_WORKER)
+        assert (report.new, report.failures) == (40, [])
     finally:
         store.drop()
 

@@ -25,6 +25,7 @@ from redis.retry import Retry
 
 from cbir.errors import DatabaseBusyError, LockWaitWarning, ModelMismatchError, StoreError
 from cbir.search.persisted import train_index
+from cbir.store import lock
 from cbir.store.database import VectorStore, database_names
 from cbir.store.layout import Columns, ImageRecord, MetaChunk, check_db_name, encode_block
 from cbir.store.names import NAME_BUCKETS, PAIR, buckets, name_hashes, pairs
@@ -374,6 +375,20 @@ def test_dropping_a_database_leaves_its_writer_lock_to_its_holder(small):
         small.drop()
         assert small.client.get(small.key("lock")) == token, "a drop under the lock must keep it"
     assert small.client.get(small.key("lock")) is None
+
+
+def test_a_writer_waiting_on_work_elsewhere_keeps_its_lock_while_it_is_kept(small, monkeypatch):
+    """A Ray run's driver waits on its workers without writing: its lock expired 120 s after the
+    start (a busy machine's first results came later) and the run stopped. Inside ``lock_kept`` a
+    thread renews it; outside, it expires as before."""
+    monkeypatch.setattr(lock, "LOCK_TTL_SECONDS", 1)
+    with small.writing():
+        with small.lock_kept():
+            time.sleep(2.5)
+            small.renew_lock()  # still this run's
+        time.sleep(1.5)
+        with pytest.raises(StoreError, match="no longer holds this run's writer lock"):
+            small.renew_lock()
 
 
 def test_bad_vectors_are_refused(small):

@@ -113,7 +113,7 @@ def index_images_on_ray(store: VectorStore, items: Sequence[ImageItem], redis_ur
     ray = _ray()
     started_here = _start_ray(cluster)
     try:
-        with store.writing(), interrupts.held():
+        with store.writing(), store.lock_kept(), interrupts.held():
             started = time.perf_counter()
             rows = _embedded_rows(store, items, redis_url, cluster, batch_size, update, thumbnails)
             with tqdm(total=len(items), unit="img", desc=f"indexing into '{store.name}' on Ray",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -97,14 +98,14 @@ class LockingMixin:
 
         Asked of Redis once half the time-out has passed since the last renewal (or ``always``):
         until then the lock cannot have expired, as the monotonic clock counts a pause too."""
-        if not self._lock_token:
+        token = self._lock_token  # read once: lock_kept's thread may renew as the writer lets go
+        if not token:
             return
         if not always and time.monotonic() - self._lock_renewed < LOCK_TTL_SECONDS / 2:
             return
         key = self.prefix + "lock"
         asked = time.monotonic()
-        if self.call("writing to", self.client.eval, RENEW_IF_EQUAL, 1, key, self._lock_token,
-                     LOCK_TTL_SECONDS):
+        if self.call("writing to", self.client.eval, RENEW_IF_EQUAL, 1, key, token, LOCK_TTL_SECONDS):
             self._lock_renewed = asked
             return
         holder = as_text(self.call("checking the writer lock of", self.client.get, key) or b"")
@@ -113,6 +114,29 @@ class LockingMixin:
             f"database '{self.name}': Redis no longer holds this run's writer lock ({now}: the run was paused or "
             f"cut off for over {LOCK_TTL_SECONDS} s, or the server restarted without its data); nothing more is "
             f"written, what was stored is kept: re-run to continue")
+
+    @contextmanager
+    def lock_kept(self) -> Iterator[None]:
+        """Inside, a thread renews this writer's lock every quarter of :data:`LOCK_TTL_SECONDS`: for a
+        writer that waits on work done elsewhere (Ray's workers, whose first results may take minutes
+        on a busy cluster) and would otherwise renew it only when it writes. A pause of the whole
+        process still lets the lock expire. A renewal that fails leaves the loss to the writer's next
+        :meth:`renew_lock`, which stops the run; the thread is not waited for on leaving (a renewal
+        held up by a silent server would add its socket timeout to the run's own error)."""
+        stop = threading.Event()
+
+        def keep() -> None:
+            while not stop.wait(LOCK_TTL_SECONDS / 4):
+                try:
+                    self.renew_lock(always=True)
+                except StoreError:
+                    return
+
+        threading.Thread(target=keep, name=f"cbir writer lock of {self.name}", daemon=True).start()
+        try:
+            yield
+        finally:
+            stop.set()
 
     def check_lock_kept(self) -> None:
         """After a write's connection was made again: the writer lock must still be this run's
