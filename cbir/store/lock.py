@@ -129,7 +129,7 @@ class LockingMixin:
             while not stop.wait(LOCK_TTL_SECONDS / 4):
                 try:
                     self.renew_lock(always=True)
-                except StoreError:
+                except Exception:  # whatever failed, the writer's next renew_lock finds it and says so
                     return
 
         threading.Thread(target=keep, name=f"cbir writer lock of {self.name}", daemon=True).start()
