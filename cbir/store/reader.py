@@ -168,8 +168,8 @@ class ReadingMixin:
         a removal drops records before erasing vectors, so records that stayed the same across the
         vector read have every live row in it, unless the database was dropped and written again
         in between (the same records back, their vectors not yet): a chunk whose vectors fall short
-        of its records is read again, and left short (missing) after SHORT_PASSES such reads. A
-        chunk stops changing once it is full."""
+        of its records is read again, and reported missing after SHORT_PASSES such reads. A chunk
+        stops changing once it is full."""
         settled: dict[int, tuple[MetaChunk, bytes | None]] = {}
         short: Counter = Counter()
         pending = list(batch)
@@ -185,6 +185,8 @@ class ReadingMixin:
                     short[chunk] += 1
                     if short[chunk] < SHORT_PASSES:
                         continue
+                    raise StoreError(f"database '{self.name}': vectors of chunk {chunk} are missing"
+                                     + self._why_missing())
                 settled[chunk] = (records, blobs[chunk])
             pending = [chunk for chunk in pending if chunk not in settled]
             before = after
@@ -232,9 +234,6 @@ class ReadingMixin:
                 if not live:
                     continue
                 rows = records_of_chunk.ids - chunk * self.chunk_size
-                if not self._vectors_cover(chunk, records_of_chunk, blob):
-                    raise StoreError(f"database '{self.name}': vectors of chunk {chunk} are missing"
-                                     + self._why_missing())
                 matrix = np.frombuffer(blob, np.float32, (len(blob) // row_bytes) * self.dim).reshape(-1, self.dim)
                 contiguous = rows[0] == 0 and rows[-1] == live - 1
                 vectors[count:count + live] = matrix[:live] if contiguous else matrix[rows]
