@@ -6,6 +6,11 @@ hand-over's lock or wake-up half done, and the run hangs: a loop of a main threa
 for a writer thread hung in 1 of 300 SIGTERMs here. Inside :func:`held` a signal is only noted,
 and raised by :func:`check` (where the caller has no hand-over under way) or on leaving.
 
+Outside :func:`held` the exception is raised at once, wherever the main thread is; code that
+swallows exceptions can then swallow it (one landed in numpy's lazy import of ``numpy.random``, and
+a killed benchmark ran to its end). So each signal stays noted until its exception leaves
+:func:`as_exceptions`: :func:`check` raises it again, as does leaving :func:`as_exceptions` normally.
+
 The CLI installs the handlers (:func:`as_exceptions`); a library caller keeps its own, and then
 :func:`held` changes nothing.
 """
@@ -27,10 +32,9 @@ _pending: BaseException | None = None
 
 def _on_signal(signum, frame) -> None:
     global _pending
-    exception = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+    _pending = _pending or (KeyboardInterrupt() if signum == signal.SIGINT else Terminated())
     if not _held:
-        raise exception
-    _pending = _pending or exception
+        raise _pending
 
 
 def _in_main_thread() -> bool:
@@ -45,6 +49,7 @@ def as_exceptions() -> Iterator[None]:
     exit handler stops the embedded redis-server. Only the main thread may set signal handlers;
     elsewhere both signals keep theirs.
     """
+    global _pending
     if not _in_main_thread():
         yield
         return
@@ -56,6 +61,11 @@ def as_exceptions() -> Iterator[None]:
     mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, numbers) if hasattr(signal, "pthread_sigmask") else None
     try:
         yield
+    except BaseException:
+        _pending = None  # the work stopped: a signal noted is answered, by its own exception or another
+        raise
+    else:
+        check()  # a signal whose exception was swallowed on the way: the work did not end as asked
     finally:
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cbir import interrupts  # noqa: E402
 from cbir.cli.flags import COUNT, NON_NEGATIVE  # noqa: E402
 from cbir.errors import ModelError  # noqa: E402
 from cbir.images.sources import load_items  # noqa: E402
@@ -109,12 +110,11 @@ def store_ingest(client, vectors: np.ndarray, records: list[ImageRecord]) -> dic
     memory_before = stored_memory(client)
     forks_before, forked = client.info("stats")["total_forks"], _aof_rewriting(client)
     started = time.perf_counter()
-    with store.writing():
-        writer = BackgroundWriter(store)
+    with store.writing(), interrupts.held(), BackgroundWriter(store) as writer:  # as index_images writes
         for first in range(0, len(records), BATCH):
+            interrupts.check()  # between batches: no hand-over to the writer thread under way
             plan = store.prepare(records[first:first + BATCH])
             writer.submit(plan, vectors[first:first + BATCH][plan.positions])
-        writer.close()
     write_rate = len(records) / (time.perf_counter() - started)
     # A rewrite under way at the start, or any fork since: sampling the rewrite flag at both ends
     # misses a rewrite that starts and ends inside the window.

@@ -39,3 +39,29 @@ def test_the_previous_handlers_come_back():
     with interrupts.as_exceptions():
         assert signal.getsignal(signal.SIGTERM) is not before[1]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_signal_whose_exception_was_swallowed_is_raised_again_at_the_next_check():
+    """Raised at once, the exception can land in code that swallows it (numpy's lazy import did)."""
+    with interrupts.as_exceptions():
+        with pytest.raises(interrupts.Terminated):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            except Exception:  # a library's broad except
+                pass
+            interrupts.check()
+        interrupts.check()  # raised once: nothing left over
+
+
+def test_leaving_normally_after_a_swallowed_signal_raises_it_and_leaving_by_it_clears_it():
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.as_exceptions():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            except BaseException:
+                pass
+    with pytest.raises(interrupts.Terminated):
+        with interrupts.as_exceptions():
+            os.kill(os.getpid(), signal.SIGTERM)
+    with interrupts.as_exceptions():
+        interrupts.check()  # the signal that stopped the last block is not raised again
